@@ -1,0 +1,44 @@
+"""Where the stack's parts live once packaging/ has installed or built them.
+
+The versions are pinned in packaging/versions.sh (the scripts' source of truth); a unit test
+keeps this module in step with it. Everything sits under one cache root,
+`$XDG_CACHE_HOME/diversityd/`, keyed by version, outside any work tree.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+LITELLM_VERSION = "1.106.2"
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "diversityd"
+
+
+def llama_bin_dir() -> Path:
+    """llama-server and the shared llama.cpp libraries llama-cpp-python loads too."""
+    return cache_root() / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}" / "bin"
+
+
+def llama_server_binary() -> Path:
+    return llama_bin_dir() / "llama-server"
+
+
+def llama_cpp_python_venv() -> Path:
+    return cache_root() / "venvs" / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}"
+
+
+def llama_cpp_python_interpreter() -> Path:
+    return llama_cpp_python_venv() / "bin" / "python"
+
+
+def litellm_venv() -> Path:
+    return cache_root() / "venvs" / f"litellm-{LITELLM_VERSION}"
+
+
+def litellm_interpreter() -> Path:
+    return litellm_venv() / "bin" / "python"

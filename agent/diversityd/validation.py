@@ -1,0 +1,123 @@
+"""One verdict on a configuration: parse findings + catalog + fallback graph. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from diversityd.catalog import Catalog, build_catalog
+from diversityd.config import SETTINGS_FILE, Config, Where
+from diversityd.errors import Finding, Severity
+from diversityd.fallbacks import check_graph
+from diversityd.gateway import literal_secrets
+
+
+@dataclass(frozen=True)
+class Report:
+    findings: tuple[Finding, ...]
+    config: Config | None
+    catalog: Catalog | None
+
+    def of(self, severity: Severity) -> list[Finding]:
+        return [f for f in self.findings if f.severity is severity]
+
+    @property
+    def ok(self) -> bool:
+        return self.config is not None and not self.of(Severity.ERROR)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "errors": [f.to_json() for f in self.of(Severity.ERROR)],
+            "warnings": [f.to_json() for f in self.of(Severity.WARNING)],
+            "info": [f.to_json() for f in self.of(Severity.INFO)],
+        }
+
+
+def validate(
+    config: Config | None, parse_findings: Iterable[Finding], environ: Mapping[str, str]
+) -> Report:
+    findings = list(parse_findings)
+    if config is None:
+        return Report(tuple(findings), None, None)
+    catalog = build_catalog(config)
+    findings.extend(catalog.findings)
+    findings.extend(check_graph(config, catalog, environ))
+    findings.extend(_check_gateway_settings(config))
+    findings.extend(_check_owned_models(config, catalog))
+    return Report(tuple(_dedupe(findings)), config, catalog)
+
+
+def _check_gateway_settings(config: Config) -> Iterable[Finding]:
+    gateway = config.settings.gateway
+    settings_file = str(_settings_path(config))
+    for section in ("litellm_settings", "router_settings", "general_settings"):
+        values: Mapping[str, Any] = getattr(gateway, section)
+        for path in literal_secrets(values, f"gateway.{section}"):
+            keys = tuple(path.split("."))
+            yield config.finding(
+                Severity.ERROR,
+                "secret-in-config",
+                Where(settings_file, keys),
+                "a literal secret in pass-through settings would be copied into the gateway config",
+                f"write `{keys[-1]}: os.environ/NAME` and put the value in an environment file",
+            )
+    if "fallbacks" in gateway.router_settings:
+        yield config.finding(
+            Severity.WARNING,
+            "ignored-key",
+            Where(settings_file, ("gateway", "router_settings", "fallbacks")),
+            "router_settings.fallbacks is generated from fallback_chains; this one is ignored",
+            "move the chains to model-mappings.yaml `fallback_chains:`",
+        )
+    if "master_key" in gateway.general_settings:
+        yield config.finding(
+            Severity.WARNING,
+            "ignored-key",
+            Where(settings_file, ("gateway", "general_settings", "master_key")),
+            "general_settings.master_key is always os.environ/LITELLM_MASTER_KEY",
+            "name the key's file with `gateway.master_key_file` instead",
+        )
+
+
+def _check_owned_models(config: Config, catalog: Catalog) -> Iterable[Finding]:
+    """An owned llama server serves one model (its alias): more names cannot all be true."""
+    for name, owned in config.settings.owned.items():
+        if owned.server not in ("llama-server", "llama-cpp-python"):
+            continue
+        models = catalog.models_of(name)
+        if len(models) > 1:
+            yield config.finding(
+                Severity.ERROR,
+                "owned-many-models",
+                owned.where,
+                f"{name} runs one {owned.server} process, which serves one model, but "
+                f"{len(models)} names are configured for it: {', '.join(models)}",
+                "keep one name for it (the others can be chains pointing at it)",
+            )
+        elif not models:
+            yield config.finding(
+                Severity.WARNING,
+                "owned-no-model",
+                owned.where,
+                f"{name} is run by diversityd but serves no configured model name",
+                f"add `models: [NAME]` to {name} in providers.yaml or an exact_matches entry",
+            )
+
+
+def _settings_path(config: Config) -> str:
+    for file in config.docs:
+        if file.endswith(SETTINGS_FILE):
+            return file
+    return f"{config.config_dir}/{SETTINGS_FILE}"
+
+
+def _dedupe(findings: list[Finding]) -> list[Finding]:
+    seen: set[Finding] = set()
+    unique = []
+    for finding in findings:
+        if finding not in seen:
+            seen.add(finding)
+            unique.append(finding)
+    return unique

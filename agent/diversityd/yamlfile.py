@@ -1,0 +1,181 @@
+"""YAML with positions: every key and list item keeps the line and column it came from.
+
+Parsing is pure (text in, values and positions out) so the configuration core can point
+at `providers.yaml:12:5` without touching the file system itself.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from diversityd.errors import ConfigError, Finding, Severity
+
+KeyPath = tuple[str | int, ...]
+
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def format_key_path(path: KeyPath) -> str:
+    """`("fallback_chains", "llama3.1:latest", "chain", 0)`
+    -> `fallback_chains."llama3.1:latest".chain[0]`."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+            continue
+        name = part if _PLAIN_KEY.match(part) else '"' + part.replace('"', '\\"') + '"'
+        text += f".{name}" if text else name
+    return text
+
+
+@dataclass(frozen=True)
+class LoadedYaml:
+    """A parsed document and the 1-based (line, column) of every key and item in it."""
+
+    file: str
+    data: Any
+    positions: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)
+
+    def position(self, path: KeyPath) -> tuple[int | None, int | None]:
+        # Fall back to the nearest enclosing key: a missing key is reported at its parent.
+        while path:
+            if path in self.positions:
+                return self.positions[path]
+            path = path[:-1]
+        return (None, None)
+
+    def finding(
+        self,
+        severity: Severity,
+        code: str,
+        path: KeyPath,
+        message: str,
+        hint: str | None = None,
+    ) -> Finding:
+        line, column = self.position(path)
+        return Finding(
+            severity=severity,
+            code=code,
+            message=message,
+            file=self.file,
+            key_path=format_key_path(path) or None,
+            line=line,
+            column=column,
+            hint=hint,
+        )
+
+
+def parse_yaml(text: str, file: str) -> LoadedYaml:
+    """Parse one YAML document; raises ConfigError (with line and column) when malformed."""
+    loader = yaml.SafeLoader(text)
+    positions: dict[KeyPath, tuple[int, int]] = {}
+    duplicates: list[Finding] = []
+    try:
+        node = loader.get_single_node()
+        data = (
+            None
+            if node is None
+            else _convert(
+                loader, node, path=(), positions=positions, duplicates=duplicates, file=file
+            )
+        )
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or "malformed YAML"
+        context = f" ({exc.context})" if exc.context else ""
+        raise ConfigError(
+            [
+                Finding(
+                    severity=Severity.ERROR,
+                    code="yaml-syntax",
+                    message=f"malformed YAML: {problem}{context}",
+                    file=file,
+                    line=mark.line + 1 if mark else None,
+                    column=mark.column + 1 if mark else None,
+                    hint="fix the YAML at this position (indentation, quoting, a missing ':')",
+                )
+            ]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            [
+                Finding(
+                    severity=Severity.ERROR,
+                    code="yaml-syntax",
+                    message=f"malformed YAML: {exc}",
+                    file=file,
+                    hint="fix the YAML syntax",
+                )
+            ]
+        ) from None
+    finally:
+        loader.dispose()
+    if duplicates:
+        raise ConfigError(duplicates)
+    return LoadedYaml(file=file, data=data, positions=positions)
+
+
+def _convert(
+    loader: yaml.SafeLoader,
+    node: yaml.Node,
+    *,
+    path: KeyPath,
+    positions: dict[KeyPath, tuple[int, int]],
+    duplicates: list[Finding],
+    file: str,
+) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)  # resolves `<<:` merge keys as SafeLoader would
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int | float | bool) and key is not None:
+                key = str(key)
+            key_text = str(key) if not isinstance(key, str) else key
+            child = (*path, key_text)
+            mark = key_node.start_mark
+            if key_text in result:
+                duplicates.append(
+                    Finding(
+                        severity=Severity.ERROR,
+                        code="duplicate-key",
+                        message=f"key {key_text!r} appears twice; YAML keeps only the last one",
+                        file=file,
+                        key_path=format_key_path(child),
+                        line=mark.line + 1,
+                        column=mark.column + 1,
+                        hint="merge the two entries into one",
+                    )
+                )
+            positions[child] = (mark.line + 1, mark.column + 1)
+            result[key_text] = _convert(
+                loader,
+                value_node,
+                path=child,
+                positions=positions,
+                duplicates=duplicates,
+                file=file,
+            )
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        items = []
+        for index, item_node in enumerate(node.value):
+            child = (*path, index)
+            mark = item_node.start_mark
+            positions[child] = (mark.line + 1, mark.column + 1)
+            items.append(
+                _convert(
+                    loader,
+                    item_node,
+                    path=child,
+                    positions=positions,
+                    duplicates=duplicates,
+                    file=file,
+                )
+            )
+        return items
+    return loader.construct_object(node, deep=True)
