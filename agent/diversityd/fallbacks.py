@@ -224,13 +224,14 @@ def domain_of(config: Config, deployment: Deployment, dimension: Dimension) -> _
     provider = deployment.provider
     host = config.host_of(provider)
     if dimension is Dimension.UNIT:
-        port = provider.address[1]
+        address, port = provider.address
         sharing = sorted(
             p.name
             for p in config.providers.values()
             if (config.host_of(p), p.address[1]) == (host, port)
         )
-        return _Domain(f"{host}:{port}", f"the server at {host}:{port} ({', '.join(sharing)})")
+        label = f"the server at {address}:{port} ({', '.join(sharing)})"
+        return _Domain(f"{host}:{port}", label)
     if dimension is Dimension.HOST:
         return _Domain(host, f"host {host}")
     if dimension is Dimension.UPSTREAM:

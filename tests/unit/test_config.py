@@ -1,0 +1,242 @@
+"""Configuration parsing and validation: every finding names file, key path and a fix."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from diversityd.config import parse_config
+from diversityd.errors import Finding, Severity
+from diversityd.validation import Report, validate
+
+PROVIDERS = """\
+providers:
+  ollama:
+    type: ollama
+    base_url: http://127.0.0.1:11434
+    status: active
+    models: [llama3.1:latest, gpt-oss:20b-cloud]
+  native:
+    type: llama_cpp
+    base_url: http://127.0.0.1:8080
+    status: active
+    models: [llama-cpp-native]
+"""
+MAPPINGS = """\
+fallback_chains:
+  "llama3.1:latest":
+    chain: [llama-cpp-native]
+"""
+
+
+def check(
+    providers: str = PROVIDERS,
+    mappings: str = MAPPINGS,
+    settings: str | None = None,
+    environ: dict[str, str] | None = None,
+) -> Report:
+    texts = {
+        "providers.yaml": textwrap.dedent(providers),
+        "model-mappings.yaml": textwrap.dedent(mappings),
+        "diversityd.yaml": None if settings is None else textwrap.dedent(settings),
+    }
+    config, findings = parse_config(texts, config_dir="/cfg", hostname="box")
+    return validate(config, findings, environ or {})
+
+
+def codes(report: Report, severity: Severity = Severity.ERROR) -> list[str]:
+    return [f.code for f in report.of(severity)]
+
+
+def only(report: Report, code: str, severity: Severity = Severity.ERROR) -> Finding:
+    matches = [f for f in report.of(severity) if f.code == code]
+    assert len(matches) == 1, report.findings
+    return matches[0]
+
+
+def test_sound_configuration_has_no_errors() -> None:
+    report = check()
+    assert report.ok, report.findings
+
+
+def test_malformed_yaml_reports_line_and_column() -> None:
+    report = check(mappings='fallback_chains:\n  "a":\n    chain: [b, c\n')
+    finding = only(report, "yaml-syntax")
+    assert finding.file == "/cfg/model-mappings.yaml"
+    assert finding.line is not None
+    assert finding.line >= 3
+    assert finding.column is not None
+    assert finding.hint
+
+
+def test_missing_file_is_an_error_naming_the_path() -> None:
+    config, findings = parse_config(
+        {"providers.yaml": PROVIDERS, "model-mappings.yaml": None, "diversityd.yaml": None},
+        config_dir="/cfg",
+        hostname="box",
+    )
+    assert config is None
+    assert findings[0].code == "missing-file"
+    assert findings[0].file == "/cfg/model-mappings.yaml"
+
+
+def test_mapping_where_a_list_is_expected() -> None:
+    report = check(mappings='fallback_chains:\n  "llama3.1:latest":\n    chain: {a: b}\n')
+    finding = only(report, "expected-list")
+    assert finding.key_path == 'fallback_chains."llama3.1:latest".chain'
+    assert finding.line == 3
+    assert "list" in (finding.hint or "")
+
+
+def test_list_where_a_mapping_is_expected() -> None:
+    report = check(mappings='fallback_chains:\n  "llama3.1:latest": [llama-cpp-native]\n')
+    finding = only(report, "expected-mapping")
+    assert finding.key_path == 'fallback_chains."llama3.1:latest"'
+    assert "chain:" in (finding.hint or "")
+
+
+def test_models_as_a_mapping_is_rejected() -> None:
+    providers = PROVIDERS.replace(
+        "models: [llama-cpp-native]", "models:\n      llama-cpp-native: {}"
+    )
+    report = check(providers=providers)
+    finding = only(report, "expected-list")
+    assert finding.key_path == "providers.native.models"
+
+
+def test_wrong_types_are_located() -> None:
+    providers = PROVIDERS.replace("type: llama_cpp", "type: llamacpp").replace(
+        "base_url: http://127.0.0.1:11434", "base_url: 11434"
+    )
+    report = check(providers=providers)
+    assert only(report, "unknown-type").key_path == "providers.native.type"
+    assert only(report, "wrong-value").key_path == "providers.ollama.base_url"
+
+
+def test_duplicate_yaml_key_is_an_error() -> None:
+    providers = PROVIDERS + "  native:\n    type: vllm\n    base_url: http://127.0.0.1:1\n"
+    report = check(providers=providers)
+    finding = only(report, "duplicate-key")
+    assert finding.key_path == "providers.native"
+
+
+def test_missing_target_is_an_error_at_the_chain_entry() -> None:
+    report = check(mappings='fallback_chains:\n  "llama3.1:latest":\n    chain: [nowhere]\n')
+    finding = only(report, "missing-target")
+    assert finding.key_path == 'fallback_chains."llama3.1:latest".chain[0]'
+    assert finding.line == 3
+    assert "nowhere" in finding.message
+
+
+def test_exact_match_naming_unknown_provider() -> None:
+    mappings = MAPPINGS + 'exact_matches:\n  "x":\n    provider: nobody\n'
+    report = check(mappings=mappings)
+    finding = only(report, "unknown-provider")
+    assert finding.key_path == "exact_matches.x.provider"
+    assert "ollama" in (finding.hint or "")
+
+
+def test_name_served_by_two_providers_needs_a_balance_entry() -> None:
+    providers = PROVIDERS.replace("models: [llama-cpp-native]", "models: [llama3.1:latest]")
+    mappings = 'fallback_chains:\n  "llama3.1:latest":\n    chain: []\n'
+    report = check(providers=providers, mappings=mappings)
+    finding = only(report, "model-served-twice")
+    assert "ollama and native" in finding.message
+    assert "providers: [ollama, native]" in (finding.hint or "")
+    balanced = mappings + 'exact_matches:\n  "llama3.1:latest":\n    providers: [ollama, native]\n'
+    assert check(providers=providers, mappings=balanced).ok
+
+
+def test_exact_match_missing_from_models_is_still_served() -> None:
+    """Regression for the seeds' v1.7.1 outage."""
+    providers = PROVIDERS.replace("    models: [llama-cpp-native]\n", "")
+    mappings = MAPPINGS + 'exact_matches:\n  "llama-cpp-native":\n    provider: native\n'
+    report = check(providers=providers, mappings=mappings)
+    assert report.ok, report.findings
+    assert report.catalog is not None
+    assert report.catalog.is_served("llama-cpp-native")
+
+
+def test_disabled_target_in_active_chain_is_a_warning() -> None:
+    providers = PROVIDERS.replace(
+        "base_url: http://127.0.0.1:8080\n    status: active",
+        "base_url: http://127.0.0.1:8080\n    status: disabled",
+    )
+    report = check(providers=providers)
+    assert report.ok
+    finding = only(report, "disabled-target", Severity.WARNING)
+    assert finding.key_path == 'fallback_chains."llama3.1:latest".chain[0]'
+
+
+def test_unset_key_variable_is_a_warning_and_set_one_is_not() -> None:
+    providers = PROVIDERS + (
+        "  cloud:\n    type: openai\n    api_key_env: MY_OPENAI_KEY\n    models: [gpt-4o]\n"
+    )
+    warning = only(check(providers=providers), "key-unset", Severity.WARNING)
+    assert "MY_OPENAI_KEY" in warning.message
+    assert "key-unset" not in codes(
+        check(providers=providers, environ={"MY_OPENAI_KEY": "x"}), Severity.WARNING
+    )
+
+
+def test_literal_api_key_is_refused() -> None:
+    providers = PROVIDERS + (
+        "  cloud:\n    type: openai\n    api_key: sk-live-123\n    models: [gpt-4o]\n"
+    )
+    finding = only(check(providers=providers), "secret-in-config")
+    assert finding.key_path == "providers.cloud.api_key"
+    assert "sk-live-123" not in finding.message
+
+
+def test_api_key_reference_is_accepted() -> None:
+    providers = PROVIDERS + (
+        "  cloud:\n    type: openai\n    api_key: os.environ/OPENAI_API_KEY\n    models: [gpt-4o]\n"
+    )
+    report = check(providers=providers, environ={"OPENAI_API_KEY": "x"})
+    assert report.ok, report.findings
+
+
+def test_unknown_settings_key_suggests_the_right_one() -> None:
+    report = check(settings="gateway:\n  prot: 4000\n")
+    finding = only(report, "unknown-key")
+    assert finding.file == "/cfg/diversityd.yaml"
+    assert finding.key_path == "gateway.prot"
+    assert "port" in (finding.hint or "")
+
+
+def test_owned_provider_must_exist_and_match_its_type() -> None:
+    report = check(settings="providers:\n  nope:\n    server: llama-server\n")
+    assert only(report, "unknown-provider").key_path == "providers.nope"
+    report = check(settings="providers:\n  native:\n    server: vllm\n    model_path: x\n")
+    assert only(report, "wrong-value").key_path == "providers.native.server"
+
+
+def test_owned_llama_server_needs_a_model_path() -> None:
+    report = check(settings="providers:\n  native:\n    server: llama-server\n")
+    finding = only(report, "missing-key")
+    assert "model_path" in finding.message
+
+
+def test_literal_secret_in_pass_through_settings_is_refused() -> None:
+    report = check(settings="gateway:\n  router_settings:\n    redis_password: hunter2\n")
+    finding = only(report, "secret-in-config")
+    assert finding.key_path == "gateway.router_settings.redis_password"
+    assert check(
+        settings="gateway:\n  router_settings:\n    redis_password: os.environ/REDIS_PASSWORD\n"
+    ).ok
+
+
+@pytest.mark.parametrize(
+    "mappings",
+    [
+        'fallback_chains:\n  "a": {chain: [a]}\n',
+        'fallback_chains:\n  "a": {chain: [b]}\n  "b": {chain: [a]}\n',
+    ],
+)
+def test_cycles_print_as_a_path(mappings: str) -> None:
+    providers = PROVIDERS.replace("models: [llama-cpp-native]", "models: [a, b]")
+    finding = only(check(providers=providers, mappings=mappings), "fallback-cycle")
+    path = finding.message.removeprefix("fallback cycle: ").split(" -> ")
+    assert path[0] == path[-1]
+    assert len(path) >= 2
