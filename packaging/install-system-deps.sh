@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Install the Debian packages diversityd needs on a fresh Debian 12 machine, and only those
+# that are missing. When everything is present it runs no apt and no package manager query
+# that is not needed: a no-op in well under a second.
+#
+#   packaging/install-system-deps.sh            install what is missing (root, or sudo)
+#   packaging/install-system-deps.sh --check    list what is missing; exit 1 if anything is
+#   packaging/install-system-deps.sh --dry-run  show what apt-get would do (apt-get -s)
+#   ... [PACKAGE...]                            also require these Debian packages
+set -euo pipefail
+
+# package|probe: the probe is a shell test that passes when what the project uses from the
+# package is already there (maybe from elsewhere, e.g. a pyenv python); only when it fails do
+# we ask dpkg. The python probes test the python3 on PATH, the one packaging/ scripts run.
+requirements=(
+    "cmake|command -v cmake"                        # build-llama-server.sh, llama-cpp-python's build
+    "ninja-build|command -v ninja"
+    "gcc|command -v gcc"
+    "g++|command -v g++"
+    "make|command -v make"
+    "git|command -v git"
+    "ca-certificates|test -s /etc/ssl/certs/ca-certificates.crt"  # pip over HTTPS
+    "python3|command -v python3"
+    "python3-venv|python_has venv"                  # venv + ensurepip (Debian splits them out)
+    "python3-pip|python_has pip"                    # fetch-llama-sdist.sh: python3 -m pip download
+    "python3-dev|python_has headers"
+    "systemd|command -v systemd-analyze && command -v journalctl && command -v systemctl && systemd_binaries"
+    "dbus|command -v dbus-daemon"
+    "dbus-user-session|test -e /usr/lib/systemd/user/dbus.socket"  # the user manager's session bus
+)
+
+mode=install
+extra=()
+for arg in "$@"; do
+    case "$arg" in
+        --check) mode=check ;;
+        --dry-run) mode=dry-run ;;
+        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        -*) echo "install-system-deps: unknown option $arg" >&2; exit 2 ;;
+        *) extra+=("$arg") ;;
+    esac
+done
+
+python_report=""
+python_has() {
+    # One python3 start answers all three python probes.
+    if [[ -z "$python_report" ]]; then
+        python_report="$(python3 - <<'EOF' 2>/dev/null || true
+import importlib.util, os, sysconfig
+found = []
+if importlib.util.find_spec("venv") and importlib.util.find_spec("ensurepip"):
+    found.append("venv")
+if importlib.util.find_spec("pip"):
+    found.append("pip")
+if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+    found.append("headers")
+print(" ".join(found) or "-")
+EOF
+)"
+    fi
+    [[ " $python_report " == *" $1 "* ]]
+}
+
+systemd_binaries() {
+    # /lib is /usr/lib on merged-/usr Debian 12, but not on every machine.
+    local dir
+    for dir in /usr/lib/systemd /lib/systemd; do
+        if [[ -x "$dir/systemd" && -x "$dir/systemd-journald" ]]; then return 0; fi
+    done
+    return 1
+}
+
+dpkg_installed() {
+    command -v dpkg-query >/dev/null \
+        && [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == "install ok installed" ]]
+}
+
+find_missing() {
+    missing=()
+    local entry package probe
+    for entry in "${requirements[@]}"; do
+        package="${entry%%|*}"
+        probe="${entry#*|}"
+        if eval "$probe" >/dev/null 2>&1 || dpkg_installed "$package"; then continue; fi
+        missing+=("$package")
+    done
+    for package in "${extra[@]}"; do
+        dpkg_installed "$package" || missing+=("$package")
+    done
+}
+
+find_missing
+if [[ ${#missing[@]} -eq 0 ]]; then
+    [[ "$mode" == check ]] && echo "install-system-deps: nothing missing"
+    exit 0
+fi
+if [[ "$mode" == check ]]; then
+    echo "install-system-deps: missing: ${missing[*]}"
+    exit 1
+fi
+
+if ! command -v apt-get >/dev/null; then
+    echo "install-system-deps: missing ${missing[*]}, and this is not a Debian-like system (no apt-get): install them by hand" >&2
+    exit 1
+fi
+as_root=()
+if [[ "$(id -u)" -ne 0 ]]; then
+    if ! command -v sudo >/dev/null; then
+        echo "install-system-deps: missing ${missing[*]}; run this script as root (sudo is not available)" >&2
+        exit 1
+    fi
+    as_root=(sudo)
+fi
+apt=("${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -y -q
+     -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+
+if [[ "$mode" == dry-run ]]; then
+    echo "install-system-deps: missing: ${missing[*]}; apt-get would do:"
+    "${apt[@]}" --simulate install --no-install-recommends "${missing[@]}"
+    exit 0
+fi
+
+echo "install-system-deps: installing ${missing[*]}"
+start=$(date +%s)
+# A fresh machine (or container) often has no package lists at all.
+"${apt[@]}" update
+"${apt[@]}" install --no-install-recommends "${missing[@]}"
+
+python_report=""
+hash -r
+find_missing
+if [[ ${#missing[@]} -gt 0 ]]; then
+    echo "install-system-deps: still missing after apt-get: ${missing[*]}" >&2
+    exit 1
+fi
+echo "install-system-deps: done in $(( $(date +%s) - start )) s"
