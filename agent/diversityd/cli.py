@@ -120,6 +120,273 @@ def render(config_dir: Path | None, down: tuple[str, ...]) -> None:
         )
 
 
+# ---------------------------------------------------------------------------------------
+# Commands that talk to the daemon
+
+
+def _uptime(since: str | None) -> str:
+    if not since:
+        return "-"
+    from datetime import UTC, datetime
+
+    seconds = int((datetime.now(UTC) - datetime.fromisoformat(since)).total_seconds())
+    if seconds < 0:
+        return "-"
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def _probe_text(probe: dict[str, Any] | None) -> str:
+    if not probe:
+        return "-"
+    if probe.get("ok"):
+        return f"ok {probe.get('latency_ms', 0):.0f}ms"
+    return str(probe.get("outcome", "error"))
+
+
+def format_status(document: dict[str, Any]) -> str:
+    """The status table: one row per provider, then the daemon and gateway lines."""
+    header = ("PROVIDER", "UNIT", "STATE", "PID", "UPTIME", "PROBE", "MODELS", "GPU LAYERS", "VRAM")
+    rows = [header]
+    for p in document.get("providers", []):
+        vram = p.get("vram_mib")
+        rows.append(
+            (
+                p["name"],
+                p.get("unit") or "(watched)",
+                p["state"],
+                str(p["pid"]) if p.get("pid") else "-",
+                _uptime(p.get("since")),
+                _probe_text(p.get("probe")),
+                ",".join(p.get("models") or []) or "-",
+                "-" if p.get("n_gpu_layers") is None else str(p["n_gpu_layers"]),
+                "-" if vram is None else f"{vram} MiB",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
+    ]
+    daemon = document.get("daemon", {})
+    if daemon.get("running"):
+        lines.append(f"daemon: running (pid {daemon.get('pid')}, since {daemon.get('since')})")
+    else:
+        lines.append(f"daemon: DOWN ({daemon.get('reason', 'not on the user bus')})")
+    for p in document.get("providers", []):
+        if p.get("error"):
+            lines.append(f"  {p['name']}: {p['error']}")
+    gateway = document.get("gateway") or {}
+    if gateway:
+        lines.append(f"gateway: {gateway.get('state', 'unknown')}")
+    return "\n".join(lines)
+
+
+async def _status_from_systemd(config_dir: Path, reason: str) -> dict[str, Any]:
+    """The daemon is down: say what systemd (and a quick probe) says about each provider."""
+    from diversityd.adapters import probes
+    from diversityd.adapters.systemd import Systemd, SystemdError
+    from diversityd.config import load_config
+    from diversityd.state import derive_state, unit_state
+    from diversityd.units import unit_name
+
+    providers: list[dict[str, Any]] = []
+    try:
+        config, _ = load_config(config_dir)
+    except ConfigError:
+        config = None
+    try:
+        systemd: Systemd | None = await Systemd.connect()
+    except SystemdError:
+        systemd = None
+    if config is not None:
+        client = probes.new_client(0.5)
+        try:
+            for name, provider in config.providers.items():
+                if not provider.active:
+                    continue
+                owned = name in config.settings.owned
+                unit = unit_name(name) if owned else None
+                snapshot = await systemd.snapshot(unit) if systemd and unit else None
+                view = None
+                if snapshot is not None:
+                    from diversityd.state import UnitView
+
+                    view = UnitView(
+                        snapshot.load_state,
+                        snapshot.active_state,
+                        snapshot.sub_state,
+                        snapshot.main_pid,
+                    )
+                probe = None
+                if provider.type in ("ollama", "llama_cpp", "vllm") and (
+                    not owned or unit_state(view) is None
+                ):
+                    probe = await probes.probe(client, provider, 0.5)
+                state = derive_state(
+                    owned=owned,
+                    unit=view,
+                    probe=probe,
+                    answered_since_start=bool(probe and probe.ok),
+                )
+                providers.append(
+                    {
+                        "name": name,
+                        "owned": owned,
+                        "unit": unit,
+                        "state": state.value,
+                        "pid": snapshot.main_pid if snapshot and snapshot.main_pid else None,
+                        "since": None,
+                        "models": [],
+                        "probe": None
+                        if probe is None
+                        else {
+                            "outcome": probe.outcome.value,
+                            "ok": probe.ok,
+                            "latency_ms": round(probe.latency_ms, 1),
+                            "error": probe.error,
+                        },
+                        "n_gpu_layers": None,
+                        "vram_mib": None,
+                        "error": None if probe is None or probe.ok else probe.error,
+                    }
+                )
+        finally:
+            await client.aclose()
+    if systemd is not None:
+        systemd.disconnect()
+    return {
+        "daemon": {"running": False, "reason": reason},
+        "providers": providers,
+        "gateway": {"state": "unknown"},
+    }
+
+
+async def _fetch_status(config_dir: Path) -> dict[str, Any]:
+    from diversityd.adapters.control import ControlClient, DaemonUnavailableError
+    from diversityd.adapters.systemd import SystemdError
+
+    try:
+        client = await ControlClient.connect()
+    except SystemdError as exc:
+        return await _status_from_systemd(config_dir, str(exc))
+    try:
+        return dict(await client.call("Status", timeout_s=5))
+    except DaemonUnavailableError as exc:
+        return await _status_from_systemd(config_dir, str(exc))
+    finally:
+        client.close()
+
+
+@cli.command()
+@config_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(config_dir: Path | None, as_json: bool) -> None:
+    """Show every provider: unit, state, PID, uptime, probe, models, GPU layers, VRAM.
+
+    When the daemon is not running, shows what systemd says and that the daemon is down.
+    """
+    import asyncio
+
+    document = asyncio.run(_fetch_status(resolve_config_dir(config_dir)))
+    click.echo(json.dumps(document, indent=2) if as_json else format_status(document))
+
+
+async def _connect_daemon() -> Any:
+    from diversityd.adapters.control import ControlClient, DaemonUnavailableError
+
+    client = await ControlClient.connect()
+    if not await client.daemon_running():
+        client.close()
+        raise DaemonUnavailableError(
+            "diversityd is not running", hint="systemctl --user start diversityd"
+        )
+    return client
+
+
+@cli.command()
+@click.argument("provider", required=False, default="")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--timeout", "timeout_s", default=900.0, show_default=True, help="Seconds to wait.")
+def restart(provider: str, as_json: bool, timeout_s: float) -> None:
+    """Restart PROVIDER (or every owned one, one at a time) and wait until it answers.
+
+    Reports how long each took; exit 1 if one did not come back.
+    """
+    import asyncio
+
+    async def run() -> dict[str, Any]:
+        client = await _connect_daemon()
+        try:
+            await client.subscribe_jobs()
+            started = await client.call("Restart", provider)
+
+            def progress(payload: dict[str, Any]) -> None:
+                if not as_json and payload.get("step") == "restarting":
+                    click.echo(f"restarting {payload['provider']} ...", err=True)
+
+            return dict(await client.follow_job(started["job"], progress, timeout_s))
+        finally:
+            client.close()
+
+    report = asyncio.run(run())
+    result = report.get("result") or {}
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        for entry in result.get("providers", []):
+            verdict = "ready" if entry["ok"] else f"NOT BACK ({entry['state']})"
+            click.echo(f"{entry['provider']}: {verdict} after {entry['elapsed_ms'] / 1000:.2f} s")
+        if result.get("error"):
+            click.echo(f"error: {result['error']}", err=True)
+    sys.exit(EXIT_OK if result.get("ok") else EXIT_FAILURE)
+
+
+@cli.command()
+@config_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def reload(config_dir: Path | None, as_json: bool) -> None:
+    """Make the daemon re-read its configuration. An invalid one is refused (exit 2) and the
+    daemon keeps running on the old one."""
+    import asyncio
+
+    wanted = os.path.realpath(config_dir) if config_dir is not None else None
+
+    async def run() -> dict[str, Any]:
+        client = await _connect_daemon()
+        try:
+            if wanted is not None:
+                daemon_dir = (await client.call("Status"))["daemon"]["config_dir"]
+                if daemon_dir != wanted:
+                    raise UsageError(
+                        f"the daemon reads {daemon_dir}, not {config_dir}",
+                        hint=f"edit the files in {daemon_dir}, or reinstall the daemon "
+                        f"with `diversityctl install --config-dir {config_dir}`",
+                    )
+            return dict(await client.call("Reload", timeout_s=60))
+        finally:
+            client.close()
+
+    result = asyncio.run(run())
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    elif result.get("ok"):
+        restarting = ", ".join(result.get("restarting") or []) or "nothing"
+        click.echo(f"reloaded; restarting {restarting}")
+    else:
+        for error in result.get("errors", []):
+            click.echo(Finding(Severity.ERROR, **error).format(), err=True)
+        click.echo("configuration refused; the daemon keeps the previous one", err=True)
+    sys.exit(EXIT_OK if result.get("ok") else EXIT_USAGE)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     try:

@@ -15,6 +15,11 @@ LITELLM_VERSION = "1.106.2"
 
 
 def cache_root() -> Path:
+    """`$DIVERSITYD_CACHE_DIR`, else `$XDG_CACHE_HOME/diversityd` (units pin the former, so
+    a daemon whose XDG world is private still finds the parts it was installed with)."""
+    pinned = os.environ.get("DIVERSITYD_CACHE_DIR")
+    if pinned:
+        return Path(pinned)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "diversityd"
 

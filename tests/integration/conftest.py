@@ -21,6 +21,7 @@ from diversityd.privatemanager import (
     sweep_stale,
 )
 from tests.conftest import unavailable
+from tests.integration.harness import running_stack  # noqa: F401  a fixture
 
 
 @pytest.fixture(scope="session")

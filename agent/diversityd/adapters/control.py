@@ -1,0 +1,199 @@
+"""The daemon's control interface on the user bus, and the client diversityctl uses.
+
+Bus name `io.github.diversityd`, object `/io/github/diversityd`, interface
+`io.github.diversityd.Manager1`. Payloads are JSON strings (one schema, shared with
+`status --json`). Long operations (a rolling restart, a failover drill) return a job id at
+once and report through the `JobProgress` and `JobFinished` signals, so no call outlives
+D-Bus's method timeout; `Job(id)` answers a job's latest report at any time.
+
+Methods: Status() -> s; Reload() -> s; Restart(s provider) -> s job_id;
+Job(s job_id) -> s. Later issues extend this interface; they never rename.
+"""
+
+# No `from __future__ import annotations`: dbus-fast reads the D-Bus signatures from the
+# annotations ("s") at definition time.
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from dbus_fast import DBusError, Message, MessageType, RequestNameReply
+from dbus_fast.aio import MessageBus
+from dbus_fast.service import ServiceInterface, method, signal
+
+from diversityd.adapters.systemd import connect_session_bus
+from diversityd.errors import DiversitydError
+
+BUS_NAME = "io.github.diversityd"
+OBJECT_PATH = "/io/github/diversityd"
+INTERFACE = "io.github.diversityd.Manager1"
+ERROR_PREFIX = "io.github.diversityd.Error"
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+class DaemonUnavailableError(DiversitydError):
+    """The daemon is not on the bus."""
+
+
+class ControlError(DiversitydError):
+    def __init__(self, message: str, dbus_name: str | None = None) -> None:
+        super().__init__(message)
+        self.dbus_name = dbus_name
+
+
+class ControlInterface(ServiceInterface):
+    """Thin: every method hands the request to the daemon and returns its JSON answer."""
+
+    def __init__(self, handlers: dict[str, Handler]) -> None:
+        super().__init__(INTERFACE)
+        self._handlers = handlers
+
+    async def _answer(self, name: str, *args: Any) -> str:
+        try:
+            result = await self._handlers[name](*args)
+        except DiversitydError as exc:
+            raise DBusError(f"{ERROR_PREFIX}.{type(exc).__name__}", str(exc)) from exc
+        return json.dumps(result)
+
+    @method()
+    async def Status(self) -> "s":  # type: ignore[name-defined] # noqa: F821, N802
+        return await self._answer("status")
+
+    @method()
+    async def Reload(self) -> "s":  # type: ignore[name-defined] # noqa: F821, N802
+        return await self._answer("reload")
+
+    @method()
+    async def Restart(self, provider: "s") -> "s":  # type: ignore[name-defined] # noqa: F821, N802
+        return await self._answer("restart", provider)
+
+    @method()
+    async def Job(self, job_id: "s") -> "s":  # type: ignore[name-defined] # noqa: F821, N802
+        return await self._answer("job", job_id)
+
+    @signal()
+    def JobProgress(self, job_id: str, payload: str) -> "ss":  # type: ignore[name-defined] # noqa: F821, N802
+        return [job_id, payload]
+
+    @signal()
+    def JobFinished(self, job_id: str, payload: str) -> "ss":  # type: ignore[name-defined] # noqa: F821, N802
+        return [job_id, payload]
+
+
+async def export_interface(bus: MessageBus, interface: ControlInterface) -> None:
+    bus.export(OBJECT_PATH, interface)
+    reply = await bus.request_name(BUS_NAME)
+    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+        raise DiversitydError(
+            f"{BUS_NAME} is owned by another process: is a second diversityd running?",
+            hint="systemctl --user status diversityd",
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Client
+
+
+class ControlClient:
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+        self._signal_queue: asyncio.Queue[tuple[str, str, dict[str, Any]]] = asyncio.Queue()
+
+    @classmethod
+    async def connect(cls, address: str | None = None) -> "ControlClient":
+        return cls(await connect_session_bus(address))
+
+    def close(self) -> None:
+        self.bus.disconnect()
+
+    async def daemon_running(self) -> bool:
+        reply = await self.bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="NameHasOwner",
+                signature="s",
+                body=[BUS_NAME],
+            )
+        )
+        return bool(reply.body and reply.body[0])
+
+    async def call(self, member: str, *args: str, timeout_s: float = 20.0) -> Any:
+        signature = "s" * len(args)
+        message = Message(
+            destination=BUS_NAME,
+            path=OBJECT_PATH,
+            interface=INTERFACE,
+            member=member,
+            signature=signature,
+            body=list(args),
+        )
+        try:
+            reply = await asyncio.wait_for(self.bus.call(message), timeout_s)
+        except TimeoutError as exc:
+            raise ControlError(f"the daemon did not answer {member} in {timeout_s:g} s") from exc
+        if reply.message_type == MessageType.ERROR:
+            name = reply.error_name or ""
+            detail = reply.body[0] if reply.body else name
+            if name in (
+                "org.freedesktop.DBus.Error.ServiceUnknown",
+                "org.freedesktop.DBus.Error.NameHasNoOwner",
+            ):
+                raise DaemonUnavailableError("diversityd is not running on the user bus")
+            raise ControlError(str(detail), name)
+        return json.loads(reply.body[0])
+
+    async def subscribe_jobs(self) -> None:
+        await self.bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="AddMatch",
+                signature="s",
+                body=[f"type='signal',interface='{INTERFACE}',path='{OBJECT_PATH}'"],
+            )
+        )
+
+        def on_message(message: Message) -> None:
+            if message.message_type == MessageType.SIGNAL and message.interface == INTERFACE:
+                job_id, payload = message.body
+                with contextlib.suppress(ValueError):
+                    self._signal_queue.put_nowait(
+                        (message.member or "", job_id, json.loads(payload))
+                    )
+
+        self.bus.add_message_handler(on_message)
+
+    async def follow_job(
+        self,
+        job_id: str,
+        on_progress: Callable[[dict[str, Any]], None],
+        timeout_s: float,
+        poll_s: float = 2.0,
+    ) -> dict[str, Any]:
+        """Wait for JobFinished of `job_id` (polling Job() too, in case a signal was missed)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ControlError(f"job {job_id} not finished after {timeout_s:g} s")
+            try:
+                member, signal_job, payload = await asyncio.wait_for(
+                    self._signal_queue.get(), min(poll_s, remaining)
+                )
+            except TimeoutError:
+                report = await self.call("Job", job_id)
+                if report.get("finished"):
+                    return dict(report)
+                continue
+            if signal_job != job_id:
+                continue
+            if member == "JobFinished":
+                return payload
+            on_progress(payload)

@@ -1,0 +1,294 @@
+"""systemd over the user D-Bus (dbus-fast): units, jobs, and their property changes.
+
+Errors keep the D-Bus error name (`org.freedesktop.systemd1.NoSuchUnit`, ...). Signals are
+delivered to one callback; the daemon turns them into events for its single state task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from diversityd.errors import DiversitydError
+
+SYSTEMD = "org.freedesktop.systemd1"
+SYSTEMD_PATH = "/org/freedesktop/systemd1"
+MANAGER = "org.freedesktop.systemd1.Manager"
+UNIT_IFACE = "org.freedesktop.systemd1.Unit"
+SERVICE_IFACE = "org.freedesktop.systemd1.Service"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
+CALL_TIMEOUT_S = 25.0  # below D-Bus's own 25 s default method timeout
+
+
+class SystemdError(DiversitydError):
+    """A systemd call failed; `dbus_name` is the D-Bus error name."""
+
+    def __init__(self, message: str, dbus_name: str | None = None) -> None:
+        super().__init__(message)
+        self.dbus_name = dbus_name
+
+
+def session_bus_address() -> str:
+    address = os.environ.get("DBUS_SESSION_BUS_ADDRESS")
+    if address:
+        return address
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+    return f"unix:path={runtime}/bus"
+
+
+async def connect_session_bus(address: str | None = None) -> MessageBus:
+    try:
+        return await MessageBus(
+            bus_address=address or session_bus_address(), bus_type=BusType.SESSION
+        ).connect()
+    except (OSError, EOFError) as exc:
+        raise SystemdError(
+            f"cannot connect to the user bus at {address or session_bus_address()}: {exc}"
+        ) from exc
+
+
+def unit_object_path(name: str) -> str:
+    """systemd's escaping of a unit name into its object path (bus_label_escape)."""
+    escaped = "".join(ch if ch.isalnum() and ch.isascii() else f"_{ord(ch):02x}" for ch in name)
+    return UNIT_PATH_PREFIX + escaped
+
+
+@dataclass(frozen=True)
+class UnitSnapshot:
+    """What systemd says about one unit right now."""
+
+    name: str
+    load_state: str  # loaded, not-found, masked, error
+    active_state: str  # active, activating, deactivating, inactive, failed, reloading
+    sub_state: str  # running, exited, dead, auto-restart, ...
+    main_pid: int
+    active_enter_us: int  # CLOCK_REALTIME microseconds of entering active (0: never)
+    n_restarts: int
+    result: str  # success, exit-code, signal, core-dump, watchdog, ...
+    fragment_path: str
+    drop_in_paths: tuple[str, ...]
+
+    @classmethod
+    def from_properties(cls, name: str, props: Mapping[str, Any]) -> UnitSnapshot:
+        return cls(
+            name=name,
+            load_state=str(props.get("LoadState", "")),
+            active_state=str(props.get("ActiveState", "")),
+            sub_state=str(props.get("SubState", "")),
+            main_pid=int(props.get("MainPID", 0) or 0),
+            active_enter_us=int(props.get("ActiveEnterTimestamp", 0) or 0),
+            n_restarts=int(props.get("NRestarts", 0) or 0),
+            result=str(props.get("Result", "")),
+            fragment_path=str(props.get("FragmentPath", "")),
+            drop_in_paths=tuple(str(p) for p in props.get("DropInPaths", []) or []),
+        )
+
+    def merged(self, changed: Mapping[str, Any]) -> UnitSnapshot:
+        current = {
+            "LoadState": self.load_state,
+            "ActiveState": self.active_state,
+            "SubState": self.sub_state,
+            "MainPID": self.main_pid,
+            "ActiveEnterTimestamp": self.active_enter_us,
+            "NRestarts": self.n_restarts,
+            "Result": self.result,
+            "FragmentPath": self.fragment_path,
+            "DropInPaths": list(self.drop_in_paths),
+        }
+        current.update(changed)
+        return UnitSnapshot.from_properties(self.name, current)
+
+
+UnitCallback = Callable[[str, dict[str, Any]], None]
+
+
+class Systemd:
+    """A client of the user manager. `on_unit_change(name, changed_properties)` is called
+    from the bus reader for every PropertiesChanged of a watched unit."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+        self._watched_paths: dict[str, str] = {}  # object path -> unit name
+        self._jobs: dict[str, asyncio.Future[str]] = {}
+        self._finished_jobs: dict[str, str] = {}  # results that beat StartUnit's reply
+        self._on_unit_change: UnitCallback | None = None
+        bus.add_message_handler(self._handle_message)
+
+    @classmethod
+    async def connect(cls, address: str | None = None) -> Systemd:
+        bus = await connect_session_bus(address)
+        client = cls(bus)
+        await client._call_manager("Subscribe", "", [])
+        await client._add_match(
+            f"type='signal',sender='{SYSTEMD}',interface='{MANAGER}',member='JobRemoved'"
+        )
+        return client
+
+    def disconnect(self) -> None:
+        self.bus.disconnect()
+
+    # -- low-level ------------------------------------------------------------------
+
+    async def _call(self, message: Message, timeout_s: float = CALL_TIMEOUT_S) -> Message:
+        try:
+            reply = await asyncio.wait_for(self.bus.call(message), timeout_s)
+        except TimeoutError as exc:
+            raise SystemdError(
+                f"{message.member}: no answer from systemd in {timeout_s} s"
+            ) from exc
+        except (OSError, EOFError) as exc:
+            raise SystemdError(f"{message.member}: the bus connection failed: {exc}") from exc
+        if reply.message_type == MessageType.ERROR:
+            detail = reply.body[0] if reply.body else ""
+            raise SystemdError(f"{message.member}: {reply.error_name}: {detail}", reply.error_name)
+        return reply
+
+    async def _call_manager(self, member: str, signature: str, body: list[Any]) -> list[Any]:
+        reply = await self._call(
+            Message(
+                destination=SYSTEMD,
+                path=SYSTEMD_PATH,
+                interface=MANAGER,
+                member=member,
+                signature=signature,
+                body=body,
+            )
+        )
+        return list(reply.body)
+
+    async def _add_match(self, rule: str) -> None:
+        await self._call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="AddMatch",
+                signature="s",
+                body=[rule],
+            )
+        )
+
+    def _handle_message(self, message: Message) -> bool | None:
+        if message.message_type != MessageType.SIGNAL:
+            return None
+        if message.member == "JobRemoved" and message.interface == MANAGER:
+            _job_id, job_path, _unit, result = message.body
+            future = self._jobs.pop(job_path, None)
+            if future is None:
+                self._finished_jobs[job_path] = result
+            elif not future.done():
+                future.set_result(result)
+            return None
+        if message.member == "PropertiesChanged" and message.interface == PROPERTIES:
+            name = self._watched_paths.get(message.path or "")
+            if name is not None and self._on_unit_change is not None:
+                _iface, changed, _invalidated = message.body
+                values = {key: unpack(value) for key, value in changed.items()}
+                self._on_unit_change(name, values)
+        return None
+
+    # -- units ----------------------------------------------------------------------
+
+    async def watch(self, names: list[str], callback: UnitCallback) -> None:
+        """Deliver property changes of these units (kill -9 reaches us in milliseconds)."""
+        self._on_unit_change = callback
+        for name in names:
+            path = unit_object_path(name)
+            if path in self._watched_paths:
+                continue
+            self._watched_paths[path] = name
+            await self._add_match(
+                f"type='signal',sender='{SYSTEMD}',interface='{PROPERTIES}',"
+                f"member='PropertiesChanged',path='{path}'"
+            )
+
+    async def snapshot(self, name: str) -> UnitSnapshot:
+        path = (await self._call_manager("LoadUnit", "s", [name]))[0]
+        props: dict[str, Any] = {}
+        for iface in (UNIT_IFACE, SERVICE_IFACE):
+            reply = await self._call(
+                Message(
+                    destination=SYSTEMD,
+                    path=path,
+                    interface=PROPERTIES,
+                    member="GetAll",
+                    signature="s",
+                    body=[iface],
+                )
+            )
+            props.update({key: unpack(value) for key, value in reply.body[0].items()})
+        return UnitSnapshot.from_properties(name, props)
+
+    async def start(self, name: str, wait: bool = True, timeout_s: float = 120) -> str:
+        return await self._job("StartUnit", name, wait, timeout_s)
+
+    async def stop(self, name: str, wait: bool = True, timeout_s: float = 120) -> str:
+        return await self._job("StopUnit", name, wait, timeout_s)
+
+    async def restart(self, name: str, wait: bool = True, timeout_s: float = 120) -> str:
+        return await self._job("RestartUnit", name, wait, timeout_s)
+
+    async def _job(self, method: str, name: str, wait: bool, timeout_s: float) -> str:
+        """Queue a job; with `wait`, return systemd's result (done, failed, timeout, ...)."""
+        loop = asyncio.get_running_loop()
+        (job_path,) = await self._call_manager(method, "ss", [name, "replace"])
+        if not wait:
+            return "queued"
+        early = self._finished_jobs.pop(job_path, None)
+        if early is not None:
+            return early
+        future: asyncio.Future[str] = loop.create_future()
+        self._jobs[job_path] = future
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError as exc:
+            raise SystemdError(f"{method} {name}: job not finished after {timeout_s} s") from exc
+        finally:
+            self._jobs.pop(job_path, None)
+
+    async def reload_manager(self) -> None:
+        """daemon-reload: systemd re-reads every unit file."""
+        await self._call_manager("Reload", "", [])
+
+    async def kill(self, name: str, signal_number: int, whom: str = "main") -> None:
+        await self._call_manager("KillUnit", "ssi", [name, whom, signal_number])
+
+    async def reset_failed(self, name: str) -> None:
+        with contextlib.suppress(SystemdError):
+            await self._call_manager("ResetFailedUnit", "s", [name])
+
+    async def unit_of_pid(self, pid: int) -> str | None:
+        try:
+            (path,) = await self._call_manager("GetUnitByPID", "u", [pid])
+        except SystemdError:
+            return None
+        reply = await self._call(
+            Message(
+                destination=SYSTEMD,
+                path=path,
+                interface=PROPERTIES,
+                member="Get",
+                signature="ss",
+                body=[UNIT_IFACE, "Id"],
+            )
+        )
+        return str(unpack(reply.body[0]))
+
+    async def list_units(self, prefix: str = "") -> list[tuple[str, str, str]]:
+        """(name, active_state, sub_state) of loaded units whose name starts with prefix."""
+        (units,) = await self._call_manager("ListUnits", "", [])
+        return [(u[0], u[3], u[4]) for u in units if str(u[0]).startswith(prefix)]
+
+
+def unpack(value: Any) -> Any:
+    while isinstance(value, Variant):
+        value = value.value
+    return value

@@ -1,0 +1,100 @@
+"""Owned unit files on disk: templates in, files out, hand edits put back.
+
+A file is ours only when it starts with the ownership marker. A file of one of our names
+without the marker (the user's own) is reported and left alone; drop-ins in `<unit>.d/` are
+the user's and are never read or written here (systemd merges them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from diversityd import parts
+from diversityd.adapters.files import read_text_or_none, write_atomic
+from diversityd.units import UNIT_PREFIX, RenderedUnit, UnitContext, is_owned_text
+
+
+def load_templates() -> dict[str, str]:
+    folder = resources.files("diversityd") / "data" / "units"
+    return {item.name: item.read_text(encoding="utf-8") for item in folder.iterdir()}
+
+
+def default_unit_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "systemd" / "user"
+
+
+def machine_context(python: str) -> UnitContext:
+    return UnitContext(
+        home=str(Path.home()),
+        templates=load_templates(),
+        default_llama_server=str(parts.llama_server_binary()),
+        default_llama_python=str(parts.llama_cpp_python_interpreter()),
+        llama_lib_dir=str(parts.llama_bin_dir()),
+        python=python,
+    )
+
+
+@dataclass
+class SyncResult:
+    written: list[str] = field(default_factory=list)  # new or changed by us
+    restored: list[str] = field(default_factory=list)  # ours, edited by hand, put back
+    foreign: list[str] = field(default_factory=list)  # our name, not our file: left alone
+    removed: list[str] = field(default_factory=list)  # ours, no longer configured
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.written or self.restored or self.removed)
+
+
+def sync_units(
+    unit_dir: Path,
+    units: Iterable[RenderedUnit],
+    *,
+    previous: Mapping[str, str] | None = None,
+    remove_stale: bool = False,
+) -> SyncResult:
+    """Write every rendered unit whose bytes differ from the file (ours only).
+
+    `previous` maps unit name -> the text diversityd last wrote; a file that differs from it
+    was edited by hand (reported as restored rather than merely rewritten).
+    """
+    result = SyncResult()
+    wanted: set[str] = set()
+    for unit in units:
+        wanted.add(unit.name)
+        path = unit_dir / unit.name
+        current = read_text_or_none(path)
+        if current == unit.text:
+            continue
+        if current is not None and not is_owned_text(current):
+            result.foreign.append(unit.name)
+            continue
+        write_atomic(path, unit.text, mode=0o644)
+        if current is not None and previous is not None and current != previous.get(unit.name):
+            result.restored.append(unit.name)
+        else:
+            result.written.append(unit.name)
+    if remove_stale and unit_dir.is_dir():
+        for path in sorted(unit_dir.glob(f"{UNIT_PREFIX}*.service")):
+            if path.name in wanted or "@" in path.name:
+                continue
+            text = read_text_or_none(path)
+            if text is not None and is_owned_text(text):
+                path.unlink()
+                result.removed.append(path.name)
+    return result
+
+
+def drifted_units(unit_dir: Path, units: Iterable[RenderedUnit]) -> list[str]:
+    """Our units whose file no longer holds what we rendered (edited, deleted, replaced)."""
+    drifted = []
+    for unit in units:
+        current = read_text_or_none(unit_dir / unit.name)
+        if current != unit.text and (current is None or is_owned_text(current)):
+            drifted.append(unit.name)
+    return drifted

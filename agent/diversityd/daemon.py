@@ -1,0 +1,850 @@
+"""diversityd: the daemon. One asyncio task owns all state; everything else sends it events.
+
+`Daemon._state_loop` is the SINGLE WRITER of the daemon's state (provider records, the
+configuration in force, the job registry, what was written to disk). Bus callbacks, probe
+loops, file watchers, control methods and jobs never assign to that state themselves: they
+put events on `Daemon._events`, or hand a function to `in_state_loop` and await its result.
+Reading state from other tasks is safe: the loop is single-threaded and the writer never
+awaits in the middle of a change. (A `Job`'s own progress list is written by its runner
+task alone.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import itertools
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from diversityd import __version__
+from diversityd.adapters import probes
+from diversityd.adapters.control import ControlInterface, export_interface
+from diversityd.adapters.inotify import Inotify, InotifyEvent
+from diversityd.adapters.notify import Notifier
+from diversityd.adapters.systemd import Systemd, SystemdError, UnitSnapshot
+from diversityd.adapters.unitfiles import default_unit_dir, machine_context, sync_units
+from diversityd.catalog import Catalog
+from diversityd.config import Config, OwnedServer, Provider, default_config_dir, load_config
+from diversityd.errors import ConfigError, DiversitydError, Severity, UsageError
+from diversityd.gateway import Availability
+from diversityd.log import configure_logging, get_logger
+from diversityd.state import (
+    ProbeResult,
+    ProviderState,
+    UnitView,
+    derive_state,
+)
+from diversityd.units import RenderedUnit, UnitContext, render_provider_unit, unit_name
+from diversityd.validation import Report, validate
+
+log = get_logger()
+
+READY_WAIT_S = 300.0  # how long a restart waits for a provider to answer again
+STARTING_PROBE_S = 0.1  # probe fast while a provider starts: readiness gates restarts
+MAX_BACKOFF_S = 30.0
+
+
+# ---------------------------------------------------------------------------------------
+# Events (the only way into the state loop)
+
+
+@dataclass(frozen=True)
+class UnitChanged:
+    unit: str
+    changed: dict[str, Any]
+    at: float
+
+
+@dataclass(frozen=True)
+class ProbeDone:
+    provider: str
+    result: ProbeResult
+
+
+@dataclass(frozen=True)
+class UnitFilesTouched:
+    at: float
+
+
+@dataclass
+class Call:
+    """Run `action` inside the state loop and hand its result to `future`."""
+
+    action: Callable[[], Any]
+    future: asyncio.Future[Any]
+
+
+Event = UnitChanged | ProbeDone | UnitFilesTouched | Call
+
+
+# ---------------------------------------------------------------------------------------
+# State (written by the state loop only)
+
+
+@dataclass
+class ProviderRecord:
+    name: str
+    provider: Provider
+    owned: OwnedServer | None
+    unit: str | None
+    models: tuple[str, ...]
+    snapshot: UnitSnapshot | None = None
+    probe: ProbeResult | None = None
+    answered_pid: int = -1  # MainPID for which a probe succeeded (-1: none yet)
+    state: ProviderState = ProviderState.UNKNOWN
+    state_since: float = field(default_factory=time.time)
+    last_unit_event: float | None = None  # monotonic time of the last systemd event
+    last_state_change: float | None = None  # monotonic time of the last state change
+    failures: int = 0  # consecutive failed probes (backoff)
+    n_gpu_layers: int | None = None
+    vram_mib: int | None = None
+    error: str | None = None
+
+    def unit_view(self) -> UnitView | None:
+        if self.snapshot is None:
+            return None
+        return UnitView(
+            self.snapshot.load_state,
+            self.snapshot.active_state,
+            self.snapshot.sub_state,
+            self.snapshot.main_pid,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        since: str | None = None
+        if (
+            self.snapshot is not None
+            and self.snapshot.active_enter_us
+            and self.state
+            not in (
+                ProviderState.STOPPED,
+                ProviderState.FAILED,
+            )
+        ):
+            since = _iso(self.snapshot.active_enter_us / 1e6)
+        elif self.owned is None and self.state is ProviderState.READY:
+            since = _iso(self.state_since)
+        probe: dict[str, Any] | None = None
+        if self.probe is not None:
+            probe = {
+                "outcome": self.probe.outcome.value,
+                "ok": self.probe.ok,
+                "latency_ms": round(self.probe.latency_ms, 1),
+                "error": self.probe.error,
+                "age_s": round(time.monotonic() - self.probe.at, 1),
+                "models": sorted(self.probe.models) if self.probe.models is not None else None,
+            }
+        return {
+            "name": self.name,
+            "owned": self.owned is not None,
+            "unit": self.unit,
+            "state": self.state.value,
+            "pid": self.snapshot.main_pid if self.snapshot and self.snapshot.main_pid else None,
+            "since": since,
+            "models": list(self.models),
+            "probe": probe,
+            "n_gpu_layers": self.n_gpu_layers,
+            "vram_mib": self.vram_mib,
+            "error": self.error,
+            "type": self.provider.type,
+            "base_url": self.provider.base_url,
+            "state_since": _iso(self.state_since),
+            "restarts": self.snapshot.n_restarts if self.snapshot else None,
+            "last_unit_event_monotonic": self.last_unit_event,
+            "last_state_change_monotonic": self.last_state_change,
+        }
+
+
+def _is_ready_since(record: ProviderRecord, since: float) -> bool:
+    """Ready, and became so after `since` (a monotonic time): a restart really finished."""
+    changed = record.last_state_change
+    return record.state is ProviderState.READY and (since == 0.0 or (changed or 0.0) > since)
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    params: dict[str, Any]
+    started: float = field(default_factory=time.time)
+    progress: list[dict[str, Any]] = field(default_factory=list)
+    result: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "params": self.params,
+            "started": _iso(self.started),
+            "finished": self.result is not None,
+            "progress": self.progress,
+            "result": self.result,
+        }
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class Daemon:
+    def __init__(
+        self,
+        config_dir: Path,
+        *,
+        unit_dir: Path | None = None,
+        bus_address: str | None = None,
+    ) -> None:
+        self.config_dir = Path(os.path.realpath(config_dir))
+        self.unit_dir_override = unit_dir
+        self.bus_address = bus_address
+        self.notifier = Notifier()
+        self.started = time.time()
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._changed = asyncio.Condition()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stop = asyncio.Event()
+        self._job_ids = itertools.count(1)
+        # state (single writer: _state_loop)
+        self.config: Config | None = None
+        self.report: Report | None = None
+        self.records: dict[str, ProviderRecord] = {}
+        self.jobs: dict[str, Job] = {}
+        self.written_units: dict[str, str] = {}  # unit -> text we last wrote
+        self.rendered_units: list[RenderedUnit] = []
+        self.last_reload: dict[str, Any] | None = None
+        self.systemd: Systemd | None = None
+        self.control: ControlInterface | None = None
+        self.unit_context: UnitContext = machine_context(sys.executable)
+
+    # -- configuration --------------------------------------------------------------
+
+    def load(self) -> Report:
+        try:
+            config, findings = load_config(self.config_dir)
+        except ConfigError as exc:
+            config, findings = None, list(exc.findings)
+        return validate(config, findings, os.environ)
+
+    @property
+    def unit_dir(self) -> Path:
+        if self.unit_dir_override is not None:
+            return self.unit_dir_override
+        if self.config is not None and self.config.settings.unit_dir:
+            return Path(os.path.expanduser(self.config.settings.unit_dir))
+        return default_unit_dir()
+
+    def _apply_config(self, report: Report) -> None:
+        """Adopt a validated configuration: provider records and rendered units."""
+        assert report.config is not None
+        assert report.catalog is not None
+        self.config, self.report = report.config, report
+        records: dict[str, ProviderRecord] = {}
+        for name, provider in report.config.providers.items():
+            if not provider.active:
+                continue
+            owned = report.config.settings.owned.get(name)
+            previous = self.records.get(name)
+            record = ProviderRecord(
+                name=name,
+                provider=provider,
+                owned=owned,
+                unit=unit_name(name) if owned else None,
+                models=report.catalog.models_of(name),
+            )
+            if previous is not None and previous.unit == record.unit:
+                record.snapshot, record.probe = previous.snapshot, previous.probe
+                record.answered_pid, record.state = previous.answered_pid, previous.state
+                record.state_since = previous.state_since
+            records[name] = record
+        self.records = records
+        self.rendered_units = self._render_units(report.config, report.catalog)
+
+    def _render_units(self, config: Config, catalog: Catalog) -> list[RenderedUnit]:
+        units = []
+        for name, owned in config.settings.owned.items():
+            if not config.providers[name].active:
+                continue
+            layers = self._gpu_layers(config, owned)
+            self.records[name].n_gpu_layers = layers
+            units.append(
+                render_provider_unit(
+                    config, owned, catalog.models_of(name), layers, self.unit_context
+                )
+            )
+        return units
+
+    def _gpu_layers(self, config: Config, owned: OwnedServer) -> int:
+        """The layer count a unit is rendered with. The user's count wins; without a VRAM
+        plan every llama server runs on the CPU (0 layers), which always fits."""
+        provider = config.providers[owned.provider]
+        if provider.n_gpu_layers is not None:
+            return provider.n_gpu_layers
+        if owned.n_gpu_layers is not None:
+            return owned.n_gpu_layers
+        return 0
+
+    # -- the state loop (single writer) -----------------------------------------------
+
+    async def _state_loop(self) -> None:
+        while True:
+            event = await self._events.get()
+            try:
+                self._handle(event)
+            except Exception as exc:  # noqa: BLE001 - one bad event must not stop the loop
+                log.error("daemon.event_failed", error=f"{type(exc).__name__}: {exc}")
+            async with self._changed:
+                self._changed.notify_all()
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, UnitChanged):
+            self._on_unit_changed(event)
+        elif isinstance(event, ProbeDone):
+            self._on_probe(event)
+        elif isinstance(event, UnitFilesTouched):
+            self._spawn(self._restore_units())
+        else:
+            try:
+                event.future.set_result(event.action())
+            except Exception as exc:  # noqa: BLE001 - handed back to the caller
+                if not event.future.done():
+                    event.future.set_exception(exc)
+
+    def _record_of_unit(self, unit: str) -> ProviderRecord | None:
+        for record in self.records.values():
+            if record.unit == unit:
+                return record
+        return None
+
+    def _on_unit_changed(self, event: UnitChanged) -> None:
+        record = self._record_of_unit(event.unit)
+        if record is None or record.snapshot is None:
+            return
+        before_pid = record.snapshot.main_pid
+        record.snapshot = record.snapshot.merged(event.changed)
+        record.last_unit_event = event.at
+        if record.snapshot.main_pid != before_pid:
+            record.answered_pid = -1  # a new process has not answered yet
+            if before_pid and record.snapshot.main_pid == 0:
+                log.warning(
+                    "unit.exited",
+                    provider=record.name,
+                    unit=record.unit,
+                    pid=before_pid,
+                    result=record.snapshot.result,
+                )
+        self._update_state(record, event.at)
+
+    def _on_probe(self, event: ProbeDone) -> None:
+        record = self.records.get(event.provider)
+        if record is None:
+            return
+        result = event.result
+        previous = record.probe
+        record.probe = result
+        record.failures = 0 if result.ok else record.failures + 1
+        if result.ok:
+            pid = record.snapshot.main_pid if record.snapshot else 0
+            record.answered_pid = pid
+            record.error = None
+        else:
+            record.error = result.error
+        if previous is None or previous.outcome is not result.outcome:
+            log.info(
+                "probe.changed",
+                provider=record.name,
+                state=result.outcome.value,
+                elapsed_ms=round(result.latency_ms, 1),
+                error=result.error,
+            )
+        self._update_state(record, result.at)
+
+    def _update_state(self, record: ProviderRecord, at: float) -> None:
+        answered = (
+            record.snapshot is not None
+            and record.answered_pid == record.snapshot.main_pid
+            and record.snapshot.main_pid != 0
+        )
+        state = derive_state(
+            owned=record.owned is not None,
+            unit=record.unit_view(),
+            probe=record.probe,
+            answered_since_start=answered,
+        )
+        if state is record.state:
+            return
+        previous, record.state = record.state, state
+        record.state_since = time.time()
+        record.last_state_change = at
+        if state is ProviderState.FAILED and record.snapshot is not None:
+            record.error = f"unit failed ({record.snapshot.result})"
+        log_method = (
+            log.info if state in (ProviderState.READY, ProviderState.STARTING) else log.warning
+        )
+        log_method(
+            "provider.state",
+            provider=record.name,
+            unit=record.unit,
+            state=state.value,
+            previous=previous.value,
+            pid=record.snapshot.main_pid if record.snapshot else None,
+            error=record.error if state is not ProviderState.READY else None,
+        )
+        self._after_change()
+
+    def _after_change(self) -> None:
+        ready = sum(r.state is ProviderState.READY for r in self.records.values())
+        self.notifier.status(f"{ready}/{len(self.records)} providers ready")
+
+    def availability(self) -> Availability:
+        """Which providers serve which models right now (input of the gateway render)."""
+        up: dict[str, frozenset[str] | None] = {}
+        for name, record in self.records.items():
+            if record.provider.type not in ("ollama", "llama_cpp", "vllm"):
+                up[name] = None  # clouds are not probed: trusted until a request fails
+            elif record.state is ProviderState.READY:
+                up[name] = record.probe.models if record.probe else None
+        return Availability(up=up)
+
+    # -- helpers for other tasks --------------------------------------------------------
+
+    async def in_state_loop(self, action: Callable[[], Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._events.put(Call(action, future))
+        return await future
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(predicate), timeout_s)
+            except TimeoutError:
+                return False
+        return True
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("daemon.task_failed", error=f"{type(exc).__name__}: {exc}")
+
+    # -- probes ---------------------------------------------------------------------------
+
+    def _probe_interval(self, record: ProviderRecord, base: float) -> float:
+        if record.state is ProviderState.STARTING:
+            return STARTING_PROBE_S
+        if record.state in (ProviderState.STOPPED, ProviderState.FAILED):
+            return base
+        if record.failures:
+            # Back off while down, but never slower than MAX_BACKOFF_S.
+            return float(min(MAX_BACKOFF_S, base * 2 ** min(record.failures - 1, 5)))
+        return base
+
+    async def _probe_loop(self, name: str) -> None:
+        assert self.config is not None
+        settings = self.config.settings
+        client = probes.new_client(settings.probe_timeout_s)
+        try:
+            while True:
+                record = self.records.get(name)
+                if record is None:
+                    return
+                if record.owned is not None and record.state is ProviderState.STOPPED:
+                    await asyncio.sleep(settings.probe_interval_s)
+                    continue
+                result = await probes.probe(client, record.provider, settings.probe_timeout_s)
+                await self._events.put(ProbeDone(name, result))
+                await asyncio.sleep(self._probe_interval(record, settings.probe_interval_s))
+        finally:
+            await client.aclose()
+
+    # -- units ------------------------------------------------------------------------------
+
+    def _on_systemd_change(self, unit: str, changed: dict[str, Any]) -> None:
+        self._events.put_nowait(UnitChanged(unit, changed, time.monotonic()))
+
+    async def _sync_unit_files(self) -> bool:
+        """Write our unit files where they differ; daemon-reload only when one changed."""
+        rendered = list(self.rendered_units)
+        result = sync_units(
+            self.unit_dir, rendered, previous=self.written_units or None, remove_stale=True
+        )
+        await self.in_state_loop(
+            lambda: setattr(self, "written_units", {u.name: u.text for u in rendered})
+        )
+        for name in result.foreign:
+            log.warning(
+                "unit.foreign",
+                unit=name,
+                error="a unit file of this name exists without diversityd's marker; left alone",
+            )
+        for name in result.restored:
+            log.warning("unit.restored", unit=name, path=str(self.unit_dir / name))
+        for name in result.written:
+            log.info("unit.written", unit=name, path=str(self.unit_dir / name))
+        for name in result.removed:
+            log.info("unit.removed", unit=name)
+        if result.changed and self.systemd is not None:
+            await self.systemd.reload_manager()
+            log.info("systemd.reloaded")
+        return result.changed
+
+    async def _refresh_snapshots(self, *, only_missing: bool) -> None:
+        """Read each owned unit's state from systemd: the truth after a daemon restart."""
+        assert self.systemd is not None
+        for record in list(self.records.values()):
+            if record.unit is None or (only_missing and record.snapshot is not None):
+                continue
+            snapshot = await self.systemd.snapshot(record.unit)
+
+            def adopt(r: ProviderRecord = record, s: UnitSnapshot = snapshot) -> None:
+                r.snapshot = s
+                self._update_state(r, time.monotonic())
+
+            await self.in_state_loop(adopt)
+
+    async def _restore_units(self) -> None:
+        await asyncio.sleep(0.05)  # let a burst of writes settle
+        await self._sync_unit_files()
+
+    async def _find_port_holders(self) -> None:
+        """A unit of another name holding an owned provider's port is reported, not touched."""
+        assert self.systemd is not None
+        ports = {r.provider.address[1]: r for r in self.records.values() if r.owned is not None}
+        try:
+            connections = psutil.net_connections(kind="tcp")
+        except (psutil.AccessDenied, OSError):
+            return
+        for conn in connections:
+            if conn.status != psutil.CONN_LISTEN or not conn.laddr or conn.pid is None:
+                continue
+            record = ports.get(conn.laddr.port)
+            if record is None:
+                continue
+            holder = await self.systemd.unit_of_pid(conn.pid)
+            if holder is not None and holder != record.unit:
+                message = (
+                    f"port {conn.laddr.port} of {record.name} is held by {holder} "
+                    f"(pid {conn.pid}), which diversityd does not own"
+                )
+                await self.in_state_loop(functools.partial(setattr, record, "error", message))
+                log.warning(
+                    "unit.port_conflict",
+                    provider=record.name,
+                    unit=holder,
+                    pid=conn.pid,
+                    error=f"{message}; stop and disable it, or set owned: false",
+                )
+
+    async def _start_owned(self) -> None:
+        """Start owned units that are not running, one at a time, each until ready.
+
+        A unit that is active, activating or waiting for systemd's Restart= is left alone:
+        after a daemon restart, state comes from systemd and nothing is started twice."""
+        assert self.systemd is not None
+        order = sorted(
+            (r for r in self.records.values() if r.owned is not None),
+            key=lambda r: (-(r.owned.vram_priority if r.owned else 0), r.name),
+        )
+        for record in order:
+            snapshot = record.snapshot
+            if snapshot is None or record.unit is None:
+                continue
+            if snapshot.active_state in ("active", "activating", "reloading"):
+                continue
+            if snapshot.active_state == "failed":
+                await self.systemd.reset_failed(record.unit)
+            log.info("unit.starting", provider=record.name, unit=record.unit)
+            try:
+                result = await self.systemd.start(record.unit)
+            except SystemdError as exc:
+                log.error(
+                    "unit.start_failed", provider=record.name, unit=record.unit, error=str(exc)
+                )
+                continue
+            if result != "done":
+                log.error("unit.start_failed", provider=record.name, unit=record.unit, error=result)
+                continue
+            ready = await self.wait_until(
+                functools.partial(_is_ready_since, record, 0.0), READY_WAIT_S
+            )
+            log.info(
+                "unit.started",
+                provider=record.name,
+                unit=record.unit,
+                state=record.state.value,
+                error=None if ready else "not ready in time",
+            )
+
+    # -- control ----------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        return {
+            "daemon": {
+                "running": True,
+                "pid": os.getpid(),
+                "version": __version__,
+                "since": _iso(self.started),
+                "config_dir": str(self.config_dir),
+                "unit_dir": str(self.unit_dir),
+                "host": self.config.settings.host if self.config else socket.gethostname(),
+                "last_reload": self.last_reload,
+                "jobs_running": [j.id for j in self.jobs.values() if j.result is None],
+            },
+            "providers": [record.to_json() for record in self.records.values()],
+            "gateway": {"owned": False, "state": "unknown"},
+        }
+
+    async def reload(self) -> dict[str, Any]:
+        """Validate the configuration on disk; adopt it only when it is sound."""
+        report = self.load()
+        if not report.ok:
+            errors = [f.to_json() for f in report.of(Severity.ERROR)]
+            rejected = {"ok": False, "at": _iso(time.time()), "errors": errors}
+            await self.in_state_loop(lambda: setattr(self, "last_reload", rejected))
+            log.error(
+                "config.rejected",
+                path=str(self.config_dir),
+                error="; ".join(f.format().splitlines()[0] for f in report.of(Severity.ERROR)),
+            )
+            return {"ok": False, "errors": errors, "warnings": []}
+        old_units = {u.name: u.text for u in self.rendered_units}
+        await self.in_state_loop(lambda: self._apply_config(report))
+        await self._sync_unit_files()
+        assert self.systemd is not None
+        await self.systemd.watch(
+            [r.unit for r in self.records.values() if r.unit], self._on_systemd_change
+        )
+        await self._refresh_snapshots(only_missing=True)
+        changed = [
+            u.provider
+            for u in self.rendered_units
+            if u.provider and old_units.get(u.name) not in (None, u.text)
+        ]
+        self._ensure_probe_tasks()
+        job_id = None
+        if changed:
+            job_id = await self.in_state_loop(
+                lambda: self._start_job("restart", {"providers": changed, "reason": "reload"})
+            )
+        adopted = {"ok": True, "at": _iso(time.time()), "changed": changed, "job": job_id}
+        await self.in_state_loop(lambda: setattr(self, "last_reload", adopted))
+        log.info("config.reloaded", path=str(self.config_dir), job=job_id)
+        return {
+            "ok": True,
+            "errors": [],
+            "warnings": [f.to_json() for f in report.of(Severity.WARNING)],
+            "restarting": changed,
+            "job": job_id,
+        }
+
+    async def restart(self, provider: str) -> dict[str, Any]:
+        if provider:
+            record = self.records.get(provider)
+            if record is None:
+                raise UsageError(f"unknown provider {provider!r}")
+            if record.owned is None:
+                raise UsageError(f"{provider} is watched, not owned: diversityd cannot restart it")
+            names = [provider]
+        else:
+            names = [r.name for r in self.records.values() if r.owned is not None]
+        job_id = await self.in_state_loop(lambda: self._start_job("restart", {"providers": names}))
+        return {"job": job_id, "providers": names}
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise UsageError(f"no job {job_id!r}")
+        return job.to_json()
+
+    def _start_job(self, kind: str, params: dict[str, Any]) -> str:
+        job = Job(id=f"{kind}-{next(self._job_ids)}", kind=kind, params=params)
+        self.jobs[job.id] = job
+        runner = {"restart": self._run_restart_job}[kind]
+        self._spawn(self._run_job(job, runner))
+        return job.id
+
+    async def _run_job(self, job: Job, runner: Callable[[Job], Awaitable[dict[str, Any]]]) -> None:
+        try:
+            result = await runner(job)
+        except Exception as exc:  # noqa: BLE001 - reported as the job's result
+            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        job.result = result
+        if self.control is not None:
+            self.control.JobFinished(job.id, json.dumps(job.to_json()))
+
+    def _report_progress(self, job: Job, payload: dict[str, Any]) -> None:
+        job.progress.append(payload)
+        if self.control is not None:
+            self.control.JobProgress(job.id, json.dumps(payload))
+
+    async def _run_restart_job(self, job: Job) -> dict[str, Any]:
+        """Restart providers one at a time, each until it answers again, so the others keep
+        serving; stop at the first one that does not come back."""
+        assert self.systemd is not None
+        results: list[dict[str, Any]] = []
+        for name in job.params["providers"]:
+            record = self.records.get(name)
+            if record is None or record.unit is None:
+                continue
+            self._report_progress(job, {"provider": name, "step": "restarting"})
+            started = time.monotonic()
+            log.info("unit.restarting", provider=name, unit=record.unit, job=job.id)
+            try:
+                outcome = await self.systemd.restart(record.unit)
+            except SystemdError as exc:
+                outcome = str(exc)
+            ready = outcome == "done" and await self.wait_until(
+                functools.partial(_is_ready_since, record, started), READY_WAIT_S
+            )
+            elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+            entry = {
+                "provider": name,
+                "unit": record.unit,
+                "ok": ready,
+                "elapsed_ms": elapsed_ms,
+                "state": record.state.value,
+                "systemd_job": outcome,
+            }
+            results.append(entry)
+            self._report_progress(job, {"step": "done", **entry})
+            log.info(
+                "unit.restarted" if ready else "unit.restart_failed",
+                provider=name,
+                unit=record.unit,
+                elapsed_ms=elapsed_ms,
+                state=record.state.value,
+                job=job.id,
+            )
+            if not ready:
+                break
+        return {"ok": bool(results) and all(r["ok"] for r in results), "providers": results}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def _ensure_probe_tasks(self) -> None:
+        running = {t.get_name() for t in self._tasks}
+        for name, record in self.records.items():
+            if (
+                record.provider.type in ("ollama", "llama_cpp", "vllm")
+                and f"probe:{name}" not in running
+            ):
+                self._spawn(self._probe_loop(name)).set_name(f"probe:{name}")
+
+    async def _watchdog_loop(self) -> None:
+        interval = self.notifier.watchdog_interval_s
+        if interval is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval / 3)
+
+    async def run(self) -> int:
+        report = self.load()
+        if not report.ok:
+            for finding in report.of(Severity.ERROR):
+                log.error("config.invalid", error=finding.format())
+            self.notifier.send("STATUS=invalid configuration; see the journal")
+            return 2
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        state_task = self._spawn(self._state_loop())
+        await self.in_state_loop(lambda: self._apply_config(report))
+        self.systemd = await Systemd.connect(self.bus_address)
+        owned_units = [r.unit for r in self.records.values() if r.unit]
+        await self.systemd.watch(owned_units, self._on_systemd_change)
+        await self._sync_unit_files()
+        await self._refresh_snapshots(only_missing=False)
+        inotify = Inotify(self._on_unit_dir_event)
+        inotify.watch_directory(self.unit_dir)
+        inotify.start(loop)
+        self.control = ControlInterface(
+            {
+                "status": self.status,
+                "reload": self.reload,
+                "restart": self.restart,
+                "job": self.job,
+            }
+        )
+        await export_interface(self.systemd.bus, self.control)
+        self._ensure_probe_tasks()
+        self._spawn(self._watchdog_loop())
+        self._spawn(self._find_port_holders())
+        self._spawn(self._start_owned())
+        log.info(
+            "daemon.ready",
+            path=str(self.config_dir),
+            unit=str(self.unit_dir),
+            pid=os.getpid(),
+        )
+        self.notifier.ready(f"watching {len(self.records)} providers")
+        await self._stop.wait()
+        self.notifier.stopping()
+        log.info("daemon.stopping", pid=os.getpid())
+        inotify.close()
+        state_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.systemd.disconnect()
+        return 0
+
+    def _on_unit_dir_event(self, event: InotifyEvent) -> None:
+        if event.name in self.written_units:
+            self._events.put_nowait(UnitFilesTouched(time.monotonic()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="diversityd",
+        description="Keep the local LLM servers and their LiteLLM gateway alive "
+        "(runs as a systemd user service; see `diversityctl install`).",
+    )
+    parser.add_argument(
+        "--config-dir",
+        type=Path,
+        default=None,
+        help="directory holding providers.yaml, model-mappings.yaml and diversityd.yaml "
+        "[default: $XDG_CONFIG_HOME/diversityd]",
+    )
+    parser.add_argument("--unit-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument("--version", action="version", version=f"diversityd {__version__}")
+    args = parser.parse_args(argv)
+    configure_logging(level=args.log_level)
+    daemon = Daemon(args.config_dir or default_config_dir(), unit_dir=args.unit_dir)
+    try:
+        code = asyncio.run(daemon.run())
+    except DiversitydError as exc:
+        log.error("daemon.failed", error=str(exc))
+        code = exc.exit_code
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

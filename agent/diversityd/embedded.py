@@ -1,0 +1,188 @@
+"""The embedded default: a complete small stack the demo and the integration tests run.
+
+Writes, under one root: a tiny GGUF behind an active symlink (`models/active/current.gguf`),
+and a configuration directory owning llama-server and the llama-cpp-python server (the v1.7.1
+shape: the latter has no `models:`, its name comes from `exact_matches`), optionally the
+Ollama and vLLM stand-ins and the gateway. Ports are parameters, so tests run side by side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diversityd import parts
+from diversityd.adapters.files import write_atomic
+from diversityd.ggufwriter import Geometry, write_gguf
+
+LLAMA_NATIVE = "llama_cpp_native"
+LLAMA_PYTHON = "llama_cpp_python"
+OLLAMA = "ollama"
+VLLM = "vllm"
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    ports: Mapping[str, int]  # provider name (and "gateway") -> port
+    providers: tuple[str, ...] = (LLAMA_NATIVE, LLAMA_PYTHON)
+    unit_dir: Path | None = None
+    probe_interval_s: float = 0.5
+    probe_timeout_s: float = 0.5
+    llama_server: Path = field(default_factory=parts.llama_server_binary)
+    llama_python: Path = field(default_factory=parts.llama_cpp_python_interpreter)
+    llama_lib_dir: Path = field(default_factory=parts.llama_bin_dir)
+    standin_executables: Mapping[str, Path] = field(default_factory=dict)
+    extra_settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stack:
+    root: Path
+    config_dir: Path
+    models_dir: Path
+    active_link: Path
+    spec: StackSpec
+
+    def base_url(self, provider: str) -> str:
+        return f"http://127.0.0.1:{self.spec.ports[provider]}"
+
+
+def write_tiny_models(models_dir: Path) -> tuple[Path, Path]:
+    """Two tiny GGUFs (different seeds: re-pointing the link changes what is served) and
+    the active symlink `active/current.gguf -> ../tiny-a.gguf`."""
+    first = write_gguf(models_dir / "tiny-a.gguf", Geometry(name="tiny-a"), seed=1)
+    second = write_gguf(models_dir / "tiny-b.gguf", Geometry(name="tiny-b"), seed=2)
+    active = models_dir / "active"
+    active.mkdir(parents=True, exist_ok=True)
+    link = active / "current.gguf"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(Path("..") / first.name)
+    return first, second
+
+
+def providers_document(spec: StackSpec) -> dict[str, Any]:
+    providers: dict[str, Any] = {}
+    if LLAMA_NATIVE in spec.providers:
+        providers[LLAMA_NATIVE] = {
+            "type": "llama_cpp",
+            "base_url": f"http://127.0.0.1:{spec.ports[LLAMA_NATIVE]}",
+            "status": "active",
+            "models": [{"name": "llama-cpp-native", "description": "tiny GGUF, llama-server"}],
+        }
+    if LLAMA_PYTHON in spec.providers:
+        # No `models:`: served from exact_matches, as in routing v1.7.1.
+        providers[LLAMA_PYTHON] = {
+            "type": "llama_cpp",
+            "base_url": f"http://127.0.0.1:{spec.ports[LLAMA_PYTHON]}",
+            "status": "active",
+        }
+    if OLLAMA in spec.providers:
+        providers[OLLAMA] = {
+            "type": "ollama",
+            "base_url": f"http://127.0.0.1:{spec.ports[OLLAMA]}",
+            "status": "active",
+            "models": ["llama3.1:latest", "qwen2.5-coder:7b"],
+        }
+    if VLLM in spec.providers:
+        providers[VLLM] = {
+            "type": "vllm",
+            "base_url": f"http://127.0.0.1:{spec.ports[VLLM]}",
+            "status": "active",
+            "models": [{"name": "qwen-coder-vllm", "model": "Qwen/Qwen2.5-Coder-7B-Instruct-AWQ"}],
+        }
+    return {"providers": providers}
+
+
+def mappings_document(spec: StackSpec) -> dict[str, Any]:
+    have = set(spec.providers)
+    exact: dict[str, Any] = {}
+    chains: dict[str, Any] = {}
+    if LLAMA_PYTHON in have:
+        exact["llama-cpp-default"] = {"provider": LLAMA_PYTHON, "priority": "primary"}
+        if LLAMA_NATIVE in have:
+            chains["llama-cpp-default"] = {"chain": ["llama-cpp-native"]}
+    if LLAMA_NATIVE in have:
+        chains["llama-cpp-native"] = {"chain": ["qwen-coder-vllm"] if VLLM in have else []}
+    if VLLM in have:
+        chains["qwen-coder-vllm"] = {"chain": []}
+    if OLLAMA in have:
+        chains["llama3.1:latest"] = {
+            "chain": _present(have, ("llama-cpp-default", LLAMA_PYTHON), ("qwen-coder-vllm", VLLM))
+        }
+        chains["qwen2.5-coder:7b"] = {
+            "chain": _present(have, ("qwen-coder-vllm", VLLM), ("llama-cpp-native", LLAMA_NATIVE))
+        }
+    document: dict[str, Any] = {}
+    if exact:
+        document["exact_matches"] = exact
+    document["fallback_chains"] = chains
+    return document
+
+
+def _present(have: set[str], *candidates: tuple[str, str]) -> list[str]:
+    """The model names whose provider is part of the stack, in order."""
+    return [model for model, provider in candidates if provider in have]
+
+
+def settings_document(spec: StackSpec, active_link: Path) -> dict[str, Any]:
+    owned: dict[str, Any] = {}
+    if LLAMA_NATIVE in spec.providers:
+        owned[LLAMA_NATIVE] = {
+            "server": "llama-server",
+            "executable": str(spec.llama_server),
+            "model_path": str(active_link),
+            "ctx": 256,
+            "parallel": 2,
+            "threads": 1,
+        }
+    if LLAMA_PYTHON in spec.providers:
+        owned[LLAMA_PYTHON] = {
+            "server": "llama-cpp-python",
+            "executable": str(spec.llama_python),
+            "model_path": str(active_link),
+            "ctx": 256,
+            "parallel": 1,
+            "threads": 1,
+            "environment": {"LLAMA_CPP_LIB_PATH": str(spec.llama_lib_dir)},
+        }
+    if OLLAMA in spec.providers and OLLAMA in spec.standin_executables:
+        owned[OLLAMA] = {"server": "ollama", "executable": str(spec.standin_executables[OLLAMA])}
+    if VLLM in spec.providers and VLLM in spec.standin_executables:
+        owned[VLLM] = {
+            "server": "vllm",
+            "executable": str(spec.standin_executables[VLLM]),
+            "model_path": "Qwen/Qwen2.5-Coder-7B-Instruct-AWQ",
+            "ctx": 4096,
+            "gpu_memory_utilization": 0.3,
+        }
+    document: dict[str, Any] = {
+        "host": "demo-host",
+        "gpus": 1,
+        "probes": {"interval_s": spec.probe_interval_s, "timeout_s": spec.probe_timeout_s},
+        "providers": owned,
+    }
+    if spec.unit_dir is not None:
+        document["unit_dir"] = str(spec.unit_dir)
+    if "gateway" in spec.ports:
+        document["gateway"] = {"port": spec.ports["gateway"]}
+    document.update(spec.extra_settings)
+    return document
+
+
+def write_stack(root: Path, spec: StackSpec) -> Stack:
+    models_dir = root / "models"
+    write_tiny_models(models_dir)
+    active_link = models_dir / "active" / "current.gguf"
+    config_dir = root / "config"
+    for name, document in (
+        ("providers.yaml", providers_document(spec)),
+        ("model-mappings.yaml", mappings_document(spec)),
+        ("diversityd.yaml", settings_document(spec, active_link)),
+    ):
+        write_atomic(config_dir / name, yaml.safe_dump(document, sort_keys=False), mode=0o600)
+    return Stack(root, config_dir, models_dir, active_link, spec)

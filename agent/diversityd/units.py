@@ -1,0 +1,212 @@
+"""Owned providers -> the text of their systemd user units. Pure.
+
+Templates (units/*.service.in) hold `@NAME@` placeholders, so systemd's own `$VAR` and `%x`
+syntax never collides with ours. Every value is escaped for systemd: `%` (specifiers) always,
+`$` (variable expansion) in command lines, and arguments with spaces or quotes are quoted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from diversityd.config import Config, OwnedServer, Provider
+
+UNIT_PREFIX = "diversityd-"
+DAEMON_UNIT = "diversityd.service"
+MARKER = "# diversityd:owned"
+HEADER_TEMPLATE = (
+    MARKER + " {provider}\n"
+    "# Written by diversityd; changes to this file are put back. To change this unit, add a\n"
+    "# drop-in: {unit}.d/override.conf (yours; diversityd never touches it).\n"
+)
+TEMPLATE_OF_SERVER = {
+    "llama-server": "llama-server.service.in",
+    "llama-cpp-python": "llama-cpp-python.service.in",
+    "ollama": "ollama.service.in",
+    "vllm": "vllm.service.in",
+}
+_UNIT_NAME_CHARS = re.compile(r"[^A-Za-z0-9:_.\-]")
+_NEEDS_QUOTES = re.compile(r"[\s\"'\\;]")
+
+
+@dataclass(frozen=True)
+class UnitContext:
+    """What the machine provides to rendering (read by adapters, passed in)."""
+
+    home: str
+    templates: Mapping[str, str]  # template file name -> text
+    default_llama_server: str
+    default_llama_python: str
+    llama_lib_dir: str  # the shared llama.cpp libraries llama-cpp-python loads
+    python: str  # diversityd's own interpreter (for diversityd.service)
+
+
+@dataclass(frozen=True)
+class RenderedUnit:
+    name: str
+    provider: str | None  # None for diversityd's own units (the daemon, the gateway)
+    text: str
+
+
+def unit_name(provider: str) -> str:
+    return f"{UNIT_PREFIX}{_UNIT_NAME_CHARS.sub('-', provider)}.service"
+
+
+def quote_arg(arg: str) -> str:
+    """One ExecStart= argument: specifiers and variables escaped, quoted when needed."""
+    escaped = arg.replace("%", "%%").replace("$", "$$")
+    if escaped and not _NEEDS_QUOTES.search(escaped):
+        return escaped
+    inner = escaped.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{inner}"'
+
+
+def command_line(args: Sequence[str]) -> str:
+    return " ".join(quote_arg(arg) for arg in args)
+
+
+def environment_line(name: str, value: str) -> str:
+    """`Environment="NAME=value"`: no `$` expansion happens here, but specifiers do."""
+    text = f"{name}={value}".replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"')
+    return f'Environment="{text}"'
+
+
+def expand_home(path: str, home: str) -> str:
+    if path == "~":
+        return home
+    if path.startswith("~/"):
+        return str(PurePosixPath(home) / path[2:])
+    return path
+
+
+def served_model_name(provider: Provider, models: Sequence[str]) -> str:
+    """The one name an owned llama server answers to (its --alias); validation ensures one."""
+    return models[0] if models else provider.name
+
+
+def server_arguments(
+    owned: OwnedServer,
+    provider: Provider,
+    model_name: str,
+    n_gpu_layers: int,
+    context: UnitContext,
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of one owned server."""
+    host, port = provider.address
+    model_path = expand_home(owned.model_path or "", context.home)
+    total_ctx = owned.ctx * owned.parallel
+    environment: dict[str, str] = {}
+    if owned.server == "llama-server":
+        binary = expand_home(owned.executable or context.default_llama_server, context.home)
+        args = [
+            binary,
+            "--model", model_path,
+            "--alias", model_name,
+            "--host", host,
+            "--port", str(port),
+            "--ctx-size", str(total_ctx),
+            "--parallel", str(owned.parallel),
+            "--n-gpu-layers", str(n_gpu_layers),
+        ]  # fmt: skip
+        if owned.threads:
+            args += ["--threads", str(owned.threads)]
+    elif owned.server == "llama-cpp-python":
+        python = expand_home(owned.executable or context.default_llama_python, context.home)
+        args = [
+            python, "-m", "llama_cpp.server",
+            "--model", model_path,
+            "--model_alias", model_name,
+            "--host", host,
+            "--port", str(port),
+            "--n_ctx", str(total_ctx),
+            "--n_gpu_layers", str(n_gpu_layers),
+        ]  # fmt: skip
+        if owned.threads:
+            args += ["--n_threads", str(owned.threads)]
+        # llama-cpp-python was installed without its own llama.cpp build: it loads ours.
+        environment["LLAMA_CPP_LIB_PATH"] = context.llama_lib_dir
+    elif owned.server == "ollama":
+        binary = expand_home(owned.executable or "/usr/local/bin/ollama", context.home)
+        args = [binary, "serve"]
+        environment["OLLAMA_NUM_PARALLEL"] = str(owned.parallel)
+        environment["OLLAMA_CONTEXT_LENGTH"] = str(owned.ctx)
+    else:  # vllm
+        binary = expand_home(owned.executable or "vllm", context.home)
+        args = [
+            binary, "serve", model_path,
+            "--host", host,
+            "--port", str(port),
+            "--served-model-name", model_name,
+            "--max-model-len", str(owned.ctx),
+            "--max-num-seqs", str(owned.parallel),
+        ]  # fmt: skip
+        if owned.gpu_memory_utilization is not None:
+            args += ["--gpu-memory-utilization", f"{owned.gpu_memory_utilization:g}"]
+    if owned.gpu is not None and owned.server != "ollama":
+        environment.setdefault("CUDA_VISIBLE_DEVICES", str(owned.gpu))
+    args += list(owned.extra_args)
+    environment.update(owned.environment)  # the user's escape hatch wins
+    return args, environment
+
+
+def fill_template(template: str, values: Mapping[str, str]) -> str:
+    def replace(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key not in values:
+            raise KeyError(f"template placeholder @{key}@ has no value")
+        return values[key]
+
+    text = re.sub(r"@([A-Z_]+)@", replace, template)
+    # An empty @ENVIRONMENT@ leaves a blank line; keep files tidy.
+    return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def render_provider_unit(
+    config: Config,
+    owned: OwnedServer,
+    models: Sequence[str],
+    n_gpu_layers: int,
+    context: UnitContext,
+) -> RenderedUnit:
+    provider = config.providers[owned.provider]
+    name = unit_name(owned.provider)
+    model_name = served_model_name(provider, models)
+    args, environment = server_arguments(owned, provider, model_name, n_gpu_layers, context)
+    host, port = provider.address
+    values = {
+        "HEADER": HEADER_TEMPLATE.format(provider=owned.provider, unit=name).rstrip("\n"),
+        "PROVIDER": owned.provider.replace("%", "%%"),
+        "MODEL_NAME": model_name.replace("%", "%%"),
+        "EXEC_START": command_line(args),
+        "ENVIRONMENT": "\n".join(environment_line(k, v) for k, v in sorted(environment.items())),
+        "UNIT_BASENAME": name.removesuffix(".service"),
+        "HOST_PORT": f"{host}:{port}",
+    }
+    text = fill_template(context.templates[TEMPLATE_OF_SERVER[owned.server]], values)
+    return RenderedUnit(name=name, provider=owned.provider, text=text)
+
+
+def render_daemon_unit(
+    config_dir: str, context: UnitContext, environment: Mapping[str, str] | None = None
+) -> RenderedUnit:
+    values = {
+        "HEADER": HEADER_TEMPLATE.format(provider="(daemon)", unit=DAEMON_UNIT).rstrip("\n"),
+        "EXEC_START": command_line(
+            [context.python, "-m", "diversityd.daemon", "--config-dir", config_dir]
+        ),
+        "EXEC_RELOAD": command_line(
+            [context.python, "-m", "diversityd.cli", "reload", "--config-dir", config_dir]
+        ),
+        "ENVIRONMENT": "\n".join(
+            environment_line(k, v) for k, v in sorted((environment or {}).items())
+        ),
+    }
+    text = fill_template(context.templates["diversityd.service.in"], values)
+    return RenderedUnit(name=DAEMON_UNIT, provider=None, text=text)
+
+
+def is_owned_text(text: str) -> bool:
+    return text.startswith(MARKER)
