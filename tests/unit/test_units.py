@@ -1,0 +1,192 @@
+"""Unit rendering: systemd quoting, specifiers, every server kind."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from diversityd.adapters.unitfiles import load_templates, sync_units
+from diversityd.config import parse_config
+from diversityd.units import (
+    MARKER,
+    RenderedUnit,
+    UnitContext,
+    command_line,
+    environment_line,
+    quote_arg,
+    render_daemon_unit,
+    render_provider_unit,
+    unit_name,
+)
+
+PROVIDERS = """\
+providers:
+  native: {type: llama_cpp, base_url: "http://127.0.0.1:8080", models: [llama-cpp-native]}
+  python: {type: llama_cpp, base_url: "http://127.0.0.1:8000", models: [llama-cpp-default]}
+  ollama: {type: ollama, base_url: "http://127.0.0.1:11434", models: [llama3.1:latest]}
+  vllm:
+    type: vllm
+    base_url: "http://127.0.0.1:8001"
+    models: [{name: qwen-coder-vllm, model: Qwen/Qwen2.5-Coder-7B-Instruct-AWQ}]
+"""
+SETTINGS = """\
+providers:
+  native:
+    server: llama-server
+    executable: "/opt/llama dir/bin/llama-server"
+    model_path: "~/models 100%/$HOME/active/current.gguf"
+    ctx: 1024
+    parallel: 2
+    threads: 3
+    extra_args: ["--flash-attn", "on", "--log-prefix", "a;b"]
+    environment: {GGML_CUDA_NO_PINNED: 1}
+  python:
+    server: llama-cpp-python
+    executable: /venv/bin/python
+    model_path: /models/active/current.gguf
+    ctx: 4096
+  ollama:
+    server: ollama
+    executable: /usr/local/bin/ollama
+    parallel: 4
+  vllm:
+    server: vllm
+    executable: /usr/local/bin/vllm
+    model_path: Qwen/Qwen2.5-Coder-7B-Instruct-AWQ
+    ctx: 8192
+    gpu_memory_utilization: 0.35
+"""
+
+
+def context() -> UnitContext:
+    return UnitContext(
+        home="/home/user",
+        templates=load_templates(),
+        default_llama_server="/cache/llama-server",
+        default_llama_python="/cache/python",
+        llama_lib_dir="/cache/lib",
+        python="/venv/bin/python",
+    )
+
+
+def rendered() -> dict[str, RenderedUnit]:
+    config, findings = parse_config(
+        {
+            "providers.yaml": PROVIDERS,
+            "model-mappings.yaml": "fallback_chains: {}\n",
+            "diversityd.yaml": SETTINGS,
+        },
+        config_dir="/cfg",
+        hostname="box",
+    )
+    assert config is not None, findings
+    return {
+        name: render_provider_unit(
+            config, owned, [config.providers[name].models[0].name], 7, context()
+        )
+        for name, owned in config.settings.owned.items()
+    }
+
+
+def systemd_unquote(line: str) -> list[str]:
+    """Undo our escaping the way systemd does (for the characters we produce)."""
+    words = shlex.split(line.replace("$$", "$"), posix=True)
+    return [w.replace("%%", "%") for w in words]
+
+
+@pytest.mark.parametrize(
+    "arg",
+    ["plain", "with space", "100%", "$HOME", 'quo"te', "back\\slash", "a;b", "", "tab\there"],
+)
+def test_quoted_arguments_round_trip(arg: str) -> None:
+    assert systemd_unquote(quote_arg(arg)) == [arg]
+
+
+def test_command_line_keeps_argument_boundaries() -> None:
+    args = ["/opt/llama dir/bin/llama-server", "--model", "/m 100%/$x.gguf", "--alias", "x"]
+    assert systemd_unquote(command_line(args)) == args
+
+
+def test_environment_line_escapes_specifiers_and_quotes() -> None:
+    assert environment_line("A", 'x y "%z"') == 'Environment="A=x y \\"%%z\\""'
+
+
+def test_llama_server_unit() -> None:
+    unit = rendered()["native"]
+    assert unit.name == "diversityd-native.service"
+    assert unit.text.startswith(MARKER)
+    exec_line = next(line for line in unit.text.splitlines() if line.startswith("ExecStart="))
+    args = systemd_unquote(exec_line.removeprefix("ExecStart="))
+    assert args[0] == "/opt/llama dir/bin/llama-server"
+    assert args[args.index("--model") + 1] == "/home/user/models 100%/$HOME/active/current.gguf"
+    assert args[args.index("--alias") + 1] == "llama-cpp-native"
+    assert args[args.index("--ctx-size") + 1] == "2048"  # ctx per slot x parallel
+    assert args[args.index("--parallel") + 1] == "2"
+    assert args[args.index("--n-gpu-layers") + 1] == "7"
+    assert args[args.index("--threads") + 1] == "3"
+    assert args[args.index("--port") + 1] == "8080"
+    assert args[-4:] == ["--flash-attn", "on", "--log-prefix", "a;b"]
+    assert 'Environment="GGML_CUDA_NO_PINNED=1"' in unit.text
+    assert "Restart=on-failure" in unit.text
+
+
+def test_llama_cpp_python_unit_uses_the_shared_libraries() -> None:
+    unit = rendered()["python"]
+    exec_line = next(line for line in unit.text.splitlines() if line.startswith("ExecStart="))
+    args = systemd_unquote(exec_line.removeprefix("ExecStart="))
+    assert args[:3] == ["/venv/bin/python", "-m", "llama_cpp.server"]
+    assert args[args.index("--model_alias") + 1] == "llama-cpp-default"
+    assert args[args.index("--n_ctx") + 1] == "4096"
+    assert 'Environment="LLAMA_CPP_LIB_PATH=/cache/lib"' in unit.text
+
+
+def test_ollama_and_vllm_units() -> None:
+    units = rendered()
+    ollama = units["ollama"].text
+    assert "ExecStart=/usr/local/bin/ollama serve" in ollama
+    assert "Environment=OLLAMA_HOST=127.0.0.1:11434" in ollama
+    assert 'Environment="OLLAMA_NUM_PARALLEL=4"' in ollama
+    vllm_exec = next(
+        line for line in units["vllm"].text.splitlines() if line.startswith("ExecStart=")
+    )
+    args = systemd_unquote(vllm_exec.removeprefix("ExecStart="))
+    assert args[:3] == ["/usr/local/bin/vllm", "serve", "Qwen/Qwen2.5-Coder-7B-Instruct-AWQ"]
+    assert args[args.index("--served-model-name") + 1] == "qwen-coder-vllm"
+    assert args[args.index("--gpu-memory-utilization") + 1] == "0.35"
+    assert args[args.index("--max-model-len") + 1] == "8192"
+
+
+def test_daemon_unit_is_notify_with_watchdog() -> None:
+    unit = render_daemon_unit("/cfg dir", context())
+    assert "Type=notify" in unit.text
+    assert "WatchdogSec=" in unit.text
+    assert "Restart=on-failure" in unit.text
+    assert 'ExecStart=/venv/bin/python -m diversityd.daemon --config-dir "/cfg dir"' in unit.text
+    assert "ExecReload=" in unit.text
+
+
+def test_unit_names_are_valid_for_any_provider_name() -> None:
+    assert unit_name("vllm-qwen") == "diversityd-vllm-qwen.service"
+    assert unit_name("a/b c") == "diversityd-a-b-c.service"
+
+
+def test_sync_writes_only_changes_and_never_foreign_files(tmp_path: pytest.TempPathFactory) -> None:
+    from pathlib import Path
+
+    unit_dir = Path(str(tmp_path))
+    units = list(rendered().values())
+    first = sync_units(unit_dir, units)
+    assert sorted(first.written) == sorted(u.name for u in units)
+    assert not sync_units(unit_dir, units).changed  # nothing differs: no daemon-reload
+    foreign = unit_dir / units[0].name
+    foreign.write_text("[Service]\nExecStart=/bin/true\n")  # the user's own file, no marker
+    second = sync_units(unit_dir, units)
+    assert second.foreign == [units[0].name]
+    assert foreign.read_text() == "[Service]\nExecStart=/bin/true\n"
+    edited = unit_dir / units[1].name
+    edited.write_text(edited.read_text() + "# edited\n")
+    third = sync_units(unit_dir, units, previous={u.name: u.text for u in units})
+    assert third.restored == [units[1].name]
+    assert edited.read_text() == units[1].text
+    assert (edited.stat().st_mode & 0o777) == 0o644
