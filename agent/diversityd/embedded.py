@@ -8,6 +8,8 @@ Ollama and vLLM stand-ins and the gateway. Ports are parameters, so tests run si
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ import yaml
 from diversityd import parts
 from diversityd.adapters.files import write_atomic
 from diversityd.ggufwriter import Geometry, write_gguf
+from diversityd.standins.binaries import MODELS_ENV, write_executables
 
 LLAMA_NATIVE = "llama_cpp_native"
 LLAMA_PYTHON = "llama_cpp_python"
@@ -35,6 +38,7 @@ class StackSpec:
     llama_server: Path = field(default_factory=parts.llama_server_binary)
     llama_python: Path = field(default_factory=parts.llama_cpp_python_interpreter)
     llama_lib_dir: Path = field(default_factory=parts.llama_bin_dir)
+    python: str = sys.executable  # runs the Ollama and vLLM stand-ins
     standin_executables: Mapping[str, Path] = field(default_factory=dict)
     extra_settings: Mapping[str, Any] = field(default_factory=dict)
 
@@ -151,7 +155,11 @@ def settings_document(spec: StackSpec, active_link: Path) -> dict[str, Any]:
             "environment": {"LLAMA_CPP_LIB_PATH": str(spec.llama_lib_dir)},
         }
     if OLLAMA in spec.providers and OLLAMA in spec.standin_executables:
-        owned[OLLAMA] = {"server": "ollama", "executable": str(spec.standin_executables[OLLAMA])}
+        owned[OLLAMA] = {
+            "server": "ollama",
+            "executable": str(spec.standin_executables[OLLAMA]),
+            "environment": {MODELS_ENV: "llama3.1:latest,qwen2.5-coder:7b"},
+        }
     if VLLM in spec.providers and VLLM in spec.standin_executables:
         owned[VLLM] = {
             "server": "vllm",
@@ -175,6 +183,10 @@ def settings_document(spec: StackSpec, active_link: Path) -> dict[str, Any]:
 
 
 def write_stack(root: Path, spec: StackSpec) -> Stack:
+    if {OLLAMA, VLLM} & set(spec.providers) and not spec.standin_executables:
+        spec = dataclasses.replace(
+            spec, standin_executables=write_executables(root / "bin", spec.python)
+        )
     models_dir = root / "models"
     write_tiny_models(models_dir)
     active_link = models_dir / "active" / "current.gguf"

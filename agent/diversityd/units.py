@@ -55,9 +55,13 @@ def unit_name(provider: str) -> str:
     return f"{UNIT_PREFIX}{_UNIT_NAME_CHARS.sub('-', provider)}.service"
 
 
-def quote_arg(arg: str) -> str:
-    """One ExecStart= argument: specifiers and variables escaped, quoted when needed."""
-    escaped = arg.replace("%", "%%").replace("$", "$$")
+def quote_arg(arg: str, *, executable: bool = False) -> str:
+    """One ExecStart= word: specifiers (and, in arguments, variables) escaped, quoted when
+    needed. systemd expands `$VAR` in the arguments but never in the executable's path, so
+    `$` is doubled only in arguments (checked against systemd 252)."""
+    escaped = arg.replace("%", "%%")
+    if not executable:
+        escaped = escaped.replace("$", "$$")
     if escaped and not _NEEDS_QUOTES.search(escaped):
         return escaped
     inner = escaped.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -65,7 +69,7 @@ def quote_arg(arg: str) -> str:
 
 
 def command_line(args: Sequence[str]) -> str:
-    return " ".join(quote_arg(arg) for arg in args)
+    return " ".join(quote_arg(arg, executable=index == 0) for index, arg in enumerate(args))
 
 
 def environment_line(name: str, value: str) -> str:

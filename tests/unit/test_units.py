@@ -190,3 +190,8 @@ def test_sync_writes_only_changes_and_never_foreign_files(tmp_path: pytest.TempP
     assert third.restored == [units[1].name]
     assert edited.read_text() == units[1].text
     assert (edited.stat().st_mode & 0o777) == 0o644
+
+
+def test_the_executable_path_is_never_variable_expanded() -> None:
+    """systemd expands `$VAR` in arguments only: `$$` in the path would stay `$$`."""
+    assert command_line(["/x $y/bin", "$y"]) == '"/x $y/bin" $$y'
