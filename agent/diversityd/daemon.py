@@ -109,6 +109,7 @@ class ProviderRecord:
     state_since: float = field(default_factory=time.time)
     last_unit_event: float | None = None  # monotonic time of the last systemd event
     last_state_change: float | None = None  # monotonic time of the last state change
+    last_exit_seen: float | None = None  # monotonic time the daemon learnt a process died
     failures: int = 0  # consecutive failed probes (backoff)
     n_gpu_layers: int | None = None
     vram_mib: int | None = None
@@ -166,6 +167,7 @@ class ProviderRecord:
             "restarts": self.snapshot.n_restarts if self.snapshot else None,
             "last_unit_event_monotonic": self.last_unit_event,
             "last_state_change_monotonic": self.last_state_change,
+            "last_exit_monotonic": self.last_exit_seen,
         }
 
 
@@ -342,6 +344,7 @@ class Daemon:
         if record.snapshot.main_pid != before_pid:
             record.answered_pid = -1  # a new process has not answered yet
             if before_pid and record.snapshot.main_pid == 0:
+                record.last_exit_seen = event.at
                 log.warning(
                     "unit.exited",
                     provider=record.name,
@@ -528,14 +531,16 @@ class Daemon:
         await asyncio.sleep(0.05)  # let a burst of writes settle
         await self._sync_unit_files()
 
-    async def _find_port_holders(self) -> None:
-        """A unit of another name holding an owned provider's port is reported, not touched."""
+    async def _find_port_holders(self) -> set[str]:
+        """A unit of another name (or a stray process) holding an owned provider's port is
+        reported, not touched; diversityd then does not start its own unit there."""
         assert self.systemd is not None
         ports = {r.provider.address[1]: r for r in self.records.values() if r.owned is not None}
+        conflicts: set[str] = set()
         try:
             connections = psutil.net_connections(kind="tcp")
         except (psutil.AccessDenied, OSError):
-            return
+            return conflicts
         for conn in connections:
             if conn.status != psutil.CONN_LISTEN or not conn.laddr or conn.pid is None:
                 continue
@@ -543,10 +548,12 @@ class Daemon:
             if record is None:
                 continue
             holder = await self.systemd.unit_of_pid(conn.pid)
-            if holder is not None and holder != record.unit:
+            if holder != record.unit:
+                conflicts.add(record.name)
                 message = (
-                    f"port {conn.laddr.port} of {record.name} is held by {holder} "
-                    f"(pid {conn.pid}), which diversityd does not own"
+                    f"port {conn.laddr.port} of {record.name} is held by "
+                    f"{holder or 'a process outside any unit'} (pid {conn.pid}), "
+                    "which diversityd does not own"
                 )
                 await self.in_state_loop(functools.partial(setattr, record, "error", message))
                 log.warning(
@@ -556,20 +563,23 @@ class Daemon:
                     pid=conn.pid,
                     error=f"{message}; stop and disable it, or set owned: false",
                 )
+        return conflicts
 
     async def _start_owned(self) -> None:
         """Start owned units that are not running, one at a time, each until ready.
 
         A unit that is active, activating or waiting for systemd's Restart= is left alone:
-        after a daemon restart, state comes from systemd and nothing is started twice."""
+        after a daemon restart, state comes from systemd and nothing is started twice. A
+        provider whose port another unit holds is not started (it could not bind)."""
         assert self.systemd is not None
+        conflicts = await self._find_port_holders()
         order = sorted(
             (r for r in self.records.values() if r.owned is not None),
             key=lambda r: (-(r.owned.vram_priority if r.owned else 0), r.name),
         )
         for record in order:
             snapshot = record.snapshot
-            if snapshot is None or record.unit is None:
+            if snapshot is None or record.unit is None or record.name in conflicts:
                 continue
             if snapshot.active_state in ("active", "activating", "reloading"):
                 continue
@@ -791,7 +801,6 @@ class Daemon:
         await export_interface(self.systemd.bus, self.control)
         self._ensure_probe_tasks()
         self._spawn(self._watchdog_loop())
-        self._spawn(self._find_port_holders())
         self._spawn(self._start_owned())
         log.info(
             "daemon.ready",

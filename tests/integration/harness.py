@@ -16,11 +16,10 @@ from typing import Any
 import pytest
 
 from diversityd import parts
-from diversityd.adapters.files import write_atomic
 from diversityd.adapters.unitfiles import load_templates
 from diversityd.embedded import Stack, StackSpec, write_stack
 from diversityd.privatemanager import PrivateManager
-from diversityd.units import DAEMON_UNIT, UnitContext, render_daemon_unit
+from diversityd.units import DAEMON_UNIT, UnitContext
 from tests.conftest import free_port
 
 
@@ -46,7 +45,7 @@ class RunningStack:
         """The real diversityctl, talking to this manager's bus."""
         return subprocess.run(
             [sys.executable, "-m", "diversityd.cli", *args],
-            env={**self.manager.env, "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+            env=ctl_env(self.manager),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -102,25 +101,27 @@ class RunningStack:
         return self.manager.journal(*matches, unit=DAEMON_UNIT)
 
 
-def install_daemon(manager: PrivateManager, stack: Stack) -> None:
-    unit = render_daemon_unit(
-        str(stack.config_dir),
-        daemon_unit_context(),
-        environment={"DIVERSITYD_CACHE_DIR": str(parts.cache_root())},
-    )
-    write_atomic(manager.unit_dir / unit.name, unit.text)
-    manager.systemctl("daemon-reload")
+def ctl_env(manager: PrivateManager) -> dict[str, str]:
+    """The manager's world, plus where the parts really are (its XDG cache is private)."""
+    return {
+        **manager.env,
+        "DIVERSITYD_CACHE_DIR": str(parts.cache_root()),
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+    }
 
 
 def start_stack(manager: PrivateManager, root: Path, spec: StackSpec | None = None) -> RunningStack:
+    """Write the stack and `diversityctl install --now` the daemon into the manager."""
     spec = spec or StackSpec(
         ports={"llama_cpp_native": free_port(), "llama_cpp_python": free_port()},
         unit_dir=manager.unit_dir,
     )
     stack = write_stack(root, spec)
-    install_daemon(manager, stack)
-    manager.systemctl("start", DAEMON_UNIT, timeout=60)
-    return RunningStack(manager, stack)
+    running = RunningStack(manager, stack)
+    result = running.ctl("install", "--config-dir", str(stack.config_dir), "--now")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (manager.unit_dir / "default.target.wants" / DAEMON_UNIT).is_symlink()
+    return running
 
 
 @pytest.fixture(scope="module")

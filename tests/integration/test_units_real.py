@@ -105,3 +105,52 @@ def test_llama_server_runs_a_model_under_an_awkward_path_and_the_stand_ins_run_a
     finally:
         private_manager.systemctl("stop", "diversityd.service", check=False)
         time.sleep(0.1)
+
+
+def test_a_hand_made_unit_on_a_providers_port_is_reported_not_touched(
+    private_manager: PrivateManager,
+    tmp_path: Path,
+    llama_server_bin: Path,
+    llama_cpp_python_interpreter: Path,
+) -> None:
+    """The seeds' own `llama-cpp-native.service` still holding :8080 when diversityd arrives."""
+    port = free_port()
+    foreign = private_manager.unit_dir / "llama-cpp-native.service"
+    write_atomic(
+        foreign,
+        f"[Service]\nExecStart=/usr/bin/python3 -m http.server --bind 127.0.0.1 {port}\n",
+    )
+    private_manager.systemctl("daemon-reload")
+    private_manager.systemctl("start", "llama-cpp-native.service")
+    foreign_pid = private_manager.systemctl(
+        "show", "-p", "MainPID", "--value", "llama-cpp-native.service"
+    ).stdout.strip()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # wait until it listens
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    spec = StackSpec(
+        ports={LLAMA_NATIVE: port, LLAMA_PYTHON: free_port()}, unit_dir=private_manager.unit_dir
+    )
+    running = start_stack(private_manager, tmp_path / "stack", spec)
+    try:
+        document = running.wait_for(
+            lambda d: (
+                running.provider(LLAMA_PYTHON, d)["state"] == "ready"
+                and "llama-cpp-native.service" in (running.provider(LLAMA_NATIVE, d)["error"] or "")
+            )
+        )
+        native = running.provider(LLAMA_NATIVE, document)
+        assert native["state"] == "stopped"  # ours was not started over theirs
+        assert running.journal_events("unit.port_conflict", provider=LLAMA_NATIVE)
+        assert "daemon: running" in running.ctl("status").stdout
+        assert foreign.read_text().startswith("[Service]")  # untouched
+        now = private_manager.systemctl(
+            "show", "-p", "MainPID", "--value", "llama-cpp-native.service"
+        )
+        assert now.stdout.strip() == foreign_pid
+    finally:
+        private_manager.systemctl("stop", "diversityd.service", check=False)

@@ -254,6 +254,10 @@ class Systemd:
         finally:
             self._jobs.pop(job_path, None)
 
+    async def enable(self, names: list[str]) -> None:
+        """`systemctl --user enable`: the [Install] section's symlinks."""
+        await self._call_manager("EnableUnitFiles", "asbb", [names, False, True])
+
     async def reload_manager(self) -> None:
         """daemon-reload: systemd re-reads every unit file."""
         await self._call_manager("Reload", "", [])
