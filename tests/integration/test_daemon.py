@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -199,3 +200,40 @@ def test_status_without_the_daemon_says_what_systemd_says(running_stack: Running
         assert all(p["pid"] for p in document["providers"])
     finally:
         running_stack.manager.systemctl("start", DAEMON_UNIT, timeout=60)
+
+
+def test_systemctl_reload_adopts_a_good_change_and_restarts_what_changed(
+    running_stack: RunningStack,
+) -> None:
+    document = running_stack.wait_all_ready()
+    pids = {p["name"]: p["pid"] for p in document["providers"]}
+    settings_file = running_stack.stack.config_dir / "diversityd.yaml"
+    original = settings_file.read_text()
+    settings = yaml.safe_load(original)
+    settings["providers"][NATIVE]["ctx"] = 512
+    unit_file = running_stack.manager.unit_dir / f"diversityd-{NATIVE}.service"
+    try:
+        settings_file.write_text(yaml.safe_dump(settings))
+        # ExecReload= runs `diversityctl reload` inside the unit
+        running_stack.manager.systemctl("reload", DAEMON_UNIT, timeout=60)
+        assert "--ctx-size 1024" in unit_file.read_text()  # 512 per slot x 2 slots
+        after = running_stack.wait_for(
+            lambda d: (
+                running_stack.provider(NATIVE, d)["pid"] != pids[NATIVE]
+                and running_stack.provider(NATIVE, d)["state"] == "ready"
+            )
+        )
+        assert running_stack.provider(PYTHON, after)["pid"] == pids[PYTHON]  # unchanged: kept
+        pid = running_stack.provider(NATIVE, after)["pid"]
+        assert "1024" in Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        assert after["daemon"]["last_reload"]["ok"] is True
+        assert after["daemon"]["last_reload"]["changed"] == [NATIVE]
+    finally:
+        settings_file.write_text(original)
+        running_stack.ctl("reload")
+        running_stack.wait_for(
+            lambda d: (
+                "--ctx-size 512" in unit_file.read_text()
+                and all(p["state"] == "ready" for p in d["providers"])
+            )
+        )
