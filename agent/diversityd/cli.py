@@ -183,6 +183,16 @@ def format_status(document: dict[str, Any]) -> str:
     for p in document.get("providers", []):
         if p.get("error"):
             lines.append(f"  {p['name']}: {p['error']}")
+        model_file = p.get("model_file") or {}
+        if model_file.get("error"):
+            lines.append(
+                f"  {p['name']}: model file refused: {model_file['error']} "
+                f"(still serving {model_file.get('target')})"
+            )
+        if p.get("models_missing"):
+            lines.append(f"  {p['name']}: configured, not served: {', '.join(p['models_missing'])}")
+        if p.get("models_extra"):
+            lines.append(f"  {p['name']}: served, not configured: {', '.join(p['models_extra'])}")
     gateway = document.get("gateway") or {}
     if gateway:
         lines.append(f"gateway: {gateway.get('state', 'unknown')}")

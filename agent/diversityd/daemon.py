@@ -34,13 +34,14 @@ from diversityd import __version__
 from diversityd.adapters import probes
 from diversityd.adapters.control import ControlInterface, export_interface
 from diversityd.adapters.inotify import Inotify, InotifyEvent
+from diversityd.adapters.modellink import LinkWatcher, ModelTarget, resolve
 from diversityd.adapters.notify import Notifier
 from diversityd.adapters.systemd import Systemd, SystemdError, UnitSnapshot
 from diversityd.adapters.unitfiles import default_unit_dir, machine_context, sync_units
 from diversityd.catalog import Catalog
 from diversityd.config import Config, OwnedServer, Provider, default_config_dir, load_config
 from diversityd.errors import ConfigError, DiversitydError, Severity, UsageError
-from diversityd.gateway import Availability
+from diversityd.gateway import Availability, normalize_model_id
 from diversityd.log import configure_logging, get_logger
 from diversityd.state import (
     ProbeResult,
@@ -53,6 +54,7 @@ from diversityd.validation import Report, validate
 
 log = get_logger()
 
+LLAMA_SERVERS = ("llama-server", "llama-cpp-python")
 READY_WAIT_S = 300.0  # how long a restart waits for a provider to answer again
 STARTING_PROBE_S = 0.1  # probe fast while a provider starts: readiness gates restarts
 MAX_BACKOFF_S = 30.0
@@ -102,6 +104,7 @@ class ProviderRecord:
     owned: OwnedServer | None
     unit: str | None
     models: tuple[str, ...]
+    backends: dict[str, str] = field(default_factory=dict)  # served name -> backend's id
     snapshot: UnitSnapshot | None = None
     probe: ProbeResult | None = None
     answered_pid: int = -1  # MainPID for which a probe succeeded (-1: none yet)
@@ -114,6 +117,8 @@ class ProviderRecord:
     n_gpu_layers: int | None = None
     vram_mib: int | None = None
     error: str | None = None
+    model: ModelTarget | None = None  # where model_path led when last accepted
+    model_error: str | None = None  # a rejected re-point (the old model keeps serving)
 
     def unit_view(self) -> UnitView | None:
         if self.snapshot is None:
@@ -168,6 +173,41 @@ class ProviderRecord:
             "last_unit_event_monotonic": self.last_unit_event,
             "last_state_change_monotonic": self.last_state_change,
             "last_exit_monotonic": self.last_exit_seen,
+            "models_missing": self.models_missing(),
+            "models_extra": self.models_extra(),
+            "model_file": None
+            if self.model is None
+            else {
+                "path": self.model.path,
+                "target": self.model.target,
+                "error": self.model_error,
+            },
+        }
+
+    def _served_ids(self) -> frozenset[str] | None:
+        if self.probe is None or not self.probe.ok:
+            return None
+        return self.probe.models
+
+    def models_missing(self) -> list[str]:
+        """Configured names the provider does not report serving (down for the gateway)."""
+        served = self._served_ids()
+        if served is None:
+            return []
+        backend = self.backend_names()
+        return [name for name in self.models if backend.get(name, name) not in served]
+
+    def models_extra(self) -> list[str]:
+        """What the provider serves beyond its configuration (shown, never routed to)."""
+        served = self._served_ids()
+        if served is None:
+            return []
+        return sorted(served - set(self.backend_names().values()))
+
+    def backend_names(self) -> dict[str, str]:
+        return {
+            name: normalize_model_id(self.provider.type, self.backends.get(name, name))
+            for name in self.models
         }
 
 
@@ -222,6 +262,8 @@ class Daemon:
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
+        self._restart_lock = asyncio.Lock()  # restart jobs (user, reload, re-point) never overlap
+        self._link_watcher: LinkWatcher | None = None
         self._job_ids = itertools.count(1)
         # state (single writer: _state_loop)
         self.config: Config | None = None
@@ -269,8 +311,15 @@ class Daemon:
                 owned=owned,
                 unit=unit_name(name) if owned else None,
                 models=report.catalog.models_of(name),
+                backends={
+                    d.model: d.backend_model
+                    for deps in report.catalog.deployments.values()
+                    for d in deps
+                    if d.provider.name == name
+                },
             )
             if previous is not None and previous.unit == record.unit:
+                record.model, record.model_error = previous.model, previous.model_error
                 record.snapshot, record.probe = previous.snapshot, previous.probe
                 record.answered_pid, record.state = previous.answered_pid, previous.state
                 record.state_since = previous.state_since
@@ -607,6 +656,87 @@ class Daemon:
                 error=None if ready else "not ready in time",
             )
 
+    # -- the active model link --------------------------------------------------------------
+
+    def _model_paths(self) -> dict[str, list[str]]:
+        """Configured GGUF path -> the owned llama servers that load it."""
+        paths: dict[str, list[str]] = {}
+        for record in self.records.values():
+            owned = record.owned
+            if owned and owned.server in LLAMA_SERVERS and owned.model_path:
+                paths.setdefault(os.path.expanduser(owned.model_path), []).append(record.name)
+        return paths
+
+    async def _watch_models(self) -> None:
+        """Resolve each model path (the model in force) and watch every hop of its chain."""
+        for path, names in self._model_paths().items():
+            target = await asyncio.to_thread(resolve, path)
+
+            def adopt(t: ModelTarget = target, providers: list[str] = names) -> None:
+                for name in providers:
+                    self.records[name].model = t
+                    self.records[name].model_error = t.error
+
+            await self.in_state_loop(adopt)
+            if self._link_watcher is not None:
+                self._link_watcher.watch(target)
+            if not target.ok:
+                log.error("model.invalid", path=path, error=target.error)
+
+    def _on_model_link_changed(self, path: str) -> None:
+        self._spawn(self._check_model_link(path))
+
+    async def _check_model_link(self, path: str) -> None:
+        """The link (or a hop, or the file) changed: accept a good new target and restart the
+        servers one at a time; refuse a bad one and keep serving the old model."""
+        names = self._model_paths().get(path, [])
+        if not names:
+            return
+        target = await asyncio.to_thread(resolve, path)
+        if self._link_watcher is not None:
+            self._link_watcher.watch(target)  # a new chain may pass through new folders
+        current = self.records[names[0]].model
+        if not target.ok:
+
+            def refuse(error: str | None = target.error) -> None:
+                for name in names:
+                    self.records[name].model_error = error
+
+            await self.in_state_loop(refuse)
+            log.error(
+                "model.rejected",
+                path=path,
+                model=target.target,
+                provider=",".join(names),
+                error=f"{target.error}; the servers keep the model they run",
+            )
+            return
+        unchanged = current is not None and (current.target, current.identity) == (
+            target.target,
+            target.identity,
+        )
+
+        def accept() -> str | None:
+            for name in names:
+                self.records[name].model = target
+                self.records[name].model_error = None
+            if unchanged:
+                return None
+            return self._start_job(
+                "restart",
+                {"providers": names, "reason": "model link re-pointed", "model_path": path},
+            )
+
+        job_id = await self.in_state_loop(accept)
+        if job_id is not None:
+            log.info(
+                "model.changed",
+                path=path,
+                model=target.target,
+                provider=",".join(names),
+                job=job_id,
+            )
+
     # -- control ----------------------------------------------------------------------------
 
     async def status(self) -> dict[str, Any]:
@@ -647,6 +777,7 @@ class Daemon:
             [r.unit for r in self.records.values() if r.unit], self._on_systemd_change
         )
         await self._refresh_snapshots(only_missing=True)
+        await self._watch_models()
         changed = [
             u.provider
             for u in self.rendered_units
@@ -710,6 +841,10 @@ class Daemon:
             self.control.JobProgress(job.id, json.dumps(payload))
 
     async def _run_restart_job(self, job: Job) -> dict[str, Any]:
+        async with self._restart_lock:
+            return await self._rolling_restart(job)
+
+    async def _rolling_restart(self, job: Job) -> dict[str, Any]:
         """Restart providers one at a time, each until it answers again, so the others keep
         serving; stop at the first one that does not come back."""
         assert self.systemd is not None
@@ -718,6 +853,22 @@ class Daemon:
             record = self.records.get(name)
             if record is None or record.unit is None:
                 continue
+            model_path = job.params.get("model_path")
+            if model_path is not None:
+                # Re-check right before each restart: the link may have moved again.
+                target = await asyncio.to_thread(resolve, model_path)
+                if not target.ok:
+                    results.append(
+                        {
+                            "provider": name,
+                            "unit": record.unit,
+                            "ok": False,
+                            "elapsed_ms": 0.0,
+                            "state": record.state.value,
+                            "error": target.error,
+                        }
+                    )
+                    break
             self._report_progress(job, {"provider": name, "step": "restarting"})
             started = time.monotonic()
             log.info("unit.restarting", provider=name, unit=record.unit, job=job.id)
@@ -790,6 +941,9 @@ class Daemon:
         inotify = Inotify(self._on_unit_dir_event)
         inotify.watch_directory(self.unit_dir)
         inotify.start(loop)
+        self._link_watcher = LinkWatcher(self._on_model_link_changed)
+        self._link_watcher.start(loop)
+        await self._watch_models()
         self.control = ControlInterface(
             {
                 "status": self.status,
@@ -813,6 +967,7 @@ class Daemon:
         self.notifier.stopping()
         log.info("daemon.stopping", pid=os.getpid())
         inotify.close()
+        self._link_watcher.close()
         state_task.cancel()
         for task in list(self._tasks):
             task.cancel()

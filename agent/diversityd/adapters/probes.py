@@ -15,9 +15,15 @@ from diversityd.config import Provider
 from diversityd.gateway import normalize_model_id
 from diversityd.state import ProbeOutcome, ProbeResult
 
+HEALTH_ROUTE_TYPES = ("llama_cpp", "vllm")  # llama-server and vLLM answer /health
+
+
+def _base(provider: Provider) -> str:
+    return provider.base_url.removesuffix("/v1")
+
 
 def probe_url(provider: Provider) -> str:
-    base = provider.base_url.removesuffix("/v1")
+    base = _base(provider)
     if provider.type == "ollama":
         return f"{base}/api/tags"
     return f"{base}/v1/models"
@@ -53,6 +59,11 @@ async def probe(client: httpx.AsyncClient, provider: Provider, timeout_s: float)
         return ProbeResult(outcome, now, (now - started) * 1000, error, models)
 
     try:
+        if provider.type in HEALTH_ROUTE_TYPES:
+            health = await client.get(f"{_base(provider)}/health", timeout=timeout_s)
+            # 503: still loading the model. 404: no /health (llama-cpp-python has none).
+            if health.status_code not in (200, 404):
+                return result(ProbeOutcome.ERROR, f"/health: HTTP {health.status_code}")
         response = await client.get(probe_url(provider), timeout=timeout_s)
     except httpx.ConnectError as exc:
         return result(ProbeOutcome.REFUSED, f"connection refused: {exc}")

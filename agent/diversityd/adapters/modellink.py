@@ -1,0 +1,132 @@
+"""The active GGUF symlink: resolve it, check its target, watch it (inotify, no polling).
+
+`models/active/current.gguf -> ../x.gguf` (relative or absolute targets, chains of links).
+A target is accepted only when it exists, is a regular file, and its GGUF header reads
+whole (magic, version, metadata, a tensor table that fits the file): a half-copied file
+must never reach a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from diversityd.adapters.inotify import (
+    IN_ATTRIB,
+    IN_CLOSE_WRITE,
+    IN_CREATE,
+    IN_DELETE,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    Inotify,
+    InotifyEvent,
+)
+from diversityd.gguf import GGUFError, read_gguf
+
+MAX_HOPS = 40  # as the kernel's own limit on symlink chains
+LINK_CHANGES = IN_CREATE | IN_DELETE | IN_MOVED_TO | IN_MOVED_FROM | IN_ATTRIB | IN_CLOSE_WRITE
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """Where a configured model path leads, and whether the file there can be served."""
+
+    path: str  # as configured (usually the active symlink)
+    hops: tuple[str, ...]  # every path visited, the configured one first
+    target: str | None  # the final file (absolute), None when the chain is broken
+    identity: tuple[int, int, int, int] | None  # (device, inode, size, mtime_ns) of the target
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def resolve(path: str) -> ModelTarget:
+    """Follow the chain of links hop by hop (reporting where it breaks), then check the file."""
+    hops = [path]
+    current = Path(path)
+    for _ in range(MAX_HOPS):
+        try:
+            info = current.lstat()
+        except FileNotFoundError:
+            problem = (
+                "does not exist" if len(hops) == 1 else f"dangling link ({current} is missing)"
+            )
+            return ModelTarget(path, tuple(hops), None, None, f"{path}: {problem}")
+        except OSError as exc:
+            return ModelTarget(path, tuple(hops), None, None, f"{current}: {exc.strerror}")
+        if not stat.S_ISLNK(info.st_mode):
+            break
+        link_text = os.readlink(current)
+        current = Path(os.path.normpath(current.parent / link_text))
+        hops.append(str(current))
+    else:
+        return ModelTarget(path, tuple(hops), None, None, f"{path}: more than {MAX_HOPS} links")
+    target = str(current)
+    if stat.S_ISDIR(info.st_mode):
+        return ModelTarget(path, tuple(hops), target, None, f"{target} is a directory, not a GGUF")
+    if not stat.S_ISREG(info.st_mode):
+        return ModelTarget(path, tuple(hops), target, None, f"{target} is not a regular file")
+    identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    try:
+        read_gguf(target)
+    except GGUFError as exc:
+        return ModelTarget(path, tuple(hops), target, identity, str(exc))
+    except OSError as exc:
+        return ModelTarget(path, tuple(hops), target, identity, f"{target}: {exc.strerror}")
+    return ModelTarget(path, tuple(hops), target, identity)
+
+
+class LinkWatcher:
+    """Calls `on_change(path)` (debounced) when anything on a watched path's chain changes:
+    the link re-pointed (`ln -sfn`: create + rename), a hop replaced, the target rewritten."""
+
+    def __init__(self, on_change: Callable[[str], None], debounce_s: float = 0.2) -> None:
+        self._on_change = on_change
+        self._debounce_s = debounce_s
+        self._inotify = Inotify(self._on_event)
+        self._directories: dict[str, set[str]] = {}  # watched directory -> configured paths
+        self._pending: dict[str, asyncio.TimerHandle] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._inotify.start(loop)
+
+    def watch(self, target: ModelTarget) -> None:
+        """Watch the directory of every hop (so a change anywhere in the chain is seen)."""
+        for hop in target.hops:
+            directory = str(Path(hop).parent)
+            if directory not in self._directories:
+                try:
+                    self._inotify.watch_directory(Path(directory), LINK_CHANGES)
+                except OSError:
+                    continue  # a missing hop's folder: the link's own folder still reports
+                self._directories[directory] = set()
+            self._directories[directory].add(target.path)
+
+    def _on_event(self, event: InotifyEvent) -> None:
+        for path in self._directories.get(str(event.directory), ()):
+            self._schedule(path)
+
+    def _schedule(self, path: str) -> None:
+        if self._loop is None:
+            return
+        handle = self._pending.pop(path, None)
+        if handle is not None:
+            handle.cancel()
+        self._pending[path] = self._loop.call_later(self._debounce_s, self._fire, path)
+
+    def _fire(self, path: str) -> None:
+        self._pending.pop(path, None)
+        self._on_change(path)
+
+    def close(self) -> None:
+        for handle in self._pending.values():
+            handle.cancel()
+        self._inotify.close()

@@ -1,0 +1,250 @@
+"""Real llama servers behind the active GGUF symlink; probes; hang detection."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diversityd.embedded import LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, StackSpec, write_stack
+from diversityd.privatemanager import PrivateManager
+from diversityd.standins.binaries import MODELS_ENV
+from tests.conftest import free_port
+from tests.integration.harness import RunningStack
+
+pytestmark = pytest.mark.integration
+
+ALIASES = {LLAMA_NATIVE: "llama-cpp-native", LLAMA_PYTHON: "llama-cpp-default"}
+
+
+def chat(base_url: str, model: str, timeout: float = 10) -> dict[str, object]:
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+            "temperature": 0,
+        }
+    ).encode()
+    request = urllib.request.Request(
+        f"{base_url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return dict(json.load(response))
+
+
+def mapped_models(pid: int) -> set[str]:
+    """The GGUF files a server process has mapped: what it really serves."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return {Path(line.split()[-1]).name for line in maps.splitlines() if line.endswith(".gguf")}
+
+
+@dataclass
+class RequestStream:
+    """A steady stream of requests; each tries one server and, if refused, the other."""
+
+    servers: list[tuple[str, str]]
+    answered: int = 0
+    unanswered: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        turn = 0
+        while not self._stop.is_set():
+            order = self.servers[turn % 2 :] + self.servers[: turn % 2]
+            turn += 1
+            errors = []
+            for base_url, model in order:
+                try:
+                    chat(base_url, model)
+                except (OSError, urllib.error.URLError) as exc:
+                    errors.append(f"{base_url}: {exc}")
+                    continue
+                self.answered += 1
+                break
+            else:
+                self.unanswered.append("; ".join(errors))
+            time.sleep(0.02)
+
+    def __enter__(self) -> RequestStream:
+        self._thread = threading.Thread(target=self.run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(timeout=30)
+
+
+def servers(running: RunningStack) -> list[tuple[str, str]]:
+    return [(running.stack.base_url(name), alias) for name, alias in ALIASES.items()]
+
+
+def test_both_llama_servers_answer_a_chat_from_their_rendered_units(
+    running_stack: RunningStack,
+) -> None:
+    running_stack.wait_all_ready()
+    for base_url, alias in servers(running_stack):
+        answer = chat(base_url, alias)
+        choices = answer["choices"]
+        assert isinstance(choices, list)
+        assert choices[0]["message"]["content"]
+        assert answer["model"] == alias
+
+
+def test_repointing_the_link_under_load_answers_every_request(running_stack: RunningStack) -> None:
+    document = running_stack.wait_all_ready()
+    stack = running_stack.stack
+    pids = {name: running_stack.provider(name, document)["pid"] for name in ALIASES}
+    assert all(mapped_models(pid) == {"tiny-a.gguf"} for pid in pids.values())
+    with RequestStream(servers(running_stack)) as stream:
+        time.sleep(0.5)
+        temporary = stack.active_link.with_name("current.gguf.new")
+        temporary.symlink_to("../tiny-b.gguf")
+        os.replace(temporary, stack.active_link)  # what `ln -sfn` does: atomic
+        final = running_stack.wait_for(
+            lambda d: all(
+                running_stack.provider(name, d)["pid"] not in (None, pids[name])
+                and running_stack.provider(name, d)["state"] == "ready"
+                for name in ALIASES
+            ),
+            timeout_s=60,
+        )
+        time.sleep(0.5)
+    assert stream.unanswered == [], stream.unanswered
+    assert stream.answered > 10
+    for name, alias in ALIASES.items():
+        entry = running_stack.provider(name, final)
+        assert mapped_models(entry["pid"]) == {"tiny-b.gguf"}
+        assert entry["model_file"]["target"] == str(stack.models_dir / "tiny-b.gguf")
+        assert entry["models"] == [alias]  # the served name stays stable
+    events = running_stack.journal_events("model.changed")
+    assert events
+    assert events[-1]["MODEL"].endswith("tiny-b.gguf")
+    # one at a time: the second restart began after the first server answered again
+    restarting = sorted(
+        running_stack.journal_events("unit.restarting"),
+        key=lambda e: int(e["__REALTIME_TIMESTAMP"]),
+    )[-2:]
+    restarted = running_stack.journal_events("unit.restarted", provider=restarting[0]["PROVIDER"])
+    assert int(restarting[1]["__REALTIME_TIMESTAMP"]) >= int(restarted[-1]["__REALTIME_TIMESTAMP"])
+
+
+@pytest.mark.parametrize("kind", ["dangling", "directory", "not-gguf", "truncated"])
+def test_a_bad_repoint_changes_nothing(running_stack: RunningStack, kind: str) -> None:
+    document = running_stack.wait_all_ready()
+    stack = running_stack.stack
+    pids = {name: running_stack.provider(name, document)["pid"] for name in ALIASES}
+    serving = {name: mapped_models(pid) for name, pid in pids.items()}
+    good_target = os.readlink(stack.active_link)
+    bad = stack.models_dir / f"bad-{kind}"
+    if kind == "directory":
+        bad.mkdir()
+    elif kind == "not-gguf":
+        bad.write_bytes(b"this is not a model\n" * 100)
+    elif kind == "truncated":
+        data = (stack.models_dir / "tiny-b.gguf").read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    temporary = stack.active_link.with_name("current.gguf.new")
+    try:
+        temporary.symlink_to(f"../{bad.name}")
+        os.replace(temporary, stack.active_link)
+        rejected = running_stack.wait_for(
+            lambda d: all(
+                (running_stack.provider(name, d)["model_file"] or {}).get("error")
+                for name in ALIASES
+            ),
+            timeout_s=10,
+        )
+        time.sleep(1.0)  # give a wrong restart every chance to happen
+        after = running_stack.status()
+        for name in ALIASES:
+            entry = running_stack.provider(name, after)
+            assert entry["pid"] == pids[name]
+            assert entry["state"] == "ready"
+            assert mapped_models(entry["pid"]) == serving[name]
+        error = running_stack.provider(LLAMA_NATIVE, rejected)["model_file"]["error"]
+        assert bad.name in error or "missing" in error
+        table = running_stack.ctl("status").stdout
+        assert f"{LLAMA_NATIVE}: model file refused:" in table
+        assert running_stack.journal_events("model.rejected")
+    finally:
+        temporary = stack.active_link.with_name("current.gguf.new")
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(good_target)
+        os.replace(temporary, stack.active_link)
+        running_stack.wait_for(
+            lambda d: all(
+                not (running_stack.provider(name, d)["model_file"] or {}).get("error")
+                for name in ALIASES
+            ),
+            timeout_s=10,
+        )
+
+
+def test_sigstop_is_detected_within_two_probe_intervals_and_sigcont_recovers(
+    running_stack: RunningStack,
+) -> None:
+    document = running_stack.wait_all_ready()
+    interval = running_stack.stack.spec.probe_interval_s
+    timeout = running_stack.stack.spec.probe_timeout_s
+    pid = running_stack.provider(LLAMA_NATIVE, document)["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        hung = running_stack.wait_for(
+            lambda d: running_stack.provider(LLAMA_NATIVE, d)["state"] == "hung",
+            timeout_s=10,
+            poll_s=0.05,
+        )
+        detected = running_stack.provider(LLAMA_NATIVE, hung)["last_state_change_monotonic"]
+        assert detected - stopped_at <= 2 * interval + timeout, detected - stopped_at
+        assert running_stack.provider(LLAMA_PYTHON, hung)["state"] == "ready"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    back = running_stack.wait_for(
+        lambda d: running_stack.provider(LLAMA_NATIVE, d)["state"] == "ready", timeout_s=30
+    )
+    assert running_stack.provider(LLAMA_NATIVE, back)["pid"] == pid  # recovered, not restarted
+
+
+def test_what_a_provider_reports_filters_its_configured_models(
+    private_manager: PrivateManager, tmp_path: Path
+) -> None:
+    """A configured model the server does not serve is missing; one it serves beyond the
+    configuration is shown, never routed to."""
+    spec = StackSpec(
+        ports={OLLAMA: free_port()}, providers=(OLLAMA,), unit_dir=private_manager.unit_dir
+    )
+    stack = write_stack(tmp_path / "stack", spec)
+    providers = yaml.safe_load((stack.config_dir / "providers.yaml").read_text())
+    providers["providers"][OLLAMA]["models"].append("ghost:7b")
+    (stack.config_dir / "providers.yaml").write_text(yaml.safe_dump(providers))
+    settings = yaml.safe_load((stack.config_dir / "diversityd.yaml").read_text())
+    settings["providers"][OLLAMA]["environment"][MODELS_ENV] += ",extra:1b"
+    (stack.config_dir / "diversityd.yaml").write_text(yaml.safe_dump(settings))
+    running = RunningStack(private_manager, stack)
+    installed = running.ctl("install", "--config-dir", str(stack.config_dir), "--now")
+    assert installed.returncode == 0, installed.stderr
+    try:
+        document = running.wait_all_ready()
+        entry = running.provider(OLLAMA, document)
+        assert entry["models"] == ["llama3.1:latest", "qwen2.5-coder:7b", "ghost:7b"]
+        assert entry["models_missing"] == ["ghost:7b"]
+        assert entry["models_extra"] == ["extra:1b"]
+        table = running.ctl("status").stdout
+        assert "configured, not served: ghost:7b" in table
+        assert "served, not configured: extra:1b" in table
+    finally:
+        private_manager.systemctl("stop", "diversityd.service", check=False)
