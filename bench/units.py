@@ -14,32 +14,22 @@ Usage: python bench/units.py [--quick]. The last line of stdout is one JSON obje
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # reuse the tests' harness
 
-from diversityd.privatemanager import PrivateManager  # noqa: E402
-from tests.integration.harness import ctl_env, start_stack  # noqa: E402
+from tests.benchsupport import emit, summary
+from tests.integration.harness import ctl_env, start_stack
+
+from diversityd.privatemanager import PrivateManager
 
 NATIVE = "llama_cpp_native"
-
-
-def summary(values: list[float]) -> dict[str, Any]:
-    return {
-        "median": round(statistics.median(values), 2),
-        "min": round(min(values), 2),
-        "max": round(max(values), 2),
-        "n": len(values),
-    }
 
 
 def timed(command: list[str], env: dict[str, str]) -> float:
@@ -69,7 +59,9 @@ def main() -> None:
             killed_at = time.monotonic()
             os.kill(pid, signal.SIGKILL)
             document = running.wait_for(
-                lambda d: (running.provider(NATIVE, d)["last_exit_monotonic"] or 0) > killed_at,
+                lambda d, t=killed_at: (
+                    (running.provider(NATIVE, d)["last_exit_monotonic"] or 0) > t
+                ),
                 timeout_s=10,
                 poll_s=0.02,
             )
@@ -92,14 +84,12 @@ def main() -> None:
     finally:
         manager.stop()
 
-    print(
-        json.dumps(
-            {
-                "kill_to_event_ms": summary(latencies),
-                "status_ms": summary(status_ms),
-                "python_startup_ms": summary(startup_ms),
-            }
-        )
+    emit(
+        {
+            "kill_to_event_ms": summary(latencies),
+            "status_ms": summary(status_ms),
+            "python_startup_ms": summary(startup_ms),
+        }
     )
 
 

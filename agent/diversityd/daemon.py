@@ -113,6 +113,7 @@ class ProviderRecord:
     last_unit_event: float | None = None  # monotonic time of the last systemd event
     last_state_change: float | None = None  # monotonic time of the last state change
     last_exit_seen: float | None = None  # monotonic time the daemon learnt a process died
+    left_ready_at: float | None = None  # monotonic time it last stopped being ready
     failures: int = 0  # consecutive failed probes (backoff)
     n_gpu_layers: int | None = None
     vram_mib: int | None = None
@@ -173,6 +174,7 @@ class ProviderRecord:
             "last_unit_event_monotonic": self.last_unit_event,
             "last_state_change_monotonic": self.last_state_change,
             "last_exit_monotonic": self.last_exit_seen,
+            "left_ready_monotonic": self.left_ready_at,
             "models_missing": self.models_missing(),
             "models_extra": self.models_extra(),
             "model_file": None
@@ -444,6 +446,8 @@ class Daemon:
         previous, record.state = record.state, state
         record.state_since = time.time()
         record.last_state_change = at
+        if previous is ProviderState.READY:
+            record.left_ready_at = at
         if state is ProviderState.FAILED and record.snapshot is not None:
             record.error = f"unit failed ({record.snapshot.result})"
         log_method = (
