@@ -1,0 +1,112 @@
+"""One LiteLLM proxy instance on the listening socket systemd passes (fd 3).
+
+Run by `diversityd-gateway@.service` with the LiteLLM venv's interpreter, as a script
+(`python .../gatewaylauncher.py --config X`): standard library only here, LiteLLM and
+uvicorn are imported from that venv. It tells systemd `READY=1` once uvicorn serves (after
+LiteLLM has loaded the config), so a start job ends exactly when the new proxy can answer:
+that is what lets diversityd stop the old instance without dropping a request.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+
+# Run as a script, this file's folder (the diversityd package) would come first on sys.path
+# and its modules (config, gateway, state, ...) could shadow LiteLLM's imports.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+OFFLINE_SWITCHES = (
+    "LITELLM_LOCAL_MODEL_COST_MAP",
+    "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS",
+    "LITELLM_LOCAL_AUTOROUTER_PRESETS",
+    "LITELLM_LOCAL_BLOG_POSTS",
+    "LITELLM_LOCAL_POLICY_TEMPLATES",
+)
+SYSTEMD_FIRST_FD = 3
+
+
+def notify(*fields: str) -> None:
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
+        sock.sendto("\n".join(fields).encode(), address)
+
+
+def read_master_key(path: str) -> str:
+    """A key file holds `LITELLM_MASTER_KEY=sk-...` (what diversityd writes) or the bare key
+    (an adopted file); either way the value never leaves this process's environment."""
+    with open(path, encoding="utf-8") as handle:
+        for raw in handle:
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if "=" in line:
+                name, _, value = line.partition("=")
+                if name.strip().removeprefix("export ").strip() == "LITELLM_MASTER_KEY":
+                    return value.strip().strip("'\"")
+                continue
+            return line
+    raise SystemExit(f"{path}: no LITELLM_MASTER_KEY in the key file")
+
+
+def listening_fd() -> int:
+    ours = os.environ.get("LISTEN_PID") == str(os.getpid())
+    if not ours or int(os.environ.get("LISTEN_FDS", "0")) < 1:
+        raise SystemExit(
+            "no listening socket from systemd (LISTEN_FDS); start this through "
+            "diversityd-gateway.socket"
+        )
+    return SYSTEMD_FIRST_FD
+
+
+async def serve(server: "object", announce: str) -> None:
+    import uvicorn
+
+    assert isinstance(server, uvicorn.Server)
+    serving = asyncio.ensure_future(server.serve())
+    while not server.started:
+        if serving.done():
+            await serving  # startup failed: surface uvicorn's exit
+            return
+        await asyncio.sleep(0.05)
+    notify("READY=1", f"STATUS={announce}")
+    await serving
+    notify("STOPPING=1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="the LiteLLM config this instance serves")
+    parser.add_argument("--key-file", help="file holding the master key")
+    parser.add_argument("--graceful-s", type=float, default=120.0, help="drain time on SIGTERM")
+    args = parser.parse_args()
+    if not os.environ.get("LITELLM_MASTER_KEY"):
+        if not args.key_file:
+            raise SystemExit("no master key: give --key-file or set LITELLM_MASTER_KEY")
+        os.environ["LITELLM_MASTER_KEY"] = read_master_key(args.key_file)
+    for switch in OFFLINE_SWITCHES:
+        os.environ.setdefault(switch, "True")
+    os.environ["CONFIG_FILE_PATH"] = args.config
+    fd = listening_fd()
+
+    import uvicorn
+
+    config = uvicorn.Config(
+        "litellm.proxy.proxy_server:app",
+        fd=fd,
+        timeout_graceful_shutdown=int(args.graceful_s),
+        log_level="warning",
+        access_log=False,
+    )
+    asyncio.run(serve(uvicorn.Server(config), f"serving {os.path.basename(args.config)}"))
+
+
+if __name__ == "__main__":
+    main()
