@@ -14,11 +14,6 @@ import os
 import socket
 import sys
 
-# Run as a script, this file's folder (the diversityd package) would come first on sys.path
-# and its modules (config, gateway, state, ...) could shadow LiteLLM's imports.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
 OFFLINE_SWITCHES = (
     "LITELLM_LOCAL_MODEL_COST_MAP",
     "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS",
@@ -87,6 +82,10 @@ def main() -> None:
     parser.add_argument("--key-file", help="file holding the master key")
     parser.add_argument("--graceful-s", type=float, default=120.0, help="drain time on SIGTERM")
     args = parser.parse_args()
+    # Run as a script, this file's folder (the diversityd package) comes first on sys.path,
+    # and its modules (config, gateway, state, ...) could shadow LiteLLM's own imports.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     if not os.environ.get("LITELLM_MASTER_KEY"):
         if not args.key_file:
             raise SystemExit("no master key: give --key-file or set LITELLM_MASTER_KEY")

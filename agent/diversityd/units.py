@@ -12,10 +12,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from diversityd.config import Config, OwnedServer, Provider
+from diversityd.config import Config, GatewaySettings, OwnedServer, Provider
 
 UNIT_PREFIX = "diversityd-"
 DAEMON_UNIT = "diversityd.service"
+GATEWAY_SOCKET = "diversityd-gateway.socket"
+GATEWAY_TEMPLATE = "diversityd-gateway@.service"
+GATEWAY_COLORS = ("blue", "green")  # two instances take turns on the one socket
+_INSTANCE = "@@INSTANCE@@"  # stands for systemd's %i until the line is quoted
 MARKER = "# diversityd:owned"
 HEADER_TEMPLATE = (
     MARKER + " {provider}\n"
@@ -214,3 +218,67 @@ def render_daemon_unit(
 
 def is_owned_text(text: str) -> bool:
     return text.startswith(MARKER)
+
+
+def gateway_instance(color: str) -> str:
+    return f"diversityd-gateway@{color}.service"
+
+
+@dataclass(frozen=True)
+class GatewayPaths:
+    """Files the gateway units name (the daemon decides where they live)."""
+
+    config_dir: str  # holds <color>.yaml, the config each instance serves
+    key_file: str  # LITELLM_MASTER_KEY=... (or an adopted bare key), mode 0600
+    environment_files: tuple[str, ...]  # the user's cloud keys
+    litellm_python: str
+    launcher: str  # gatewaylauncher.py
+
+
+def listen_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def render_gateway_units(
+    gateway: GatewaySettings, paths: GatewayPaths, context: UnitContext, graceful_s: float
+) -> list[RenderedUnit]:
+    """The socket holding the gateway's port and the template its instances run from."""
+    header = HEADER_TEMPLATE.format(provider="(gateway)", unit=GATEWAY_SOCKET).rstrip("\n")
+    socket_text = fill_template(
+        context.templates["gateway.socket.in"],
+        {
+            "HEADER": header,
+            "LISTEN": listen_address(gateway.host, gateway.port),
+            "FALLBACK_INSTANCE": gateway_instance(GATEWAY_COLORS[0]),
+        },
+    )
+    exec_start = command_line(
+        [
+            paths.litellm_python,
+            paths.launcher,
+            "--config", f"{paths.config_dir}/{_INSTANCE}.yaml",
+            "--key-file", paths.key_file,
+            "--graceful-s", f"{graceful_s:g}",
+        ]
+    ).replace(_INSTANCE, "%i")  # fmt: skip
+    environment_files = [f"EnvironmentFile=-{paths.key_file.replace('%', '%%')}"] + [
+        f"EnvironmentFile=-{expand_home(path, context.home).replace('%', '%%')}"
+        for path in paths.environment_files
+    ]
+    service_text = fill_template(
+        context.templates["gateway@.service.in"],
+        {
+            "HEADER": HEADER_TEMPLATE.format(provider="(gateway)", unit=GATEWAY_TEMPLATE).rstrip(
+                "\n"
+            ),
+            "SOCKET_UNIT": GATEWAY_SOCKET,
+            "EXEC_START": exec_start,
+            "ENVIRONMENT": environment_line("PYTHONUNBUFFERED", "1"),
+            "ENVIRONMENT_FILES": "\n".join(environment_files),
+            "STOP_TIMEOUT": f"{graceful_s + 30:g}",
+        },
+    )
+    return [
+        RenderedUnit(name=GATEWAY_SOCKET, provider=None, text=socket_text),
+        RenderedUnit(name=GATEWAY_TEMPLATE, provider=None, text=service_text),
+    ]

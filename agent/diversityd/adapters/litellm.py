@@ -1,11 +1,17 @@
-"""The LiteLLM proxy as a process: its offline environment and its config check."""
+"""The LiteLLM proxy as a process: offline environment, config check, master key, configs."""
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+
+from diversityd.adapters.files import write_atomic
+from diversityd.gatewaylauncher import read_master_key as launcher_read_key
 
 # Without these LiteLLM fetches a price map (and four other files) from the internet at
 # import, blocking 5 s on DNS on a machine that cannot reach it.
@@ -37,3 +43,95 @@ def check_config_file(
         check=False,
     )
     return ConfigCheck(ok=result.returncode == 0, output=result.stdout + result.stderr)
+
+
+# ---------------------------------------------------------------------------------------
+# The master key: adopted or generated once, readable by the user alone, never logged.
+
+
+def ensure_master_key(path: Path) -> bool:
+    """Generate `sk-...` into `path` (0600) unless a key file is already there (adopted).
+    Returns True when it generated one."""
+    if path.exists():
+        return False
+    key = "sk-" + secrets.token_urlsafe(32)
+    write_atomic(path, f"LITELLM_MASTER_KEY={key}\n", mode=0o600)
+    return True
+
+
+def key_file_problem(path: Path) -> str | None:
+    """Why an adopted key file is unsafe or unusable, or None."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if mode & 0o077:
+        return f"{path} is readable by others (mode {mode & 0o777:o}); run chmod 600 {path}"
+    return None
+
+
+def read_master_key(path: Path) -> str:
+    return launcher_read_key(str(path))
+
+
+# ---------------------------------------------------------------------------------------
+# Config files: one per instance colour, and a short timestamped history.
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    id: str  # <UTC time>-<sha256 prefix>
+    path: Path
+    sha256: str
+    created: str
+
+
+class GatewayFiles:
+    def __init__(self, state_dir: Path, keep: int) -> None:
+        self.config_dir = state_dir / "gateway"
+        self.history_dir = self.config_dir / "history"
+        self.keep = keep
+
+    def config_path(self, color: str) -> Path:
+        return self.config_dir / f"{color}.yaml"
+
+    def write_config(self, color: str, text: str) -> Path:
+        path = self.config_path(color)
+        write_atomic(path, text, mode=0o600)
+        return path
+
+    def archive(self, text: str) -> HistoryEntry:
+        """Keep a timestamped copy (the last `keep`), for `diversityctl history`/`rollback`."""
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        now = datetime.now(UTC)
+        entry_id = f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{digest[:8]}"
+        path = self.history_dir / f"{entry_id}.yaml"
+        write_atomic(path, text, mode=0o600)
+        for old in self.history()[self.keep :]:
+            old.path.unlink(missing_ok=True)
+        return HistoryEntry(entry_id, path, digest, now.isoformat(timespec="seconds"))
+
+    def history(self) -> list[HistoryEntry]:
+        """Newest first."""
+        entries = []
+        for path in sorted(self.history_dir.glob("*.yaml"), reverse=True):
+            stamp = path.stem.partition("-")[0]
+            try:
+                created = datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC)
+            except ValueError:
+                continue
+            full = hashlib.sha256(path.read_bytes()).hexdigest()
+            entries.append(
+                HistoryEntry(path.stem, path, full, created.isoformat(timespec="seconds"))
+            )
+        return entries
+
+    def find(self, entry_id: str) -> HistoryEntry | None:
+        for entry in self.history():
+            if (
+                entry.id == entry_id
+                or entry.id.endswith(entry_id)
+                or entry.sha256.startswith(entry_id)
+            ):
+                return entry
+        return None
