@@ -39,6 +39,16 @@ class Catalog:
     def is_known(self, model: str) -> bool:
         return model in self.deployments
 
+    def backend_names_of(self, provider: str) -> tuple[str, ...]:
+        """The names this provider's server must answer to (what the gateway asks it for):
+        for an owned server, its --alias / --served-model-name."""
+        names: list[str] = []
+        for deployments in self.deployments.values():
+            for d in deployments:
+                if d.provider.name == provider and d.backend_model not in names:
+                    names.append(d.backend_model)
+        return tuple(names)
+
     def models_of(self, provider: str) -> tuple[str, ...]:
         return tuple(
             name

@@ -212,8 +212,21 @@ def format_status(document: dict[str, Any]) -> str:
         if p.get("models_extra"):
             lines.append(f"  {p['name']}: served, not configured: {', '.join(p['models_extra'])}")
     gateway = document.get("gateway") or {}
-    if gateway:
-        lines.append(f"gateway: {gateway.get('state', 'unknown')}")
+    if gateway.get("owned"):
+        line = f"gateway: {gateway.get('state', 'unknown')} at {gateway.get('url')}"
+        if gateway.get("unit"):
+            line += f" ({gateway['unit']}, pid {gateway.get('pid') or '-'})"
+        lines.append(line)
+        lines.append(f"  config {gateway.get('config')}; key file {gateway.get('key_file')}")
+        last = gateway.get("last_reload") or {}
+        if last and not last.get("ok"):
+            lines.append(f"  last reload FAILED: {last.get('error')}")
+        if gateway.get("pinned"):
+            lines.append(f"  pinned to {gateway['pinned']} by a rollback")
+        if gateway.get("left_out"):
+            lines.append(f"  not served (no live fallback): {', '.join(gateway['left_out'])}")
+    elif gateway:
+        lines.append(f"gateway: {gateway.get('state', 'unknown')} (not owned)")
     return "\n".join(lines)
 
 
@@ -413,6 +426,55 @@ def reload(config_dir: Path | None, as_json: bool) -> None:
             click.echo(Finding(Severity.ERROR, **error).format(), err=True)
         click.echo("configuration refused; the daemon keeps the previous one", err=True)
     sys.exit(EXIT_OK if result.get("ok") else EXIT_USAGE)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def history(as_json: bool) -> None:
+    """List the gateway's last configs (newest first); `rollback ID` goes back to one."""
+    import asyncio
+
+    async def run() -> dict[str, Any]:
+        client = await _connect_daemon()
+        try:
+            return dict(await client.call("History"))
+        finally:
+            client.close()
+
+    result = asyncio.run(run())
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for entry in result["history"]:
+        marker = "*" if entry["current"] else " "
+        click.echo(f"{marker} {entry['id']}  {entry['created']}  {entry['path']}")
+    if result.get("pinned"):
+        click.echo(f"pinned to {result['pinned']} (automatic reloads resume on `reload`)")
+
+
+@cli.command()
+@click.argument("entry_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def rollback(entry_id: str, as_json: bool) -> None:
+    """Serve the gateway config ID again (blue/green, like any reload) and pin it: automatic
+    reloads pause until `diversityctl reload`. Exit 1 if the proxy would not start."""
+    import asyncio
+
+    async def run() -> dict[str, Any]:
+        client = await _connect_daemon()
+        try:
+            return dict(await client.call("Rollback", entry_id, timeout_s=300))
+        finally:
+            client.close()
+
+    result = asyncio.run(run())
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    elif result.get("ok"):
+        click.echo(f"serving {result['history_id']} ({result['instance']}), pinned")
+    else:
+        click.echo(f"rollback failed: {result.get('error')}", err=True)
+    sys.exit(EXIT_OK if result.get("ok") else EXIT_FAILURE)
 
 
 @cli.command()

@@ -158,6 +158,8 @@ class GatewaySettings:
     litellm_settings: Mapping[str, Any] = field(default_factory=dict)
     router_settings: Mapping[str, Any] = field(default_factory=dict)
     general_settings: Mapping[str, Any] = field(default_factory=dict)
+    # per provider type (llama_cpp, vllm, ollama, cloud): timeout_s, stream_timeout_s, cooldown_s
+    timeouts: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -627,7 +629,10 @@ _GATEWAY_KEYS = (
     "litellm_settings",
     "router_settings",
     "general_settings",
+    "timeouts",
 )
+TIMEOUT_KINDS = ("llama_cpp", "vllm", "ollama", "cloud")
+TIMEOUT_KEYS = ("timeout_s", "stream_timeout_s", "cooldown_s")
 _OWNED_KEYS = (
     "owned",
     "server",
@@ -765,7 +770,34 @@ def _parse_gateway(reader: _Reader, raw: Any) -> GatewaySettings:
             section = reader.mapping(("gateway", key), body[key], f"write `{key}:` as a mapping")
             if section is not None:
                 values[key] = section
+    if "timeouts" in body:
+        values["timeouts"] = _parse_timeouts(reader, body["timeouts"])
     return GatewaySettings(**values)
+
+
+def _parse_timeouts(reader: _Reader, raw: Any) -> dict[str, dict[str, float]]:
+    path: KeyPath = ("gateway", "timeouts")
+    body = reader.mapping(path, raw, "write `timeouts: {llama_cpp: {timeout_s: 30}}`")
+    result: dict[str, dict[str, float]] = {}
+    if body is None:
+        return result
+    reader.unknown_keys(path, body, TIMEOUT_KINDS)
+    for kind, values in body.items():
+        if kind not in TIMEOUT_KINDS:
+            continue
+        section = reader.mapping((*path, kind), values, f"write `{kind}: {{timeout_s: 30}}`")
+        if section is None:
+            continue
+        reader.unknown_keys((*path, kind), section, TIMEOUT_KEYS)
+        for key, value in section.items():
+            if key not in TIMEOUT_KEYS:
+                continue
+            number = reader.number((*path, kind, key), value, "seconds")
+            if number is not None and number <= 0:
+                reader.error((*path, kind, key), "out-of-range", "must be above 0", "e.g. 30")
+            elif number is not None:
+                result.setdefault(kind, {})[key] = number
+    return result
 
 
 def _parse_owned(

@@ -42,6 +42,7 @@ from diversityd.catalog import Catalog
 from diversityd.config import Config, OwnedServer, Provider, default_config_dir, load_config
 from diversityd.errors import ConfigError, DiversitydError, Severity, UsageError
 from diversityd.gateway import Availability, normalize_model_id
+from diversityd.gatewaymgr import GatewayManager
 from diversityd.log import configure_logging, get_logger
 from diversityd.state import (
     ProbeResult,
@@ -266,6 +267,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._restart_lock = asyncio.Lock()  # restart jobs (user, reload, re-point) never overlap
         self._link_watcher: LinkWatcher | None = None
+        self._startup_done = asyncio.Event()  # owned units started, watched ones probed
+        self.gateway: GatewayManager | None = None
         self._job_ids = itertools.count(1)
         # state (single writer: _state_loop)
         self.config: Config | None = None
@@ -328,6 +331,10 @@ class Daemon:
             records[name] = record
         self.records = records
         self.rendered_units = self._render_units(report.config, report.catalog)
+        if report.config.settings.gateway.owned:
+            if self.gateway is None:
+                self.gateway = GatewayManager(self)
+            self.rendered_units += self.gateway.units()
 
     def _render_units(self, config: Config, catalog: Catalog) -> list[RenderedUnit]:
         units = []
@@ -338,7 +345,7 @@ class Daemon:
             self.records[name].n_gpu_layers = layers
             units.append(
                 render_provider_unit(
-                    config, owned, catalog.models_of(name), layers, self.unit_context
+                    config, owned, catalog.backend_names_of(name), layers, self.unit_context
                 )
             )
         return units
@@ -386,6 +393,9 @@ class Daemon:
         return None
 
     def _on_unit_changed(self, event: UnitChanged) -> None:
+        if self.gateway is not None and event.unit in self.gateway.instance_units():
+            self.gateway.on_unit_changed(event.unit, event.changed)
+            return
         record = self._record_of_unit(event.unit)
         if record is None or record.snapshot is None:
             return
@@ -467,6 +477,8 @@ class Daemon:
     def _after_change(self) -> None:
         ready = sum(r.state is ProviderState.READY for r in self.records.values())
         self.notifier.status(f"{ready}/{len(self.records)} providers ready")
+        if self.gateway is not None:
+            self.gateway.mark_dirty()  # it reloads only if the rendered bytes changed
 
     def availability(self) -> Availability:
         """Which providers serve which models right now (input of the gateway render)."""
@@ -537,7 +549,8 @@ class Daemon:
 
     # -- units ------------------------------------------------------------------------------
 
-    def _on_systemd_change(self, unit: str, changed: dict[str, Any]) -> None:
+    def on_systemd_change(self, unit: str, changed: dict[str, Any]) -> None:
+        """From the bus reader: every property change of a watched unit, as an event."""
         self._events.put_nowait(UnitChanged(unit, changed, time.monotonic()))
 
     async def _sync_unit_files(self) -> bool:
@@ -617,6 +630,23 @@ class Daemon:
                     error=f"{message}; stop and disable it, or set owned: false",
                 )
         return conflicts
+
+    async def _supervise_gateway(self, gateway: GatewayManager) -> None:
+        """The gateway loop must outlive a failed systemd call: log it, wait, go on."""
+        while True:
+            try:
+                await gateway.run(self._startup_done)
+            except (SystemdError, OSError) as exc:
+                log.error("gateway.loop_failed", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(5)
+
+    async def _start_then_mark_ready(self) -> None:
+        await self._start_owned()
+        await self.wait_until(
+            lambda: all(r.probe is not None for r in self.records.values() if r.owned is None),
+            10.0,
+        )
+        self._startup_done.set()
 
     async def _start_owned(self) -> None:
         """Start owned units that are not running, one at a time, each until ready.
@@ -757,7 +787,9 @@ class Daemon:
                 "jobs_running": [j.id for j in self.jobs.values() if j.result is None],
             },
             "providers": [record.to_json() for record in self.records.values()],
-            "gateway": {"owned": False, "state": "unknown"},
+            "gateway": self.gateway.record.to_json()
+            if self.gateway is not None
+            else {"owned": False, "state": "unknown"},
         }
 
     async def reload(self) -> dict[str, Any]:
@@ -778,10 +810,12 @@ class Daemon:
         await self._sync_unit_files()
         assert self.systemd is not None
         await self.systemd.watch(
-            [r.unit for r in self.records.values() if r.unit], self._on_systemd_change
+            [r.unit for r in self.records.values() if r.unit], self.on_systemd_change
         )
         await self._refresh_snapshots(only_missing=True)
         await self._watch_models()
+        if self.gateway is not None:
+            await self.in_state_loop(self.gateway.unpin)
         changed = [
             u.provider
             for u in self.rendered_units
@@ -816,6 +850,16 @@ class Daemon:
             names = [r.name for r in self.records.values() if r.owned is not None]
         job_id = await self.in_state_loop(lambda: self._start_job("restart", {"providers": names}))
         return {"job": job_id, "providers": names}
+
+    async def history(self) -> dict[str, Any]:
+        if self.gateway is None:
+            raise UsageError("the gateway is not owned by diversityd (gateway.owned: false)")
+        return {"history": self.gateway.history(), "pinned": self.gateway.record.pinned}
+
+    async def rollback(self, entry_id: str) -> dict[str, Any]:
+        if self.gateway is None:
+            raise UsageError("the gateway is not owned by diversityd (gateway.owned: false)")
+        return await self.gateway.rollback(entry_id)
 
     async def job(self, job_id: str) -> dict[str, Any]:
         job = self.jobs.get(job_id)
@@ -939,7 +983,7 @@ class Daemon:
         await self.in_state_loop(lambda: self._apply_config(report))
         self.systemd = await Systemd.connect(self.bus_address)
         owned_units = [r.unit for r in self.records.values() if r.unit]
-        await self.systemd.watch(owned_units, self._on_systemd_change)
+        await self.systemd.watch(owned_units, self.on_systemd_change)
         await self._sync_unit_files()
         await self._refresh_snapshots(only_missing=False)
         inotify = Inotify(self._on_unit_dir_event)
@@ -954,12 +998,17 @@ class Daemon:
                 "reload": self.reload,
                 "restart": self.restart,
                 "job": self.job,
+                "history": self.history,
+                "rollback": self.rollback,
             }
         )
         await export_interface(self.systemd.bus, self.control)
         self._ensure_probe_tasks()
         self._spawn(self._watchdog_loop())
-        self._spawn(self._start_owned())
+        self._spawn(self._start_then_mark_ready())
+        if self.gateway is not None:
+            self.gateway.prepare_key()
+            self._spawn(self._supervise_gateway(self.gateway)).set_name("gateway")
         log.info(
             "daemon.ready",
             path=str(self.config_dir),

@@ -133,7 +133,7 @@ def _present(have: set[str], *candidates: tuple[str, str]) -> list[str]:
     return [model for model, provider in candidates if provider in have]
 
 
-def settings_document(spec: StackSpec, active_link: Path) -> dict[str, Any]:
+def settings_document(spec: StackSpec, active_link: Path, state_dir: Path) -> dict[str, Any]:
     owned: dict[str, Any] = {}
     if LLAMA_NATIVE in spec.providers:
         owned[LLAMA_NATIVE] = {
@@ -177,7 +177,14 @@ def settings_document(spec: StackSpec, active_link: Path) -> dict[str, Any]:
     if spec.unit_dir is not None:
         document["unit_dir"] = str(spec.unit_dir)
     if "gateway" in spec.ports:
-        document["gateway"] = {"port": spec.ports["gateway"]}
+        document["state_dir"] = str(state_dir)
+        document["gateway"] = {
+            "port": spec.ports["gateway"],
+            # Tiny local models answer in milliseconds: a hung one is given up on sooner.
+            "timeouts": {"llama_cpp": {"timeout_s": 15, "stream_timeout_s": 5, "cooldown_s": 5}},
+        }
+    else:
+        document["gateway"] = {"owned": False}
     document.update(spec.extra_settings)
     return document
 
@@ -194,7 +201,7 @@ def write_stack(root: Path, spec: StackSpec) -> Stack:
     for name, document in (
         ("providers.yaml", providers_document(spec)),
         ("model-mappings.yaml", mappings_document(spec)),
-        ("diversityd.yaml", settings_document(spec, active_link)),
+        ("diversityd.yaml", settings_document(spec, active_link, root / "state")),
     ):
         write_atomic(config_dir / name, yaml.safe_dump(document, sort_keys=False), mode=0o600)
     return Stack(root, config_dir, models_dir, active_link, spec)

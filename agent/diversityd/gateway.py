@@ -8,6 +8,7 @@ fallback ever points at a name that is not in the list.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -100,7 +101,9 @@ class GatewayPlan:
         )
 
 
-def litellm_params(deployment: Deployment) -> dict[str, Any]:
+def litellm_params(
+    deployment: Deployment, overrides: Mapping[str, Mapping[str, float]] | None = None
+) -> dict[str, Any]:
     """The `litellm_params` of one deployment, by provider type. Keys only as references."""
     provider = deployment.provider
     backend = deployment.backend_model
@@ -121,14 +124,22 @@ def litellm_params(deployment: Deployment) -> dict[str, Any]:
         params["api_key"] = f"os.environ/{provider.api_key_env}"
     elif provider.type in ("llama_cpp", "openai_compatible"):
         params["api_key"] = NO_KEY
-    timing = timing_of(provider)
+    timing = timing_of(provider, overrides)
     params["timeout"] = timing.timeout_s
     params["stream_timeout"] = timing.stream_timeout_s
     return params
 
 
-def timing_of(provider: Provider) -> Timing:
-    return TIMINGS.get(provider.type, TIMINGS["cloud"])
+def timing_of(
+    provider: Provider, overrides: Mapping[str, Mapping[str, float]] | None = None
+) -> Timing:
+    """The provider type's timing, with the user's `gateway.timeouts` applied."""
+    kind = provider.type if provider.type in TIMINGS else "cloud"
+    timing = TIMINGS[kind]
+    changed = (overrides or {}).get(kind)
+    if not changed:
+        return timing
+    return dataclasses.replace(timing, **{k: float(v) for k, v in changed.items()})
 
 
 def _strip_v1(url: str) -> str:
@@ -158,6 +169,7 @@ def _walk_live(
 
 def render_gateway(config: Config, catalog: Catalog, availability: Availability) -> GatewayPlan:
     chains = {name: chain.targets for name, chain in config.chains.items()}
+    timeouts = config.settings.gateway.timeouts
     live_deployments: dict[str, tuple[Deployment, ...]] = {
         name: tuple(d for d in catalog.active(name) if availability.is_live(d))
         for name in catalog.deployments
@@ -185,8 +197,10 @@ def render_gateway(config: Config, catalog: Catalog, availability: Availability)
             model_list.append(
                 {
                     "model_name": name,
-                    "litellm_params": litellm_params(deployment),
-                    "model_info": {"cooldown_time": timing_of(deployment.provider).cooldown_s},
+                    "litellm_params": litellm_params(deployment, timeouts),
+                    "model_info": {
+                        "cooldown_time": timing_of(deployment.provider, timeouts).cooldown_s
+                    },
                 }
             )
         served_by[name] = tuple(d.provider.name for d in serving)

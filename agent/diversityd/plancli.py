@@ -6,7 +6,8 @@
 `--ctx` is the context per slot: the KV cache holds N x P tokens and llama-server is given
 `-c N*P -np P`. Without `--free-mib` the free memory comes from NVML. This path stays fast
 (an 8B model with a 128k vocabulary in well under a second): the GGUF reader skips the
-vocabulary, and NVML, the configuration and json are imported only when used.
+vocabulary, and NVML, the configuration and json are imported only when used. The card's
+budget is gpuplan.plan_gpus, the decision the daemon renders its units from.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +24,7 @@ import click
 
 from diversityd.errors import ConfigError, DiversitydError, UsageError
 from diversityd.gguf import GGUFError, read_model
+from diversityd.gpuplan import GpuPlan, GpuSettings, plan_gpus
 from diversityd.vram import (
     DEFAULT_OVERHEADS,
     LLAMA_SERVER_KINDS,
@@ -38,7 +41,6 @@ from diversityd.vram import (
     choose_layers,
     describe_model,
     estimate_layers,
-    gpu_server_from_config,
     kv_cells,
     kv_layer_bytes,
     others_used_bytes,
@@ -261,54 +263,55 @@ def print_model_plan(plan: Mapping[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# The card's budget
+# The card's budget: gpuplan.plan_gpus, the daemon's own decision, on this machine's readings
 
 
-def _owned_pids(config: Config, reading: GpuReading) -> dict[int, int | None]:
-    """Best effort for the CLI (the daemon knows its units' pids): a GPU process whose
-    command line names an owned server's model or port is one of ours."""
-    marks: list[str] = []
+def read_owned_models(config: Config) -> dict[str, ModelSpec | str]:
+    """Each owned llama server's model that runs on a GPU, described, or why it could not
+    be read."""
+    models: dict[str, ModelSpec | str] = {}
     for owned in config.settings.owned.values():
-        if owned.model_path:
-            marks.append(os.path.expanduser(owned.model_path))
-        port = config.providers[owned.provider].address[1]
-        marks += [f"--port\0{port}\0", f"--port={port}"]
-    pids: dict[int, int | None] = {}
-    for process in reading.processes:
+        if owned.server not in LLAMA_SERVER_KINDS or owned.gpu is None:
+            continue
         try:
-            cmdline = Path(f"/proc/{process.pid}/cmdline").read_text(errors="replace") + "\0"
-        except OSError:
-            continue
-        if any(mark in cmdline for mark in marks):
-            pids[process.pid] = None
-    return pids
+            models[owned.provider] = _read_spec(Path(os.path.expanduser(owned.model_path or "")))
+        except GGUFError as exc:
+            models[owned.provider] = str(exc)
+    return models
 
 
-def gpu_servers(config: Config, gpu: int, placement: Placement) -> list[GpuServer]:
-    servers = []
+def find_owned_pids(config: Config, snapshot: GpuSnapshot) -> dict[str, tuple[int, ...]]:
+    """Best effort for the CLI (the daemon knows its units' pids): a GPU process whose
+    command line names an owned server's port, else its model, is that server's."""
+    ports: dict[str, tuple[str, ...]] = {}
+    models: dict[str, tuple[str, ...]] = {}
     for owned in config.settings.owned.values():
-        if owned.gpu != gpu:
-            continue
-        model: ModelSpec | None = None
-        problem: str | None = None
-        if owned.server in LLAMA_SERVER_KINDS:
+        port = config.providers[owned.provider].address[1]
+        ports[owned.provider] = (f"--port\0{port}\0", f"--port={port}")
+        if owned.model_path:
+            models[owned.provider] = (os.path.expanduser(owned.model_path),)
+
+    def owner_of(cmdline: str) -> str | None:
+        for marks in (ports, models):  # ports first: two servers may share a model
+            for name, found in marks.items():
+                if any(mark in cmdline for mark in found):
+                    return name
+        return None
+
+    pids: dict[str, list[int]] = {}
+    for reading in snapshot.gpus:
+        for process in reading.processes:
             try:
-                model = _read_spec(Path(os.path.expanduser(owned.model_path or "")))
-            except GGUFError as exc:
-                problem = str(exc)
-        servers.append(
-            gpu_server_from_config(
-                owned,
-                config.providers[owned.provider],
-                model,
-                placement=placement,
-                model_problem=problem,
-            )
-        )
-    return servers
+                cmdline = Path(f"/proc/{process.pid}/cmdline").read_text(errors="replace")
+            except OSError:
+                continue
+            owner = owner_of(cmdline + "\0")
+            if owner is not None:
+                pids.setdefault(owner, []).append(process.pid)
+    return {name: tuple(found) for name, found in pids.items()}
 
 
-def server_row(plan: ServerPlan, server: GpuServer) -> dict[str, Any]:
+def server_row(plan: ServerPlan, server: GpuServer, settings: GpuSettings) -> dict[str, Any]:
     row: dict[str, Any] = {
         "provider": plan.provider,
         "server": plan.server,
@@ -317,9 +320,11 @@ def server_row(plan: ServerPlan, server: GpuServer) -> dict[str, Any]:
         "gpu_bytes": plan.gpu_bytes,
         "n_gpu_layers": plan.n_gpu_layers,
         "gpu_memory_utilization": plan.gpu_memory_utilization,
+        "ollama_gpu_overhead_bytes": settings.ollama_gpu_overhead_bytes,
+        "hide_gpu": settings.hide_gpu,
         "fits": plan.fits,
         "cpu_only": plan.cpu_only,
-        "warnings": list(plan.warnings),
+        "warnings": list(settings.warnings),
     }
     if server.model is not None:
         row["model"] = server.model.path
@@ -334,10 +339,7 @@ def server_row(plan: ServerPlan, server: GpuServer) -> dict[str, Any]:
     return row
 
 
-def card_json(
-    card: CardPlan, servers: Sequence[GpuServer], name: str, free_bytes: int
-) -> dict[str, Any]:
-    by_name = {s.provider: s for s in servers}
+def card_json(card: CardPlan, gpu_plan: GpuPlan, name: str, free_bytes: int) -> dict[str, Any]:
     return {
         "gpu": card.index,
         "name": name,
@@ -348,7 +350,10 @@ def card_json(
         "budget_bytes": card.budget_bytes,
         "planned_bytes": card.planned_bytes,
         "unallocated_bytes": card.unallocated_bytes,
-        "servers": [server_row(p, by_name[p.provider]) for p in card.servers],
+        "servers": [
+            server_row(p, gpu_plan.servers[p.provider], gpu_plan.settings_for(p.provider))
+            for p in card.servers
+        ],
         "warnings": list(card.warnings),
     }
 
@@ -369,6 +374,9 @@ def print_card(card: Mapping[str, Any]) -> None:
                 what += f" of {row['block_count'] + 1}"
         elif row.get("gpu_memory_utilization") is not None:
             what = f"--gpu-memory-utilization {row['gpu_memory_utilization']:.2f}"
+        elif row.get("ollama_gpu_overhead_bytes") is not None:
+            overhead = row["ollama_gpu_overhead_bytes"]
+            what = f"OLLAMA_GPU_OVERHEAD={overhead} ({_gib(overhead)} kept free)"
         mark = "" if row["fits"] else "  DOES NOT FIT"
         echo(
             f"  {row['provider']:20} {_gib(row['gpu_bytes']):>12}  {row['server']}, "
@@ -399,30 +407,32 @@ def budget_plan(
     if gpu is not None:
         wanted = [gpu]
     result: dict[str, Any] = {"config_dir": str(directory), "gpus": [], "notes": []}
-    cpu = [o.provider for o in config.settings.owned.values() if o.gpu is None]
-    result["cpu_servers"] = cpu
-    snapshot: GpuSnapshot | None = None
-    if free_mib is None and wanted:
+    result["cpu_servers"] = [o.provider for o in config.settings.owned.values() if o.gpu is None]
+    if free_mib is not None:  # each wanted card, empty, of this size
+        size = int(free_mib * MiB)
+        snapshot = GpuSnapshot(
+            tuple(GpuReading(i, "--free-mib", "", size, size, 0) for i in wanted)
+        )
+    elif wanted:
         snapshot = read_snapshot()
         if snapshot.cpu_only_reason:
             result["notes"].append(snapshot.cpu_only_reason)
+    else:
+        snapshot = GpuSnapshot((), "no owned server is set on a GPU")
+    pids = find_owned_pids(config, snapshot)
+    gpu_plan = plan_gpus(config, read_owned_models(config), snapshot, pids, placement=placement)
     for index in wanted:
-        servers = gpu_servers(config, index, placement)
-        if free_mib is not None:
-            total = free = int(free_mib * MiB)
-            others, name = 0, "--free-mib"
-        else:
-            assert snapshot is not None
-            reading = snapshot.gpu(index)
-            if reading is None:
+        reading = snapshot.gpu(index)
+        if reading is None:
+            if not snapshot.cpu_only_reason:
                 result["notes"].append(f"GPU {index} not found: its servers run on the CPU")
-                total = free = others = 0
-                name = "absent"
-            else:
-                total, free, name = reading.total_bytes, reading.free_bytes, reading.name
-                others = others_used_bytes(reading, _owned_pids(config, reading))
-        card = plan_card(index, total, others, servers)
-        result["gpus"].append(card_json(card, servers, name, free))
+            continue
+        card = gpu_plan.card(index)
+        if card is None:  # --gpu names a card no owned server is set on
+            ours = {pid: None for found in pids.values() for pid in found}
+            card = plan_card(index, reading.total_bytes, others_used_bytes(reading, ours), [])
+        result["gpus"].append(card_json(card, gpu_plan, reading.name, reading.free_bytes))
+    result["settings"] = {name: asdict(s) for name, s in gpu_plan.settings.items()}
     return result
 
 

@@ -90,9 +90,11 @@ def expand_home(path: str, home: str) -> str:
     return path
 
 
-def served_model_name(provider: Provider, models: Sequence[str]) -> str:
-    """The one name an owned llama server answers to (its --alias); validation ensures one."""
-    return models[0] if models else provider.name
+def served_model_name(provider: Provider, backend_names: Sequence[str]) -> str:
+    """The one name an owned server answers to (--alias, --model_alias, --served-model-name):
+    the name the gateway asks it for (an entry's `model:`, else its name). Validation makes
+    sure an owned llama server has exactly one."""
+    return backend_names[0] if backend_names else provider.name
 
 
 def server_arguments(
@@ -175,13 +177,13 @@ def fill_template(template: str, values: Mapping[str, str]) -> str:
 def render_provider_unit(
     config: Config,
     owned: OwnedServer,
-    models: Sequence[str],
+    backend_names: Sequence[str],
     n_gpu_layers: int,
     context: UnitContext,
 ) -> RenderedUnit:
     provider = config.providers[owned.provider]
     name = unit_name(owned.provider)
-    model_name = served_model_name(provider, models)
+    model_name = served_model_name(provider, backend_names)
     args, environment = server_arguments(owned, provider, model_name, n_gpu_layers, context)
     host, port = provider.address
     values = {

@@ -84,9 +84,14 @@ class RunningStack:
                 if predicate(document):
                     return document
             time.sleep(poll_s)
-        pytest.fail(
-            f"condition not met in {timeout_s} s; last status: {json.dumps(document)[:3000]}"
-        )
+        summary = {
+            "daemon": document.get("daemon"),
+            "gateway": document.get("gateway"),
+            "providers": {
+                p["name"]: (p["state"], p["pid"], p["error"]) for p in document.get("providers", [])
+            },
+        }
+        pytest.fail(f"condition not met in {timeout_s} s; last status: {json.dumps(summary)}")
 
     def wait_all_ready(self, timeout_s: float = 60) -> dict[str, Any]:
         return self.wait_for(

@@ -101,7 +101,8 @@ def test_llama_server_runs_a_model_under_an_awkward_path_and_the_stand_ins_run_a
         assert {m["name"] for m in tags["models"]} == {"llama3.1:latest", "qwen2.5-coder:7b"}
         with urllib.request.urlopen(f"{running.stack.base_url(VLLM)}/v1/models", timeout=5) as r:
             models = json.load(r)
-        assert [m["id"] for m in models["data"]] == ["qwen-coder-vllm"]
+        # it answers to the name the gateway asks for: the entry's `model:`
+        assert [m["id"] for m in models["data"]] == ["Qwen/Qwen2.5-Coder-7B-Instruct-AWQ"]
     finally:
         private_manager.systemctl("stop", "diversityd.service", check=False)
         time.sleep(0.1)

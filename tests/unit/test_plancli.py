@@ -249,6 +249,13 @@ def test_budget_for_the_configured_servers(tiny: Path, sparse_8b: Path, tmp_path
     left = card["budget_bytes"] - rows["native"]["gpu_bytes"] - rows["python"]["gpu_bytes"]
     assert vllm["gpu_memory_utilization"] == int(left * 100 / (10000 * MiB)) / 100
     assert card["planned_bytes"] <= card["budget_bytes"]
+    # what each unit will say: gpuplan.plan_gpus, the daemon's own decision
+    settings = out["settings"]
+    assert set(settings) == {"native", "python", "vllm", "cpu"}
+    assert (settings["native"]["n_gpu_layers"], settings["native"]["hide_gpu"]) == (33, False)
+    assert settings["vllm"]["gpu_memory_utilization"] == vllm["gpu_memory_utilization"]
+    assert (settings["cpu"]["n_gpu_layers"], settings["cpu"]["hide_gpu"]) == (0, True)
+    assert not rows["native"]["hide_gpu"]
 
 
 def test_budget_reports_an_unreadable_model(tiny: Path, tmp_path: Path) -> None:
@@ -256,6 +263,7 @@ def test_budget_reports_an_unreadable_model(tiny: Path, tmp_path: Path) -> None:
     out = run_plan("--config-dir", str(config), "--free-mib", "8000")
     rows = {row["provider"]: row for row in out["gpus"][0]["servers"]}
     assert rows["native"]["n_gpu_layers"] == 0
+    assert rows["native"]["hide_gpu"]
     assert "no such file" in rows["native"]["warnings"][0]
 
 

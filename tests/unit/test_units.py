@@ -7,6 +7,7 @@ import shlex
 import pytest
 
 from diversityd.adapters.unitfiles import load_templates, sync_units
+from diversityd.catalog import build_catalog
 from diversityd.config import parse_config
 from diversityd.units import (
     MARKER,
@@ -81,10 +82,9 @@ def rendered() -> dict[str, RenderedUnit]:
         hostname="box",
     )
     assert config is not None, findings
+    catalog = build_catalog(config)
     return {
-        name: render_provider_unit(
-            config, owned, [config.providers[name].models[0].name], 7, context()
-        )
+        name: render_provider_unit(config, owned, catalog.backend_names_of(name), 7, context())
         for name, owned in config.settings.owned.items()
     }
 
@@ -152,7 +152,8 @@ def test_ollama_and_vllm_units() -> None:
     )
     args = systemd_unquote(vllm_exec.removeprefix("ExecStart="))
     assert args[:3] == ["/usr/local/bin/vllm", "serve", "Qwen/Qwen2.5-Coder-7B-Instruct-AWQ"]
-    assert args[args.index("--served-model-name") + 1] == "qwen-coder-vllm"
+    # the name the gateway asks vLLM for: the entry's `model:`
+    assert args[args.index("--served-model-name") + 1] == "Qwen/Qwen2.5-Coder-7B-Instruct-AWQ"
     assert args[args.index("--gpu-memory-utilization") + 1] == "0.35"
     assert args[args.index("--max-model-len") + 1] == "8192"
 

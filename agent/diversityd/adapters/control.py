@@ -7,7 +7,8 @@ once and report through the `JobProgress` and `JobFinished` signals, so no call 
 D-Bus's method timeout; `Job(id)` answers a job's latest report at any time.
 
 Methods: Status() -> s; Reload() -> s; Restart(s provider) -> s job_id;
-Job(s job_id) -> s. Later issues extend this interface; they never rename.
+Job(s job_id) -> s; History() -> s (the gateway's recent configs); Rollback(s id) -> s.
+Later issues extend this interface; they never rename.
 """
 
 # No `from __future__ import annotations`: dbus-fast reads the D-Bus signatures from the
@@ -73,6 +74,14 @@ class ControlInterface(ServiceInterface):
     @method()
     async def Job(self, job_id: "s") -> "s":  # type: ignore[name-defined] # noqa: F821, N802
         return await self._answer("job", job_id)
+
+    @method()
+    async def History(self) -> "s":  # type: ignore[name-defined] # noqa: F821, N802
+        return await self._answer("history")
+
+    @method()
+    async def Rollback(self, entry_id: "s") -> "s":  # type: ignore[name-defined] # noqa: F821, N802
+        return await self._answer("rollback", entry_id)
 
     @signal()
     def JobProgress(self, job_id: str, payload: str) -> "ss":  # type: ignore[name-defined] # noqa: F821, N802

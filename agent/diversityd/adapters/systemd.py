@@ -213,7 +213,8 @@ class Systemd:
     async def snapshot(self, name: str) -> UnitSnapshot:
         path = (await self._call_manager("LoadUnit", "s", [name]))[0]
         props: dict[str, Any] = {}
-        for iface in (UNIT_IFACE, SERVICE_IFACE):
+        interfaces = (UNIT_IFACE, SERVICE_IFACE) if name.endswith(".service") else (UNIT_IFACE,)
+        for iface in interfaces:
             reply = await self._call(
                 Message(
                     destination=SYSTEMD,

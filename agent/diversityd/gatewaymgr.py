@@ -1,0 +1,394 @@
+"""Owning the LiteLLM gateway: blue/green reloads on one systemd-held socket.
+
+LiteLLM cannot reload its config in place and takes ~12 s to start. So a reload writes the
+new config for the idle colour, starts that instance on the SAME listening socket (systemd's
+`diversityd-gateway.socket`), waits for its READY=1 (it really serves), and only then stops
+the old instance, which lets its requests in flight finish. A new instance that fails to
+start is stopped again: the old one never stopped serving and its config stays in place.
+
+Reloads happen exactly when the rendered config's bytes change, debounced and rate-limited,
+never two at once. Gateway state is written only through the daemon's state loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from diversityd import gatewaylauncher, parts
+from diversityd.adapters.files import read_text_or_none
+from diversityd.adapters.litellm import GatewayFiles, ensure_master_key, key_file_problem
+from diversityd.adapters.systemd import SystemdError, UnitSnapshot
+from diversityd.errors import UsageError
+from diversityd.gateway import TIMINGS, GatewayPlan, render_gateway
+from diversityd.log import get_logger
+from diversityd.units import (
+    GATEWAY_COLORS,
+    GATEWAY_SOCKET,
+    GatewayPaths,
+    RenderedUnit,
+    gateway_instance,
+    render_gateway_units,
+)
+
+if TYPE_CHECKING:
+    from diversityd.daemon import Daemon
+
+log = get_logger()
+
+DEBOUNCE_S = 1.0  # let a burst of state changes settle into one reload
+MIN_INTERVAL_S = 5.0  # between the starts of two reloads
+START_TIMEOUT_S = 200.0
+FIRST_RENDER_WAIT_S = 120.0  # at start-up, wait this long for the providers' first answers
+GRACEFUL_S = max(t.timeout_s for t in TIMINGS.values()) + 10
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "diversityd"
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class GatewayRecord:
+    """What the daemon knows about its gateway (written through the state loop only)."""
+
+    url: str
+    key_file: str
+    config_dir: str
+    color: str | None = None  # the instance serving now
+    snapshot: UnitSnapshot | None = None
+    applied_text: str | None = None
+    applied_at: float | None = None
+    history_id: str | None = None
+    plan: GatewayPlan | None = None
+    reloading: bool = False
+    pinned: str | None = None  # a rollback's history id: no automatic reloads until `reload`
+    failed_sha: str | None = None  # a config whose proxy would not start: not retried
+    last_reload: dict[str, Any] | None = None
+    reloads: int = 0
+    in_sync: bool = False  # the config in force is what the providers' state renders now
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def unit(self) -> str | None:
+        return gateway_instance(self.color) if self.color else None
+
+    def state(self) -> str:
+        if self.reloading:
+            return "reloading"
+        snapshot = self.snapshot
+        if snapshot is None:
+            return "unknown"
+        return {
+            "active": "ready",
+            "activating": "starting",
+            "deactivating": "down",
+            "failed": "failed",
+            "inactive": "stopped",
+        }.get(snapshot.active_state, "unknown")
+
+    def to_json(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "owned": True,
+            "url": self.url,
+            "state": self.state(),
+            "unit": self.unit,
+            "pid": self.snapshot.main_pid if self.snapshot and self.snapshot.main_pid else None,
+            "config": f"{self.config_dir}/{self.color}.yaml" if self.color else None,
+            "config_sha256": _sha(self.applied_text) if self.applied_text else None,
+            "applied_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.applied_at))
+            if self.applied_at
+            else None,
+            "history_id": self.history_id,
+            "key_file": self.key_file,
+            "last_reload": self.last_reload,
+            "reloads": self.reloads,
+            "in_sync": self.in_sync,
+            "pinned": self.pinned,
+            "models": sorted(plan.served_by) if plan else [],
+            "substituted": dict(plan.substituted) if plan else {},
+            "left_out": list(plan.left_out) if plan else [],
+            "warnings": list(self.warnings),
+        }
+
+
+class GatewayManager:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        config = daemon.config
+        assert config is not None
+        settings = config.settings
+        gateway = settings.gateway
+        state_dir = (
+            Path(os.path.expanduser(settings.state_dir))
+            if settings.state_dir
+            else default_state_dir()
+        )
+        self.files = GatewayFiles(state_dir, gateway.keep_configs)
+        self.key_file = (
+            Path(os.path.expanduser(gateway.master_key_file))
+            if gateway.master_key_file
+            else state_dir / "master.key"
+        )
+        python = (
+            str(Path(os.path.expanduser(gateway.litellm_venv)) / "bin" / "python")
+            if gateway.litellm_venv
+            else str(parts.litellm_interpreter())
+        )
+        self.paths = GatewayPaths(
+            config_dir=str(self.files.config_dir),
+            key_file=str(self.key_file),
+            environment_files=gateway.environment_files,
+            litellm_python=python,
+            launcher=str(Path(gatewaylauncher.__file__).resolve()),
+        )
+        host = gateway.host if ":" not in gateway.host else f"[{gateway.host}]"
+        self.record = GatewayRecord(
+            url=f"http://{host}:{gateway.port}",
+            key_file=str(self.key_file),
+            config_dir=str(self.files.config_dir),
+        )
+        self.snapshots: dict[str, UnitSnapshot] = {}  # per instance, merged from signals
+        self._dirty = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._last_start = 0.0
+
+    # -- units and files ------------------------------------------------------------------
+
+    def units(self) -> list[RenderedUnit]:
+        config = self.daemon.config
+        assert config is not None
+        return render_gateway_units(
+            config.settings.gateway, self.paths, self.daemon.unit_context, GRACEFUL_S
+        )
+
+    def prepare_key(self) -> None:
+        """Adopt the key file named in the settings, or generate one (0600) once."""
+        if ensure_master_key(self.key_file):
+            log.info("gateway.key_generated", path=str(self.key_file))
+            return
+        problem = key_file_problem(self.key_file)
+        if problem:
+            self.record.warnings.append(problem)
+            log.warning("gateway.key_unsafe", path=str(self.key_file), error=problem)
+
+    @staticmethod
+    def instance_units() -> list[str]:
+        return [gateway_instance(color) for color in GATEWAY_COLORS]
+
+    # -- events from the state loop (synchronous, single writer) -----------------------------
+
+    def mark_dirty(self) -> None:
+        self._dirty.set()
+
+    def on_unit_changed(self, unit: str, changed: dict[str, Any]) -> None:
+        base = self.snapshots.get(unit)
+        if base is None:
+            return
+        self.snapshots[unit] = base.merged(changed)
+        if unit == self.record.unit:
+            self.record.snapshot = self.snapshots[unit]
+
+    def render(self) -> GatewayPlan:
+        daemon = self.daemon
+        assert daemon.config is not None
+        assert daemon.report is not None
+        assert daemon.report.catalog is not None
+        return render_gateway(daemon.config, daemon.report.catalog, daemon.availability())
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    async def run(self, startup_done: asyncio.Event) -> None:
+        """Adopt what runs, then reload whenever the rendered bytes change."""
+        systemd = self.daemon.systemd
+        assert systemd is not None
+        await systemd.watch(self.instance_units(), self.daemon.on_systemd_change)
+        await self._adopt_running()
+        snapshot = await systemd.snapshot(GATEWAY_SOCKET)
+        if snapshot.active_state != "active":
+            await systemd.start(GATEWAY_SOCKET)
+            log.info("gateway.socket_started", unit=GATEWAY_SOCKET, path=self.record.url)
+        try:
+            await asyncio.wait_for(startup_done.wait(), FIRST_RENDER_WAIT_S)
+        except TimeoutError:
+            log.warning("gateway.providers_slow", error="rendering before every provider answered")
+        self._dirty.set()
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(DEBOUNCE_S)
+            self._dirty.clear()
+            wait = self._last_start + MIN_INTERVAL_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if self.record.pinned:
+                continue
+            plan = self.render()
+            text = plan.text()
+
+            def observe(p: GatewayPlan = plan, t: str = text) -> None:
+                self.record.plan = p
+                self.record.in_sync = t == self.record.applied_text
+
+            await self.daemon.in_state_loop(observe)
+            if text == self.record.applied_text or _sha(text) == self.record.failed_sha:
+                continue
+            await self.apply(text, plan, reason="providers changed")
+
+    async def _adopt_running(self) -> None:
+        """After a daemon restart: the instance that runs is the current one."""
+        systemd = self.daemon.systemd
+        assert systemd is not None
+        running: list[tuple[int, str, UnitSnapshot]] = []
+        for color in GATEWAY_COLORS:
+            unit = gateway_instance(color)
+            snapshot = await systemd.snapshot(unit)
+            await self.daemon.in_state_loop(
+                functools.partial(self.snapshots.__setitem__, unit, snapshot)
+            )
+            if snapshot.active_state in ("active", "activating"):
+                running.append((snapshot.active_enter_us, color, snapshot))
+        if not running:
+            return
+        running.sort()
+        _, color, snapshot = running[-1]
+        text = read_text_or_none(self.files.config_path(color))
+
+        def adopt() -> None:
+            self.record.color = color
+            self.record.snapshot = snapshot
+            self.record.applied_text = text
+            self.record.applied_at = time.time()
+
+        await self.daemon.in_state_loop(adopt)
+        log.info("gateway.adopted", unit=gateway_instance(color), pid=snapshot.main_pid)
+        for _, other, _ in running[:-1]:  # a reload interrupted by a daemon restart
+            await systemd.stop(gateway_instance(other))
+
+    async def apply(self, text: str, plan: GatewayPlan | None, *, reason: str) -> dict[str, Any]:
+        """Blue/green: start the idle colour on the new config, then stop the old one."""
+        async with self._lock:
+            return await self._apply_locked(text, plan, reason)
+
+    async def _apply_locked(
+        self, text: str, plan: GatewayPlan | None, reason: str
+    ) -> dict[str, Any]:
+        systemd = self.daemon.systemd
+        assert systemd is not None
+        self._last_start = time.monotonic()
+        started = time.monotonic()
+        old_color = self.record.color
+        new_color = next(c for c in GATEWAY_COLORS if c != old_color)
+        new_unit = gateway_instance(new_color)
+        self.files.write_config(new_color, text)
+        entry = self.files.archive(text)
+        await self.daemon.in_state_loop(lambda: setattr(self.record, "reloading", True))
+        log.info("gateway.reloading", unit=new_unit, path=str(entry.path), state=reason)
+        await systemd.reset_failed(new_unit)
+        try:
+            outcome = await systemd.start(new_unit, timeout_s=START_TIMEOUT_S)
+            snapshot = await systemd.snapshot(new_unit)
+        except SystemdError as exc:
+            outcome, snapshot = str(exc), None
+        elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+        if outcome == "done" and snapshot is not None and snapshot.active_state == "active":
+            result = {
+                "ok": True,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "elapsed_ms": elapsed_ms,
+                "instance": new_unit,
+                "history_id": entry.id,
+                "reason": reason,
+            }
+
+            def switch() -> None:
+                assert snapshot is not None
+                self.snapshots[new_unit] = snapshot
+                record = self.record
+                record.color, record.snapshot = new_color, snapshot
+                record.applied_text, record.applied_at = text, time.time()
+                record.history_id, record.last_reload = entry.id, result
+                record.failed_sha, record.reloading = None, False
+                record.reloads += 1
+                record.in_sync = plan is not None
+                if plan is not None:
+                    record.plan = plan
+
+            await self.daemon.in_state_loop(switch)
+            log.info("gateway.reloaded", unit=new_unit, elapsed_ms=elapsed_ms, job=entry.id)
+            if old_color is not None:
+                # The old proxy drains its requests in flight (graceful SIGTERM), then exits.
+                await systemd.stop(gateway_instance(old_color), timeout_s=GRACEFUL_S + 60)
+            return result
+        error = (
+            f"{new_unit} did not become ready ({outcome}); the previous gateway keeps "
+            f"serving; see `journalctl --user -u {new_unit}`"
+        )
+        await systemd.stop(new_unit)  # no Restart= loop on a broken config
+        failure = {
+            "ok": False,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "elapsed_ms": elapsed_ms,
+            "instance": new_unit,
+            "history_id": entry.id,
+            "reason": reason,
+            "error": error,
+        }
+
+        def keep_old() -> None:
+            self.record.last_reload = failure
+            self.record.failed_sha = _sha(text)
+            self.record.reloading = False
+
+        await self.daemon.in_state_loop(keep_old)
+        log.error("gateway.reload_failed", unit=new_unit, elapsed_ms=elapsed_ms, error=error)
+        return failure
+
+    # -- control --------------------------------------------------------------------------------
+
+    def history(self) -> list[dict[str, Any]]:
+        applied = _sha(self.record.applied_text) if self.record.applied_text else None
+        return [
+            {
+                "id": entry.id,
+                "created": entry.created,
+                "sha256": entry.sha256,
+                "path": str(entry.path),
+                "current": entry.sha256 == applied,
+            }
+            for entry in self.files.history()
+        ]
+
+    async def rollback(self, entry_id: str) -> dict[str, Any]:
+        entry = self.files.find(entry_id)
+        if entry is None:
+            raise UsageError(
+                f"no gateway config {entry_id!r} in {self.files.history_dir}",
+                hint="list them with `diversityctl history`",
+            )
+        text = entry.path.read_text(encoding="utf-8")
+        result = await self.apply(text, None, reason=f"rollback to {entry.id}")
+        if result["ok"]:
+            await self.daemon.in_state_loop(lambda: setattr(self.record, "pinned", entry.id))
+            log.warning(
+                "gateway.pinned",
+                job=entry.id,
+                error="automatic reloads paused until `diversityctl reload`",
+            )
+        return result
+
+    def unpin(self) -> None:
+        """Called from the state loop on a configuration reload: automatic reloads resume."""
+        self.record.pinned = None
+        self.record.failed_sha = None
+        self._dirty.set()

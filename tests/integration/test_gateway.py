@@ -1,0 +1,245 @@
+"""The real LiteLLM gateway owned by diversityd: blue/green reloads on a held socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from diversityd.adapters.gatewayclient import Answer, ask, new_client
+from diversityd.adapters.litellm import read_master_key
+from diversityd.embedded import LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM, StackSpec
+from diversityd.privatemanager import PrivateManager
+from tests.conftest import free_port
+from tests.integration.harness import RunningStack, start_stack
+
+pytestmark = pytest.mark.integration
+
+PROVIDERS = (LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM)
+
+
+@pytest.fixture(scope="module")
+def gateway_stack(
+    shared_private_manager: PrivateManager,
+    tmp_path_factory: pytest.TempPathFactory,
+    llama_server_bin: Path,
+    llama_cpp_python_interpreter: Path,
+    litellm_python: Path,
+) -> Iterator[RunningStack]:
+    spec = StackSpec(
+        ports={**{name: free_port() for name in PROVIDERS}, "gateway": free_port()},
+        providers=PROVIDERS,
+        unit_dir=shared_private_manager.unit_dir,
+    )
+    running = start_stack(shared_private_manager, tmp_path_factory.mktemp("gw"), spec)
+    try:
+        running.wait_all_ready(timeout_s=90)
+        wait_gateway_ready(running)
+        yield running
+    finally:
+        shared_private_manager.systemctl("stop", "diversityd.service", check=False)
+        shared_private_manager.systemctl(
+            "stop", "diversityd-gateway@blue.service", "diversityd-gateway@green.service",
+            "diversityd-gateway.socket", check=False,
+        )  # fmt: skip
+
+
+def wait_gateway_ready(running: RunningStack, timeout_s: float = 120) -> dict[str, Any]:
+    return running.wait_for(
+        lambda d: d["gateway"].get("state") == "ready" and d["gateway"].get("in_sync") is True,
+        timeout_s=timeout_s,
+        poll_s=0.5,
+    )
+
+
+def gateway_url(running: RunningStack) -> str:
+    return f"http://127.0.0.1:{running.stack.spec.ports['gateway']}"
+
+
+def master_key(running: RunningStack) -> str:
+    return read_master_key(Path(running.status()["gateway"]["key_file"]))
+
+
+def ask_once(running: RunningStack, model: str, stream: bool) -> Answer:
+    async def go() -> Answer:
+        async with new_client(60) as client:
+            return await ask(
+                client, gateway_url(running), master_key(running), model, stream=stream
+            )
+
+    return asyncio.run(go())
+
+
+@dataclass
+class Stream:
+    """A steady stream of requests through the gateway, from a thread of its own."""
+
+    running: RunningStack
+    model: str
+    answers: list[Answer] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        key = master_key(self.running)
+
+        async def loop() -> None:
+            async with new_client(60) as client:
+                flip = False
+                while not self._stop.is_set():
+                    flip = not flip
+                    self.answers.append(
+                        await ask(client, gateway_url(self.running), key, self.model, stream=flip)
+                    )
+                    await asyncio.sleep(0.05)
+
+        asyncio.run(loop())
+
+    def __enter__(self) -> Stream:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(timeout=120)
+
+    @property
+    def failed(self) -> list[Answer]:
+        return [a for a in self.answers if not a.ok]
+
+
+def test_gateway_serves_what_the_daemon_says_is_served(gateway_stack: RunningStack) -> None:
+    document = gateway_stack.status()
+    gateway = document["gateway"]
+    assert gateway["owned"] is True
+    assert gateway["unit"].startswith("diversityd-gateway@")
+    key_file = Path(gateway["key_file"])
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    key = read_master_key(key_file)
+    assert key.startswith("sk-")
+    assert key not in json.dumps(document)  # the key's file is shown, never its value
+    config_text = Path(gateway["config"]).read_text()
+    assert key not in config_text
+    assert "os.environ/LITELLM_MASTER_KEY" in config_text
+    request = urllib.request.Request(
+        f"{gateway_url(gateway_stack)}/v1/models", headers={"Authorization": f"Bearer {key}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        served = sorted(m["id"] for m in json.load(response)["data"])
+    assert served == sorted(gateway["models"])
+    assert {"llama-cpp-native", "llama-cpp-default", "llama3.1:latest", "qwen-coder-vllm"} <= set(
+        served
+    )
+    bases = {
+        "llama-cpp-native": gateway_stack.stack.base_url(LLAMA_NATIVE) + "/v1",
+        "llama-cpp-default": gateway_stack.stack.base_url(LLAMA_PYTHON) + "/v1",
+        "llama3.1:latest": gateway_stack.stack.base_url(OLLAMA),
+        "qwen-coder-vllm": gateway_stack.stack.base_url(VLLM) + "/v1",
+    }
+    for model, base in bases.items():
+        for stream in (False, True):
+            answer = ask_once(gateway_stack, model, stream)
+            assert answer.ok, answer
+            assert answer.api_base == base, answer
+
+
+def test_a_reload_under_a_steady_stream_refuses_and_fails_nothing(
+    gateway_stack: RunningStack,
+) -> None:
+    before = wait_gateway_ready(gateway_stack)["gateway"]
+    vllm_unit = f"diversityd-{VLLM}.service"
+    with Stream(gateway_stack, "llama-cpp-native") as stream:
+        time.sleep(1)
+        gateway_stack.manager.systemctl("stop", vllm_unit)  # the rendered config changes
+        after = gateway_stack.wait_for(
+            lambda d: (
+                d["gateway"]["reloads"] > before["reloads"] and d["gateway"]["state"] == "ready"
+            ),
+            timeout_s=120,
+            poll_s=0.5,
+        )["gateway"]
+        time.sleep(1)
+    try:
+        assert after["unit"] != before["unit"]  # the other colour took over
+        assert after["last_reload"]["ok"] is True
+        assert "qwen-coder-vllm" not in after["models"]  # no live fallback: left out
+        assert stream.failed == [], stream.failed[:5]
+        assert len(stream.answers) >= 20
+        old_state = gateway_stack.unit_property(before["unit"], "ActiveState")
+        assert old_state == "inactive"  # the old proxy was stopped after the new one served
+    finally:
+        gateway_stack.manager.systemctl("start", vllm_unit)
+        gateway_stack.wait_for(
+            lambda d: (
+                "qwen-coder-vllm" in d["gateway"]["models"] and d["gateway"]["state"] == "ready"
+            ),
+            timeout_s=120,
+            poll_s=0.5,
+        )
+
+
+def test_a_broken_new_config_leaves_the_old_gateway_serving(gateway_stack: RunningStack) -> None:
+    before = wait_gateway_ready(gateway_stack)["gateway"]
+    settings_file = gateway_stack.stack.config_dir / "diversityd.yaml"
+    original = settings_file.read_text()
+    settings = yaml.safe_load(original)
+    settings["gateway"]["router_settings"] = {"routing_strategy": "no-such-strategy"}
+    old_config = Path(before["config"]).read_text()
+    try:
+        settings_file.write_text(yaml.safe_dump(settings))
+        with Stream(gateway_stack, "llama-cpp-default") as stream:
+            result = gateway_stack.ctl("reload")
+            assert result.returncode == 0, result.stderr  # diversityd accepts it; LiteLLM won't
+            failed = gateway_stack.wait_for(
+                lambda d: (d["gateway"]["last_reload"] or {}).get("ok") is False,
+                timeout_s=120,
+                poll_s=0.5,
+            )["gateway"]
+        assert failed["unit"] == before["unit"]  # still the old instance
+        assert failed["state"] == "ready"
+        assert "did not become ready" in failed["last_reload"]["error"]
+        assert Path(failed["config"]).read_text() == old_config  # last good config in place
+        assert stream.failed == [], stream.failed[:5]
+        assert gateway_stack.journal_events("gateway.reload_failed")
+        table = gateway_stack.ctl("status").stdout
+        assert "gateway: ready" in table
+    finally:
+        settings_file.write_text(original)
+        gateway_stack.ctl("reload")
+    # With the settings mended, what renders is what already serves: in sync, no reload.
+    recovered = gateway_stack.wait_for(
+        lambda d: d["gateway"]["in_sync"] is True and d["gateway"]["state"] == "ready",
+        timeout_s=120,
+        poll_s=0.5,
+    )["gateway"]
+    assert recovered["unit"] == before["unit"]
+    assert "routing_strategy" not in Path(recovered["config"]).read_text()
+
+
+def test_history_and_rollback(gateway_stack: RunningStack) -> None:
+    wait_gateway_ready(gateway_stack)
+    result = gateway_stack.ctl("history", "--json")
+    assert result.returncode == 0, result.stderr
+    history = json.loads(result.stdout)["history"]
+    assert len(history) >= 2
+    assert sum(entry["current"] for entry in history) == 1
+    older = next(entry for entry in history if not entry["current"])
+    rolled = gateway_stack.ctl("rollback", older["id"], timeout=300)
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    gateway = gateway_stack.status()["gateway"]
+    assert gateway["pinned"] == older["id"]
+    assert Path(gateway["config"]).read_text() == Path(older["path"]).read_text()
+    # a configuration reload ends the pin and renders afresh
+    assert gateway_stack.ctl("reload").returncode == 0
+    gateway_stack.wait_for(lambda d: d["gateway"]["pinned"] is None, timeout_s=30)
