@@ -357,16 +357,22 @@ class GatewayManager:
     # -- control --------------------------------------------------------------------------------
 
     def history(self) -> list[dict[str, Any]]:
-        applied = _sha(self.record.applied_text) if self.record.applied_text else None
+        """Newest first; `current` marks the entry in force (after a daemon restart, which
+        adopted a running instance, the newest entry with its bytes)."""
+        entries = self.files.history()
+        current = self.record.history_id
+        if current is None and self.record.applied_text is not None:
+            applied = _sha(self.record.applied_text)
+            current = next((e.id for e in entries if e.sha256 == applied), None)
         return [
             {
                 "id": entry.id,
                 "created": entry.created,
                 "sha256": entry.sha256,
                 "path": str(entry.path),
-                "current": entry.sha256 == applied,
+                "current": entry.id == current,
             }
-            for entry in self.files.history()
+            for entry in entries
         ]
 
     async def rollback(self, entry_id: str) -> dict[str, Any]:

@@ -228,13 +228,26 @@ def test_a_broken_new_config_leaves_the_old_gateway_serving(gateway_stack: Runni
 
 
 def test_history_and_rollback(gateway_stack: RunningStack) -> None:
+    before = wait_gateway_ready(gateway_stack)["gateway"]
+    # one more config in the history: the gateway re-renders while vLLM is away
+    gateway_stack.manager.systemctl("stop", f"diversityd-{VLLM}.service")
     wait_gateway_ready(gateway_stack)
+    gateway_stack.wait_for(
+        lambda d: d["gateway"]["reloads"] > before["reloads"] and d["gateway"]["in_sync"]
+    )
+    gateway_stack.manager.systemctl("start", f"diversityd-{VLLM}.service")
+    gateway_stack.wait_for(
+        lambda d: "qwen-coder-vllm" in d["gateway"]["models"] and d["gateway"]["in_sync"],
+        timeout_s=120,
+        poll_s=0.5,
+    )
     result = gateway_stack.ctl("history", "--json")
     assert result.returncode == 0, result.stderr
     history = json.loads(result.stdout)["history"]
     assert len(history) >= 2
     assert sum(entry["current"] for entry in history) == 1
-    older = next(entry for entry in history if not entry["current"])
+    current = next(entry for entry in history if entry["current"])
+    older = next(entry for entry in history if entry["sha256"] != current["sha256"])
     rolled = gateway_stack.ctl("rollback", older["id"], timeout=300)
     assert rolled.returncode == 0, rolled.stdout + rolled.stderr
     gateway = gateway_stack.status()["gateway"]
