@@ -36,13 +36,15 @@ from diversityd.adapters.control import ControlInterface, export_interface
 from diversityd.adapters.inotify import Inotify, InotifyEvent
 from diversityd.adapters.modellink import LinkWatcher, ModelTarget, resolve
 from diversityd.adapters.notify import Notifier
+from diversityd.adapters.nvml import NvmlError, read_gpus
 from diversityd.adapters.systemd import Systemd, SystemdError, UnitSnapshot
 from diversityd.adapters.unitfiles import default_unit_dir, machine_context, sync_units
-from diversityd.catalog import Catalog
 from diversityd.config import Config, OwnedServer, Provider, default_config_dir, load_config
 from diversityd.errors import ConfigError, DiversitydError, Severity, UsageError
 from diversityd.gateway import Availability, normalize_model_id
 from diversityd.gatewaymgr import GatewayManager
+from diversityd.gguf import GGUFError, read_model
+from diversityd.gpuplan import GpuPlan, GpuSettings, plan_gpus, replan_needed
 from diversityd.log import configure_logging, get_logger
 from diversityd.state import (
     ProbeResult,
@@ -52,10 +54,13 @@ from diversityd.state import (
 )
 from diversityd.units import RenderedUnit, UnitContext, render_provider_unit, unit_name
 from diversityd.validation import Report, validate
+from diversityd.vram import GpuSnapshot, ModelSpec, describe_model
 
 log = get_logger()
 
 LLAMA_SERVERS = ("llama-server", "llama-cpp-python")
+MIB = 1024 * 1024
+NVML_POLL_S = 10.0  # how often free VRAM is read for re-planning
 READY_WAIT_S = 300.0  # how long a restart waits for a provider to answer again
 STARTING_PROBE_S = 0.1  # probe fast while a provider starts: readiness gates restarts
 MAX_BACKOFF_S = 30.0
@@ -119,6 +124,7 @@ class ProviderRecord:
     n_gpu_layers: int | None = None
     vram_mib: int | None = None
     error: str | None = None
+    gpu_warnings: tuple[str, ...] = ()
     model: ModelTarget | None = None  # where model_path led when last accepted
     model_error: str | None = None  # a rejected re-point (the old model keeps serving)
 
@@ -167,6 +173,7 @@ class ProviderRecord:
             "probe": probe,
             "n_gpu_layers": self.n_gpu_layers,
             "vram_mib": self.vram_mib,
+            "gpu_warnings": list(self.gpu_warnings),
             "error": self.error,
             "type": self.provider.type,
             "base_url": self.provider.base_url,
@@ -269,6 +276,10 @@ class Daemon:
         self._link_watcher: LinkWatcher | None = None
         self._startup_done = asyncio.Event()  # owned units started, watched ones probed
         self.gateway: GatewayManager | None = None
+        self.gpu_plan: GpuPlan | None = None
+        self.gpu_plan_at = 0.0  # time.monotonic() of the plan in force
+        self.gpu_error: str | None = None  # the last NVML failure (the old plan stays)
+        self.gpus: GpuSnapshot | None = None
         self._job_ids = itertools.count(1)
         # state (single writer: _state_loop)
         self.config: Config | None = None
@@ -330,35 +341,57 @@ class Daemon:
                 record.state_since = previous.state_since
             records[name] = record
         self.records = records
-        self.rendered_units = self._render_units(report.config, report.catalog)
-        if report.config.settings.gateway.owned:
-            if self.gateway is None:
-                self.gateway = GatewayManager(self)
-            self.rendered_units += self.gateway.units()
+        if report.config.settings.gateway.owned and self.gateway is None:
+            self.gateway = GatewayManager(self)
+        self._render_all()
 
-    def _render_units(self, config: Config, catalog: Catalog) -> list[RenderedUnit]:
+    def _render_all(self) -> list[str]:
+        """Render every owned unit from the configuration and the GPU plan in force.
+        Returns the providers whose unit text changed."""
+        config, report = self.config, self.report
+        assert config is not None
+        assert report is not None
+        assert report.catalog is not None
+        before = {u.name: u.text for u in self.rendered_units}
         units = []
         for name, owned in config.settings.owned.items():
             if not config.providers[name].active:
                 continue
-            layers = self._gpu_layers(config, owned)
-            self.records[name].n_gpu_layers = layers
+            gpu = self._gpu_settings(name)
+            record = self.records[name]
+            record.n_gpu_layers = gpu.n_gpu_layers
+            record.vram_mib = gpu.vram_bytes // MIB if gpu.vram_bytes is not None else None
+            record.gpu_warnings = gpu.warnings
             units.append(
                 render_provider_unit(
-                    config, owned, catalog.backend_names_of(name), layers, self.unit_context
+                    config, owned, report.catalog.backend_names_of(name), gpu, self.unit_context
                 )
             )
-        return units
+        if self.gateway is not None:
+            units += self.gateway.units()
+        self.rendered_units = units
+        return [
+            u.provider for u in units if u.provider and before.get(u.name) not in (None, u.text)
+        ]
 
-    def _gpu_layers(self, config: Config, owned: OwnedServer) -> int:
-        """The layer count a unit is rendered with. The user's count wins; without a VRAM
-        plan every llama server runs on the CPU (0 layers), which always fits."""
-        provider = config.providers[owned.provider]
-        if provider.n_gpu_layers is not None:
-            return provider.n_gpu_layers
-        if owned.n_gpu_layers is not None:
-            return owned.n_gpu_layers
-        return 0
+    def _gpu_settings(self, provider: str) -> GpuSettings:
+        """What the GPU plan says for one unit. Before the first plan (or without a GPU):
+        the user's own layer count, else the CPU with the GPU hidden, which always fits."""
+        if self.gpu_plan is not None and provider in self.gpu_plan.settings:
+            return self.gpu_plan.settings_for(provider)
+        assert self.config is not None
+        owned = self.config.settings.owned[provider]
+        user_layers = owned.n_gpu_layers
+        if user_layers is None:
+            user_layers = self.config.providers[provider].n_gpu_layers
+        llama = owned.server in LLAMA_SERVERS
+        return GpuSettings(
+            provider=provider,
+            n_gpu_layers=(user_layers if user_layers is not None else 0) if llama else None,
+            hide_gpu=llama and user_layers is None,
+            server=owned.server,
+            gpu=owned.gpu,
+        )
 
     # -- the state loop (single writer) -----------------------------------------------
 
@@ -690,6 +723,143 @@ class Daemon:
                 error=None if ready else "not ready in time",
             )
 
+    # -- the GPU plan ---------------------------------------------------------------------------
+
+    def _owned_pids(self) -> dict[str, list[int]]:
+        """Every pid of each running owned unit: NVML lists Ollama's runners and vLLM's
+        engine core (children), not the main process, and those are ours, not "others"."""
+        pids: dict[str, list[int]] = {}
+        for name, record in self.records.items():
+            main = record.snapshot.main_pid if record.snapshot else 0
+            if record.owned is None or not main:
+                continue
+            try:
+                children = psutil.Process(main).children(recursive=True)
+            except psutil.Error:
+                children = []
+            pids[name] = [main, *(child.pid for child in children)]
+        return pids
+
+    def _describe_models(self) -> dict[str, ModelSpec | str]:
+        """Each owned llama server's accepted GGUF, described (or why it could not be)."""
+        models: dict[str, ModelSpec | str] = {}
+        for names in self._model_paths().values():
+            target = self.records[names[0]].model
+            if target is None or target.target is None or not target.ok:
+                described: ModelSpec | str = (target.error if target else None) or "no model"
+            else:
+                try:
+                    described = describe_model(read_model(target.target))
+                except (GGUFError, OSError) as exc:
+                    described = str(exc)
+            for name in names:
+                models[name] = described
+        return models
+
+    async def _replan(self, reason: str, *, restart: bool = True) -> list[str]:
+        """Read NVML and the models, plan every card, re-render the units. Returns the
+        providers whose unit changed (restarted one at a time when `restart` and running).
+        An NVML failure keeps the plan in force and is reported."""
+        assert self.config is not None
+        try:
+            snapshot = await asyncio.to_thread(read_gpus)
+        except NvmlError as exc:
+            failure = f"{exc.name}: {exc}"
+            await self.in_state_loop(functools.partial(setattr, self, "gpu_error", failure))
+            log.error("gpu.nvml_failed", error=failure, state="keeping the last plan")
+            return []
+        models = await asyncio.to_thread(self._describe_models)
+        pids = await asyncio.to_thread(self._owned_pids)
+        plan = plan_gpus(self.config, models, snapshot, pids, previous=self.gpu_plan)
+
+        def adopt() -> list[str]:
+            first = self.gpu_plan is None
+            self.gpu_plan, self.gpu_plan_at = plan, time.monotonic()
+            self.gpus, self.gpu_error = snapshot, None
+            if first and plan.cpu_only_reason:
+                log.info("gpu.cpu_only", error=plan.cpu_only_reason)
+            return self._render_all()
+
+        changed: list[str] = await self.in_state_loop(adopt)
+        for name, settings in plan.settings.items():
+            log.info(
+                "gpu.planned",
+                provider=name,
+                state=reason,
+                n_gpu_layers=settings.n_gpu_layers,
+                vram_mib=settings.vram_bytes // MIB if settings.vram_bytes else None,
+                error="; ".join(settings.warnings) or None,
+            )
+        if changed:
+            await self._sync_unit_files()
+            if restart:
+                await self._restart_running(changed, f"GPU plan: {reason}")
+        return changed
+
+    async def _restart_running(self, providers: list[str], reason: str) -> str | None:
+        """Roll the changed units that run (a stopped one picks its new file up on start)."""
+        running = [
+            name
+            for name in providers
+            if (record := self.records.get(name)) is not None
+            and record.snapshot is not None
+            and record.snapshot.active_state in ("active", "activating")
+        ]
+        if not running:
+            return None
+        job_id: str = await self.in_state_loop(
+            lambda: self._start_job("restart", {"providers": running, "reason": reason})
+        )
+        return job_id
+
+    async def _gpu_loop(self) -> None:
+        """Re-plan when the VRAM used by others moves enough to matter (hysteresis: no
+        restart storms), never while one of our GPU servers is starting or stopping."""
+        while True:
+            await asyncio.sleep(NVML_POLL_S)
+            plan = self.gpu_plan
+            if plan is None or plan.cpu_only_reason or self._restart_lock.locked():
+                continue
+            if any(r.owned and r.state is ProviderState.STARTING for r in self.records.values()):
+                continue
+            try:
+                snapshot = await asyncio.to_thread(read_gpus)
+            except NvmlError as exc:
+                failure = f"{exc.name}: {exc}"
+                if failure != self.gpu_error:
+                    log.error("gpu.nvml_failed", error=failure, state="keeping the last plan")
+                await self.in_state_loop(functools.partial(setattr, self, "gpu_error", failure))
+                continue
+            pids = await asyncio.to_thread(self._owned_pids)
+            decision = replan_needed(plan, snapshot, pids, time.monotonic() - self.gpu_plan_at)
+            await self.in_state_loop(functools.partial(setattr, self, "gpus", snapshot))
+            if decision.replan:
+                await self._replan(decision.reason)
+
+    def gpu_status(self) -> dict[str, Any]:
+        plan, snapshot = self.gpu_plan, self.gpus
+        cards = []
+        for card in plan.cards if plan else ():
+            reading = snapshot.gpu(card.index) if snapshot else None
+            cards.append(
+                {
+                    "index": card.index,
+                    "name": reading.name if reading else None,
+                    "total_mib": card.total_bytes // MIB,
+                    "free_mib": reading.free_bytes // MIB if reading else None,
+                    "others_mib": card.others_bytes // MIB,
+                    "budget_mib": card.budget_bytes // MIB,
+                    "planned_mib": card.planned_bytes // MIB,
+                    "warnings": list(card.warnings),
+                }
+            )
+        return {
+            "cpu_only_reason": plan.cpu_only_reason if plan else None,
+            "error": self.gpu_error,
+            "cards": cards,
+            "planned_s_ago": round(time.monotonic() - self.gpu_plan_at, 1) if plan else None,
+        }
+
     # -- the active model link --------------------------------------------------------------
 
     def _model_paths(self) -> dict[str, list[str]]:
@@ -750,18 +920,23 @@ class Daemon:
             target.identity,
         )
 
-        def accept() -> str | None:
+        def accept() -> None:
             for name in names:
                 self.records[name].model = target
                 self.records[name].model_error = None
-            if unchanged:
-                return None
-            return self._start_job(
-                "restart",
-                {"providers": names, "reason": "model link re-pointed", "model_path": path},
-            )
 
-        job_id = await self.in_state_loop(accept)
+        await self.in_state_loop(accept)
+        if unchanged:
+            return
+        # The new model's size moves the card's budget: plan again before restarting.
+        replanned = await self._replan("model link re-pointed", restart=False)
+        providers = names + [p for p in replanned if p not in names]
+        job_id = await self.in_state_loop(
+            lambda: self._start_job(
+                "restart",
+                {"providers": providers, "reason": "model link re-pointed", "model_path": path},
+            )
+        )
         if job_id is not None:
             log.info(
                 "model.changed",
@@ -787,6 +962,7 @@ class Daemon:
                 "jobs_running": [j.id for j in self.jobs.values() if j.result is None],
             },
             "providers": [record.to_json() for record in self.records.values()],
+            "gpus": self.gpu_status(),
             "gateway": self.gateway.record.to_json()
             if self.gateway is not None
             else {"owned": False, "state": "unknown"},
@@ -814,6 +990,7 @@ class Daemon:
         )
         await self._refresh_snapshots(only_missing=True)
         await self._watch_models()
+        await self._replan("configuration reloaded", restart=False)
         if self.gateway is not None:
             await self.in_state_loop(self.gateway.unpin)
         changed = [
@@ -992,6 +1169,7 @@ class Daemon:
         self._link_watcher = LinkWatcher(self._on_model_link_changed)
         self._link_watcher.start(loop)
         await self._watch_models()
+        await self._replan("start-up")
         self.control = ControlInterface(
             {
                 "status": self.status,
@@ -1005,6 +1183,7 @@ class Daemon:
         await export_interface(self.systemd.bus, self.control)
         self._ensure_probe_tasks()
         self._spawn(self._watchdog_loop())
+        self._spawn(self._gpu_loop())
         self._spawn(self._start_then_mark_ready())
         if self.gateway is not None:
             self.gateway.prepare_key()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from diversityd.config import Config, GatewaySettings, OwnedServer, Provider
+from diversityd.gpuplan import GpuSettings
 
 UNIT_PREFIX = "diversityd-"
 DAEMON_UNIT = "diversityd.service"
@@ -101,10 +102,11 @@ def server_arguments(
     owned: OwnedServer,
     provider: Provider,
     model_name: str,
-    n_gpu_layers: int,
+    gpu: GpuSettings,
     context: UnitContext,
 ) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment of one owned server."""
+    """The command line and environment of one owned server, with the GPU plan's part."""
+    n_gpu_layers = gpu.n_gpu_layers if gpu.n_gpu_layers is not None else 0
     host, port = provider.address
     model_path = expand_home(owned.model_path or "", context.home)
     total_ctx = owned.ctx * owned.parallel
@@ -153,10 +155,12 @@ def server_arguments(
             "--max-model-len", str(owned.ctx),
             "--max-num-seqs", str(owned.parallel),
         ]  # fmt: skip
-        if owned.gpu_memory_utilization is not None:
-            args += ["--gpu-memory-utilization", f"{owned.gpu_memory_utilization:g}"]
-    if owned.gpu is not None and owned.server != "ollama":
-        environment.setdefault("CUDA_VISIBLE_DEVICES", str(owned.gpu))
+        utilization = gpu.gpu_memory_utilization or owned.gpu_memory_utilization
+        if utilization is not None:
+            args += ["--gpu-memory-utilization", f"{utilization:g}"]
+    if owned.gpu is not None and not gpu.hide_gpu:
+        environment["CUDA_VISIBLE_DEVICES"] = str(owned.gpu)  # one card per server
+    environment.update(gpu.environment)  # hidden GPU, Ollama's cap
     args += list(owned.extra_args)
     environment.update(owned.environment)  # the user's escape hatch wins
     return args, environment
@@ -178,13 +182,13 @@ def render_provider_unit(
     config: Config,
     owned: OwnedServer,
     backend_names: Sequence[str],
-    n_gpu_layers: int,
+    gpu: GpuSettings,
     context: UnitContext,
 ) -> RenderedUnit:
     provider = config.providers[owned.provider]
     name = unit_name(owned.provider)
     model_name = served_model_name(provider, backend_names)
-    args, environment = server_arguments(owned, provider, model_name, n_gpu_layers, context)
+    args, environment = server_arguments(owned, provider, model_name, gpu, context)
     host, port = provider.address
     values = {
         "HEADER": HEADER_TEMPLATE.format(provider=owned.provider, unit=name).rstrip("\n"),

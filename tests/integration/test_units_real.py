@@ -12,6 +12,7 @@ import pytest
 from diversityd.adapters.files import write_atomic
 from diversityd.config import parse_config
 from diversityd.embedded import LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM, StackSpec
+from diversityd.gpuplan import GpuSettings
 from diversityd.privatemanager import PrivateManager
 from diversityd.units import render_provider_unit
 from tests.conftest import free_port
@@ -58,7 +59,11 @@ def test_units_for_the_real_ollama_and_vllm_binaries_verify(
     paths = []
     for name, owned in config.settings.owned.items():
         unit = render_provider_unit(
-            config, owned, [config.providers[name].models[0].name], 0, daemon_unit_context()
+            config,
+            owned,
+            [config.providers[name].models[0].name],
+            GpuSettings(name, n_gpu_layers=None, hide_gpu=False, server=owned.server, gpu=0),
+            daemon_unit_context(),
         )
         path = private_manager.unit_dir / unit.name
         write_atomic(path, unit.text)

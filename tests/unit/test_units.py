@@ -9,6 +9,7 @@ import pytest
 from diversityd.adapters.unitfiles import load_templates, sync_units
 from diversityd.catalog import build_catalog
 from diversityd.config import parse_config
+from diversityd.gpuplan import GpuSettings
 from diversityd.units import (
     MARKER,
     RenderedUnit,
@@ -84,7 +85,13 @@ def rendered() -> dict[str, RenderedUnit]:
     assert config is not None, findings
     catalog = build_catalog(config)
     return {
-        name: render_provider_unit(config, owned, catalog.backend_names_of(name), 7, context())
+        name: render_provider_unit(
+            config,
+            owned,
+            catalog.backend_names_of(name),
+            GpuSettings(name, n_gpu_layers=7, hide_gpu=False, server=owned.server, gpu=0),
+            context(),
+        )
         for name, owned in config.settings.owned.items()
     }
 
@@ -196,3 +203,48 @@ def test_sync_writes_only_changes_and_never_foreign_files(tmp_path: pytest.TempP
 def test_the_executable_path_is_never_variable_expanded() -> None:
     """systemd expands `$VAR` in arguments only: `$$` in the path would stay `$$`."""
     assert command_line(["/x $y/bin", "$y"]) == '"/x $y/bin" $$y'
+
+
+def test_a_cpu_plan_hides_the_gpu_and_the_plan_sets_vllms_share() -> None:
+    config, _ = parse_config(
+        {"providers.yaml": PROVIDERS, "model-mappings.yaml": "{}\n", "diversityd.yaml": SETTINGS},
+        config_dir="/cfg",
+        hostname="box",
+    )
+    assert config is not None
+    catalog = build_catalog(config)
+    native = config.settings.owned["native"]
+    hidden = render_provider_unit(
+        config,
+        native,
+        catalog.backend_names_of("native"),
+        GpuSettings("native", n_gpu_layers=0, hide_gpu=True, server="llama-server", gpu=0),
+        context(),
+    )
+    assert 'Environment="CUDA_VISIBLE_DEVICES="' in hidden.text
+    assert "--n-gpu-layers 0" in hidden.text
+    vllm = render_provider_unit(
+        config,
+        config.settings.owned["vllm"],
+        catalog.backend_names_of("vllm"),
+        GpuSettings(
+            "vllm", n_gpu_layers=None, hide_gpu=False, gpu_memory_utilization=0.21, server="vllm"
+        ),
+        context(),
+    )
+    assert "--gpu-memory-utilization 0.21" in vllm.text
+    assert 'Environment="CUDA_VISIBLE_DEVICES=0"' in vllm.text
+    ollama = render_provider_unit(
+        config,
+        config.settings.owned["ollama"],
+        catalog.backend_names_of("ollama"),
+        GpuSettings(
+            "ollama",
+            n_gpu_layers=None,
+            hide_gpu=False,
+            ollama_gpu_overhead_bytes=3 << 30,
+            server="ollama",
+        ),
+        context(),
+    )
+    assert f'Environment="OLLAMA_GPU_OVERHEAD={3 << 30}"' in ollama.text
