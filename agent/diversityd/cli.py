@@ -428,6 +428,80 @@ def reload(config_dir: Path | None, as_json: bool) -> None:
     sys.exit(EXIT_OK if result.get("ok") else EXIT_USAGE)
 
 
+def format_drills(result: dict[str, Any]) -> str:
+    header = ("PROVIDER", "MODE", "SENT", "FAILED", "P50", "P99", "SETTLED AFTER", "RESTORED")
+    rows = [header]
+    for d in result.get("drills", []):
+        rows.append(
+            (
+                d["provider"],
+                d["mode"],
+                str(d["sent"]),
+                str(d["failed"]),
+                f"{d['p50_ms']:.0f} ms",
+                f"{d['p99_ms']:.0f} ms",
+                f"{d['settle_ms'] / 1000:.1f} s",
+                "yes" if d["restored"] else "NO",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip() for row in rows]
+    for d in result.get("drills", []):
+        answered = ", ".join(f"{base}: {n}" for base, n in sorted(d["answered_by"].items()))
+        lines.append(f"{d['provider']}: answered by {answered or 'nobody'}")
+        for failure in d.get("failures", []):
+            lines.append(
+                f"  failed: {failure['model']} stream={failure['stream']}: {failure['error']}"
+            )
+        if d.get("error"):
+            lines.append(f"  error: {d['error']}")
+    lines.append("ok" if result.get("ok") else "FAILED")
+    return "\n".join(lines)
+
+
+@cli.command("failover-test")
+@click.argument("provider", required=False, default="")
+@click.option(
+    "--mode",
+    type=click.Choice(["kill", "stop", "hang"]),
+    default="kill",
+    show_default=True,
+    help="kill: SIGKILL (systemd restarts it); stop: systemctl stop, then start; "
+    "hang: SIGSTOP, then SIGCONT.",
+)
+@click.option("--force", is_flag=True, help="Drill even where a model has no live fallback.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--timeout", "timeout_s", default=900.0, show_default=True, help="Seconds to wait.")
+def failover_test(provider: str, mode: str, force: bool, as_json: bool, timeout_s: float) -> None:
+    """A live drill through the gateway: take PROVIDER down (every owned one in turn without
+    PROVIDER) while requests for its models flow, plain and streaming; then restore it.
+
+    Reports requests, failures, p50/p99 latency, how long the gateway kept trying the dead
+    provider, and whether it came back. Exit 1 if a request failed or something was not
+    restored; 2 (refused) when a model would have no live fallback, unless --force.
+    """
+    import asyncio
+
+    async def run() -> dict[str, Any]:
+        client = await _connect_daemon()
+        try:
+            await client.subscribe_jobs()
+            started = await client.call("FailoverTest", provider, mode, force)
+
+            def progress(payload: dict[str, Any]) -> None:
+                if not as_json and payload.get("step") in ("taking down", "restoring"):
+                    click.echo(f"{payload['step']} {payload.get('provider', '')} ...", err=True)
+
+            return dict(await client.follow_job(started["job"], progress, timeout_s))
+        finally:
+            client.close()
+
+    report = asyncio.run(run())
+    result = report.get("result") or {}
+    click.echo(json.dumps(result, indent=2) if as_json else format_drills(result))
+    sys.exit(EXIT_OK if result.get("ok") else EXIT_FAILURE)
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def history(as_json: bool) -> None:

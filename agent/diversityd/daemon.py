@@ -33,13 +33,16 @@ import psutil
 from diversityd import __version__
 from diversityd.adapters import probes
 from diversityd.adapters.control import ControlInterface, export_interface
+from diversityd.adapters.gatewayclient import Answer, ask, new_client
 from diversityd.adapters.inotify import Inotify, InotifyEvent
+from diversityd.adapters.litellm import read_master_key
 from diversityd.adapters.modellink import LinkWatcher, ModelTarget, resolve
 from diversityd.adapters.notify import Notifier
 from diversityd.adapters.nvml import NvmlError, read_gpus
 from diversityd.adapters.systemd import Systemd, SystemdError, UnitSnapshot
 from diversityd.adapters.unitfiles import default_unit_dir, machine_context, sync_units
 from diversityd.config import Config, OwnedServer, Provider, default_config_dir, load_config
+from diversityd.drill import DrillMode, DrillReport, overall_ok, unprotected_models
 from diversityd.errors import ConfigError, DiversitydError, Severity, UsageError
 from diversityd.gateway import Availability, normalize_model_id
 from diversityd.gatewaymgr import GatewayManager
@@ -61,6 +64,10 @@ log = get_logger()
 LLAMA_SERVERS = ("llama-server", "llama-cpp-python")
 MIB = 1024 * 1024
 NVML_POLL_S = 10.0  # how often free VRAM is read for re-planning
+DRILL_CLIENT_TIMEOUT_S = 120.0  # a hung backend costs a request its full timeout first
+DRILL_SETTLE_S = 120.0
+DRILL_RESTORE_S = 180.0
+DRILL_CLEAN_STREAK = 5
 READY_WAIT_S = 300.0  # how long a restart waits for a provider to answer again
 STARTING_PROBE_S = 0.1  # probe fast while a provider starts: readiness gates restarts
 MAX_BACKOFF_S = 30.0
@@ -1038,6 +1045,43 @@ class Daemon:
             raise UsageError("the gateway is not owned by diversityd (gateway.owned: false)")
         return await self.gateway.rollback(entry_id)
 
+    async def failover_test(self, provider: str, mode: str, force: bool) -> dict[str, Any]:
+        """Start a drill (a job). Refused, saying why, when it would leave a model with no
+        live fallback, unless forced."""
+        try:
+            drill_mode = DrillMode(mode)
+        except ValueError:
+            raise UsageError(f"unknown mode {mode!r}", hint="use kill, stop or hang") from None
+        if self.gateway is None or self.config is None or self.report is None:
+            raise UsageError("a drill goes through the gateway, which diversityd does not own")
+        if provider:
+            record = self.records.get(provider)
+            if record is None:
+                raise UsageError(f"unknown provider {provider!r}")
+            if record.owned is None:
+                raise UsageError(f"{provider} is watched, not owned: diversityd cannot drill it")
+            names = [provider]
+        else:
+            names = [r.name for r in self.records.values() if r.owned is not None]
+        assert self.report.catalog is not None
+        availability = self.availability()
+        exposed = {
+            name: models
+            for name in names
+            if (models := unprotected_models(self.config, self.report.catalog, availability, name))
+        }
+        if exposed and not force:
+            detail = "; ".join(f"{p}: {', '.join(m)}" for p, m in exposed.items())
+            raise UsageError(
+                f"a drill would leave models with no live fallback ({detail}): their "
+                "requests would fail",
+                hint="give them a fallback chain in model-mappings.yaml, drill another "
+                "provider, or pass --force",
+            )
+        params = {"providers": names, "mode": drill_mode.value, "force": force}
+        job_id = await self.in_state_loop(lambda: self._start_job("failover", params))
+        return {"job": job_id, "providers": names, "mode": drill_mode.value}
+
     async def job(self, job_id: str) -> dict[str, Any]:
         job = self.jobs.get(job_id)
         if job is None:
@@ -1047,7 +1091,7 @@ class Daemon:
     def _start_job(self, kind: str, params: dict[str, Any]) -> str:
         job = Job(id=f"{kind}-{next(self._job_ids)}", kind=kind, params=params)
         self.jobs[job.id] = job
-        runner = {"restart": self._run_restart_job}[kind]
+        runner = {"restart": self._run_restart_job, "failover": self._run_failover_job}[kind]
         self._spawn(self._run_job(job, runner))
         return job.id
 
@@ -1127,6 +1171,120 @@ class Daemon:
                 break
         return {"ok": bool(results) and all(r["ok"] for r in results), "providers": results}
 
+    # -- failover drills -------------------------------------------------------------------------
+
+    async def _run_failover_job(self, job: Job) -> dict[str, Any]:
+        """One drill per provider, in turn; units are not restarted by anything else meanwhile."""
+        mode = DrillMode(job.params["mode"])
+        reports: list[DrillReport] = []
+        async with self._restart_lock:
+            for name in job.params["providers"]:
+                report = await self._drill(job, name, mode)
+                reports.append(report)
+                self._report_progress(job, {"step": "drilled", **report.to_json()})
+        return {"drills": [r.to_json() for r in reports], "ok": overall_ok(reports)}
+
+    def _gateway_settled(self) -> bool:
+        gateway = self.gateway
+        return (
+            gateway is not None
+            and gateway.record.in_sync
+            and not gateway.record.reloading
+            and gateway.record.state() == "ready"
+        )
+
+    async def _drill(self, job: Job, name: str, mode: DrillMode) -> DrillReport:
+        assert self.systemd is not None
+        assert self.gateway is not None
+        record = self.records[name]
+        unit = record.unit
+        assert unit is not None
+        gateway = self.gateway
+        if not await self.wait_until(
+            lambda: self._gateway_settled() and record.state is ProviderState.READY, 180
+        ):
+            return DrillReport(name, mode, (), time.monotonic(), False, "not ready to drill")
+        plan = gateway.record.plan
+        models = [m for m in record.models if plan is not None and m in plan.served_by]
+        key = await asyncio.to_thread(read_master_key, gateway.key_file)
+        answers: list[Answer] = []
+        stop = asyncio.Event()
+
+        async def send(model: str) -> None:
+            async with new_client(DRILL_CLIENT_TIMEOUT_S) as client:
+                stream = False
+                while not stop.is_set():
+                    stream = not stream  # plain and streaming, in turn
+                    answers.append(await ask(client, gateway.record.url, key, model, stream=stream))
+                    await asyncio.sleep(0.05)
+
+        senders = [asyncio.ensure_future(send(model)) for model in models]
+        error: str | None = None
+        restored = False
+        taken_down_at = time.monotonic()
+        try:
+            await asyncio.sleep(1.0)  # a baseline through the healthy provider
+            self._report_progress(job, {"provider": name, "step": "taking down", "mode": mode})
+            log.warning("drill.takedown", provider=name, unit=unit, state=mode.value, job=job.id)
+            taken_down_at = time.monotonic()
+            if mode is DrillMode.KILL:
+                await self.systemd.kill(unit, int(signal.SIGKILL))
+            elif mode is DrillMode.STOP:
+                await self.systemd.stop(unit)
+            else:
+                await self.systemd.kill(unit, int(signal.SIGSTOP))
+            await self._wait_drill_settled(record, answers, taken_down_at, mode)
+            self._report_progress(job, {"provider": name, "step": "restoring"})
+            if mode is DrillMode.STOP:
+                await self.systemd.start(unit)
+            elif mode is DrillMode.HANG:
+                await self.systemd.kill(unit, int(signal.SIGCONT))
+            restored = await self.wait_until(
+                lambda: (
+                    record.state is ProviderState.READY
+                    and self._gateway_settled()
+                    and plan is not None
+                    and gateway.record.plan is not None
+                    and all(name in gateway.record.plan.served_by.get(m, ()) for m in models)
+                ),
+                DRILL_RESTORE_S,
+            )
+            await asyncio.sleep(1.0)  # and it serves again through the gateway
+        except (SystemdError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            stop.set()
+            await asyncio.gather(*senders, return_exceptions=True)
+        report = DrillReport(name, mode, tuple(answers), taken_down_at, restored, error)
+        log.info(
+            "drill.finished",
+            provider=name,
+            state=mode.value,
+            job=job.id,
+            error=error or (f"{len(report.failed)} requests failed" if report.failed else None),
+        )
+        return report
+
+    async def _wait_drill_settled(
+        self, record: ProviderRecord, answers: list[Answer], since: float, mode: DrillMode
+    ) -> None:
+        """Until the gateway stopped trying the dead provider: the daemon has seen it down
+        (a killed one may already be back), the gateway's config is in sync, and the last
+        few answers needed no fallback."""
+        deadline = time.monotonic() + DRILL_SETTLE_S
+        seen_down = False
+        while time.monotonic() < deadline:
+            seen_down = seen_down or record.state is not ProviderState.READY
+            recent = [a for a in answers if a.started > since][-DRILL_CLEAN_STREAK:]
+            if (
+                (seen_down or mode is DrillMode.KILL)
+                and self._gateway_settled()
+                and len(recent) == DRILL_CLEAN_STREAK
+                and all(a.ok and a.attempted_fallbacks == 0 for a in recent)
+            ):
+                return
+            await asyncio.sleep(0.2)
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     def _ensure_probe_tasks(self) -> None:
@@ -1178,6 +1336,7 @@ class Daemon:
                 "job": self.job,
                 "history": self.history,
                 "rollback": self.rollback,
+                "failover_test": self.failover_test,
             }
         )
         await export_interface(self.systemd.bus, self.control)

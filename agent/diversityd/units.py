@@ -138,6 +138,9 @@ def server_arguments(
         ]  # fmt: skip
         if owned.threads:
             args += ["--n_threads", str(owned.threads)]
+        # Its default cuts a running stream short whenever another request arrives: behind
+        # a gateway (concurrent clients, fallbacks landing here) that breaks streams.
+        args += ["--interrupt_requests", "False"]
         # llama-cpp-python was installed without its own llama.cpp build: it loads ours.
         environment["LLAMA_CPP_LIB_PATH"] = context.llama_lib_dir
     elif owned.server == "ollama":

@@ -256,3 +256,46 @@ def test_history_and_rollback(gateway_stack: RunningStack) -> None:
     # a configuration reload ends the pin and renders afresh
     assert gateway_stack.ctl("reload").returncode == 0
     gateway_stack.wait_for(lambda d: d["gateway"]["pinned"] is None, timeout_s=30)
+
+
+@pytest.mark.parametrize(
+    ("mode", "provider"),
+    [("kill", LLAMA_PYTHON), ("stop", OLLAMA), ("hang", LLAMA_NATIVE)],
+)
+def test_failover_drill_fails_no_request_and_restores(
+    gateway_stack: RunningStack, mode: str, provider: str
+) -> None:
+    wait_gateway_ready(gateway_stack)
+    before = gateway_stack.provider(provider)
+    result = gateway_stack.ctl("failover-test", provider, "--mode", mode, "--json", timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True
+    (drill,) = report["drills"]
+    assert drill["provider"] == provider
+    assert drill["mode"] == mode
+    assert drill["failed"] == 0, drill["failures"]
+    assert drill["restored"] is True
+    assert drill["sent"] >= 10
+    assert drill["p99_ms"] >= drill["p50_ms"] > 0
+    # the dead provider was covered by others: more than one server answered
+    assert len(drill["answered_by"]) >= 2, drill["answered_by"]
+    own_base = gateway_stack.stack.base_url(provider)
+    assert any(base.startswith(own_base) for base in drill["answered_by"])
+    after = gateway_stack.provider(provider)
+    assert after["state"] == "ready"
+    if mode == "hang":
+        assert after["pid"] == before["pid"]  # SIGCONT, not a restart
+    else:
+        assert after["pid"] != before["pid"]
+
+
+def test_a_drill_that_would_leave_a_model_without_fallback_is_refused(
+    gateway_stack: RunningStack,
+) -> None:
+    # qwen-coder-vllm is a terminal: with vLLM down nothing serves it
+    result = gateway_stack.ctl("failover-test", VLLM, "--mode", "stop")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "qwen-coder-vllm" in result.stderr
+    assert "--force" in result.stderr
+    assert gateway_stack.provider(VLLM)["state"] == "ready"  # nothing was touched

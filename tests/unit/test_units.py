@@ -146,6 +146,8 @@ def test_llama_cpp_python_unit_uses_the_shared_libraries() -> None:
     assert args[args.index("--model_alias") + 1] == "llama-cpp-default"
     assert args[args.index("--n_ctx") + 1] == "4096"
     assert 'Environment="LLAMA_CPP_LIB_PATH=/cache/lib"' in unit.text
+    # its default interrupts a running stream when another request arrives
+    assert args[args.index("--interrupt_requests") + 1] == "False"
 
 
 def test_ollama_and_vllm_units() -> None:

@@ -7,7 +7,8 @@ once and report through the `JobProgress` and `JobFinished` signals, so no call 
 D-Bus's method timeout; `Job(id)` answers a job's latest report at any time.
 
 Methods: Status() -> s; Reload() -> s; Restart(s provider) -> s job_id;
-Job(s job_id) -> s; History() -> s (the gateway's recent configs); Rollback(s id) -> s.
+Job(s job_id) -> s; History() -> s (the gateway's recent configs); Rollback(s id) -> s;
+FailoverTest(s provider, s mode, b force) -> s job_id (a live drill through the gateway).
 Later issues extend this interface; they never rename.
 """
 
@@ -40,9 +41,19 @@ class DaemonUnavailableError(DiversitydError):
 
 
 class ControlError(DiversitydError):
-    def __init__(self, message: str, dbus_name: str | None = None) -> None:
-        super().__init__(message)
+    """The daemon refused or failed a call; keeps the daemon's exit code and fix."""
+
+    def __init__(
+        self,
+        message: str,
+        dbus_name: str | None = None,
+        *,
+        hint: str | None = None,
+        exit_code: int = 1,
+    ) -> None:
+        super().__init__(message, hint=hint)
         self.dbus_name = dbus_name
+        self.exit_code = exit_code
 
 
 class ControlInterface(ServiceInterface):
@@ -56,7 +67,9 @@ class ControlInterface(ServiceInterface):
         try:
             result = await self._handlers[name](*args)
         except DiversitydError as exc:
-            raise DBusError(f"{ERROR_PREFIX}.{type(exc).__name__}", str(exc)) from exc
+            # The D-Bus error carries the class name, the message, the fix and the exit code.
+            detail = json.dumps({"message": str(exc), "hint": exc.hint, "exit_code": exc.exit_code})
+            raise DBusError(f"{ERROR_PREFIX}.{type(exc).__name__}", detail) from exc
         return json.dumps(result)
 
     @method()
@@ -82,6 +95,15 @@ class ControlInterface(ServiceInterface):
     @method()
     async def Rollback(self, entry_id: "s") -> "s":  # type: ignore[name-defined] # noqa: F821, N802
         return await self._answer("rollback", entry_id)
+
+    @method()
+    async def FailoverTest(  # noqa: N802
+        self,
+        provider: "s",  # type: ignore[name-defined] # noqa: F821
+        mode: "s",  # type: ignore[name-defined] # noqa: F821
+        force: "b",  # type: ignore[name-defined] # noqa: F821
+    ) -> "s":  # type: ignore[name-defined] # noqa: F821
+        return await self._answer("failover_test", provider, mode, force)
 
     @signal()
     def JobProgress(self, job_id: str, payload: str) -> "ss":  # type: ignore[name-defined] # noqa: F821, N802
@@ -131,8 +153,8 @@ class ControlClient:
         )
         return bool(reply.body and reply.body[0])
 
-    async def call(self, member: str, *args: str, timeout_s: float = 20.0) -> Any:
-        signature = "s" * len(args)
+    async def call(self, member: str, *args: str | bool, timeout_s: float = 20.0) -> Any:
+        signature = "".join("b" if isinstance(arg, bool) else "s" for arg in args)
         message = Message(
             destination=BUS_NAME,
             path=OBJECT_PATH,
@@ -153,6 +175,15 @@ class ControlClient:
                 "org.freedesktop.DBus.Error.NameHasNoOwner",
             ):
                 raise DaemonUnavailableError("diversityd is not running on the user bus")
+            if name.startswith(ERROR_PREFIX):
+                with contextlib.suppress(ValueError, TypeError, KeyError):
+                    fields = json.loads(str(detail))
+                    raise ControlError(
+                        str(fields["message"]),
+                        name,
+                        hint=fields.get("hint"),
+                        exit_code=int(fields.get("exit_code", 1)),
+                    )
             raise ControlError(str(detail), name)
         return json.loads(reply.body[0])
 

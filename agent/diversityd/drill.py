@@ -1,0 +1,106 @@
+"""Failover drills: what may be drilled, and what a drill's answers say. Pure.
+
+A drill takes one owned provider down (kill, stop or hang) while requests for each model
+it serves flow through the gateway, waits until the gateway has settled, restores the
+provider and checks it serves again. These functions decide whether a drill is safe and
+summarize the answers; the daemon runs the drill (I/O) as a job.
+"""
+
+from __future__ import annotations
+
+import enum
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from diversityd.adapters.gatewayclient import Answer
+from diversityd.catalog import Catalog
+from diversityd.config import Config
+from diversityd.gateway import Availability, render_gateway
+
+
+class DrillMode(enum.StrEnum):
+    KILL = "kill"  # SIGKILL the main process; systemd's Restart= brings it back
+    STOP = "stop"  # systemctl stop; the drill starts it again
+    HANG = "hang"  # SIGSTOP (alive, not answering); the drill sends SIGCONT
+
+
+def unprotected_models(
+    config: Config, catalog: Catalog, availability: Availability, provider: str
+) -> list[str]:
+    """The names `provider` serves that would have no live fallback while it is down."""
+    down = Availability(up={k: v for k, v in availability.up.items() if k != provider})
+    plan = render_gateway(config, catalog, down)
+    served = set(catalog.models_of(provider))
+    return sorted(served & set(plan.left_out))
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+@dataclass(frozen=True)
+class DrillReport:
+    provider: str
+    mode: DrillMode
+    answers: tuple[Answer, ...]
+    taken_down_at: float  # time.monotonic()
+    restored: bool
+    error: str | None = None
+
+    @property
+    def failed(self) -> list[Answer]:
+        return [a for a in self.answers if not a.ok]
+
+    def settle_ms(self) -> float:
+        """How long after the take-down the gateway still tried the dead provider: until
+        the last answer that needed a fallback (or failed) before the restore."""
+        late = [
+            a
+            for a in self.answers
+            if a.started >= self.taken_down_at and (a.attempted_fallbacks > 0 or not a.ok)
+        ]
+        if not late:
+            return 0.0
+        last = max(late, key=lambda a: a.started)
+        return max(0.0, (last.started - self.taken_down_at) * 1000 + last.latency_ms)
+
+    def to_json(self) -> dict[str, Any]:
+        latencies = [a.latency_ms for a in self.answers]
+        failures = self.failed
+        return {
+            "provider": self.provider,
+            "mode": self.mode.value,
+            "sent": len(self.answers),
+            "failed": len(failures),
+            "p50_ms": round(statistics.median(latencies), 1) if latencies else 0.0,
+            "p99_ms": round(percentile(latencies, 0.99), 1),
+            "settle_ms": round(self.settle_ms(), 1),
+            "restored": self.restored,
+            "answered_by": dict(Counter(a.api_base or "(none)" for a in self.answers if a.ok)),
+            "streamed": sum(a.stream for a in self.answers),
+            "failures": [_failure(a) for a in failures[:5]],
+            "error": self.error,
+        }
+
+
+def _failure(answer: Answer) -> dict[str, Any]:
+    return {
+        "model": answer.model,
+        "stream": answer.stream,
+        "status": answer.status,
+        "error": answer.error,
+    }
+
+
+def overall_ok(reports: Iterable[DrillReport]) -> bool:
+    collected = list(reports)
+    return bool(collected) and all(
+        not r.failed and r.restored and r.error is None for r in collected
+    )
