@@ -1,15 +1,11 @@
 #!/usr/bin/env bash
-# The main job: a demo of diversityd on the example configuration.
-# (Grows into the whole stack: private systemd manager, real llama servers, stand-ins for
-# Ollama and vLLM, the real LiteLLM gateway and diversityd.)
+# The main job: the whole stack on an embedded default (a private systemd --user manager,
+# real llama-server and llama-cpp-python on a tiny GGUF, Ollama and vLLM stand-ins, the real
+# LiteLLM gateway and diversityd): status, a chat through the gateway, a failover drill,
+# then a clean teardown. `--stay` leaves it up, detached, and says how to reach and stop it.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 cd "$root"
-"$here/bootstrap.sh"
-ctl="$root/.venv/bin/diversityctl"
-echo "== diversityctl validate --config-dir config"
-"$ctl" validate --config-dir config
-echo
-echo "== diversityctl render --config-dir config --down llama_cpp_python"
-"$ctl" render --config-dir config --down llama_cpp_python
+"$here/setup.sh"
+exec "$root/.venv/bin/python" -m diversityd.demo "$@"
