@@ -340,7 +340,9 @@ def status(config_dir: Path | None, as_json: bool) -> None:
     click.echo(json.dumps(document, indent=2) if as_json else format_status(document))
 
 
-async def _connect_daemon() -> Any:
+async def _connect_daemon(config_dir: str | None = None) -> Any:
+    """The daemon on the user bus; with `config_dir` (a real path), also check that it is
+    the daemon of that configuration."""
     from diversityd.adapters.control import ControlClient, DaemonUnavailableError
 
     client = await ControlClient.connect()
@@ -349,22 +351,38 @@ async def _connect_daemon() -> Any:
         raise DaemonUnavailableError(
             "diversityd is not running", hint="systemctl --user start diversityd"
         )
+    if config_dir is not None:
+        daemon_dir = (await client.call("Status"))["daemon"]["config_dir"]
+        if daemon_dir != config_dir:
+            client.close()
+            raise UsageError(
+                f"the daemon on this bus reads {daemon_dir}, not {config_dir}",
+                hint=f"edit the files in {daemon_dir}, or reinstall the daemon with "
+                f"`diversityctl install --config-dir {config_dir}`",
+            )
     return client
+
+
+def _real_dir(config_dir: Path | None) -> str | None:
+    return os.path.realpath(config_dir) if config_dir is not None else None
 
 
 @cli.command()
 @click.argument("provider", required=False, default="")
+@config_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--timeout", "timeout_s", default=900.0, show_default=True, help="Seconds to wait.")
-def restart(provider: str, as_json: bool, timeout_s: float) -> None:
+def restart(provider: str, config_dir: Path | None, as_json: bool, timeout_s: float) -> None:
     """Restart PROVIDER (or every owned one, one at a time) and wait until it answers.
 
     Reports how long each took; exit 1 if one did not come back.
     """
     import asyncio
 
+    wanted = _real_dir(config_dir)
+
     async def run() -> dict[str, Any]:
-        client = await _connect_daemon()
+        client = await _connect_daemon(wanted)
         try:
             await client.subscribe_jobs()
             started = await client.call("Restart", provider)
@@ -398,19 +416,11 @@ def reload(config_dir: Path | None, as_json: bool) -> None:
     daemon keeps running on the old one."""
     import asyncio
 
-    wanted = os.path.realpath(config_dir) if config_dir is not None else None
+    wanted = _real_dir(config_dir)
 
     async def run() -> dict[str, Any]:
-        client = await _connect_daemon()
+        client = await _connect_daemon(wanted)
         try:
-            if wanted is not None:
-                daemon_dir = (await client.call("Status"))["daemon"]["config_dir"]
-                if daemon_dir != wanted:
-                    raise UsageError(
-                        f"the daemon reads {daemon_dir}, not {config_dir}",
-                        hint=f"edit the files in {daemon_dir}, or reinstall the daemon "
-                        f"with `diversityctl install --config-dir {config_dir}`",
-                    )
             return dict(await client.call("Reload", timeout_s=60))
         finally:
             client.close()
@@ -470,9 +480,18 @@ def format_drills(result: dict[str, Any]) -> str:
     "hang: SIGSTOP, then SIGCONT.",
 )
 @click.option("--force", is_flag=True, help="Drill even where a model has no live fallback.")
+@config_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--timeout", "timeout_s", default=900.0, show_default=True, help="Seconds to wait.")
-def failover_test(provider: str, mode: str, force: bool, as_json: bool, timeout_s: float) -> None:
+def failover_test(
+    *,
+    provider: str,
+    mode: str,
+    force: bool,
+    config_dir: Path | None,
+    as_json: bool,
+    timeout_s: float,
+) -> None:
     """A live drill through the gateway: take PROVIDER down (every owned one in turn without
     PROVIDER) while requests for its models flow, plain and streaming; then restore it.
 
@@ -482,8 +501,10 @@ def failover_test(provider: str, mode: str, force: bool, as_json: bool, timeout_
     """
     import asyncio
 
+    wanted = _real_dir(config_dir)
+
     async def run() -> dict[str, Any]:
-        client = await _connect_daemon()
+        client = await _connect_daemon(wanted)
         try:
             await client.subscribe_jobs()
             started = await client.call("FailoverTest", provider, mode, force)
@@ -503,13 +524,16 @@ def failover_test(provider: str, mode: str, force: bool, as_json: bool, timeout_
 
 
 @cli.command()
+@config_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def history(as_json: bool) -> None:
+def history(config_dir: Path | None, as_json: bool) -> None:
     """List the gateway's last configs (newest first); `rollback ID` goes back to one."""
     import asyncio
 
+    wanted = _real_dir(config_dir)
+
     async def run() -> dict[str, Any]:
-        client = await _connect_daemon()
+        client = await _connect_daemon(wanted)
         try:
             return dict(await client.call("History"))
         finally:
@@ -528,14 +552,17 @@ def history(as_json: bool) -> None:
 
 @cli.command()
 @click.argument("entry_id", metavar="ID")
+@config_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def rollback(entry_id: str, as_json: bool) -> None:
+def rollback(entry_id: str, config_dir: Path | None, as_json: bool) -> None:
     """Serve the gateway config ID again (blue/green, like any reload) and pin it: automatic
     reloads pause until `diversityctl reload`. Exit 1 if the proxy would not start."""
     import asyncio
 
+    wanted = _real_dir(config_dir)
+
     async def run() -> dict[str, Any]:
-        client = await _connect_daemon()
+        client = await _connect_daemon(wanted)
         try:
             return dict(await client.call("Rollback", entry_id, timeout_s=300))
         finally:
