@@ -237,3 +237,13 @@ def test_systemctl_reload_adopts_a_good_change_and_restarts_what_changed(
                 and all(p["state"] == "ready" for p in d["providers"])
             )
         )
+
+
+def test_the_daemon_pings_its_watchdog(running_stack: RunningStack) -> None:
+    assert running_stack.unit_property(DAEMON_UNIT, "WatchdogUSec") == "10s"
+    first = int(running_stack.unit_property(DAEMON_UNIT, "WatchdogTimestampMonotonic"))
+    time.sleep(4.0)  # pings come every third of WatchdogSec
+    second = int(running_stack.unit_property(DAEMON_UNIT, "WatchdogTimestampMonotonic"))
+    assert second > first > 0
+    status = running_stack.unit_property(DAEMON_UNIT, "StatusText")
+    assert "providers ready" in status  # STATUS= says how many answer
