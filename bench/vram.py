@@ -32,24 +32,12 @@ from typing import Any
 
 from diversityd import parts
 from diversityd.gguf import read_model
-from diversityd.ggufwriter import Geometry, write_gguf
+from diversityd.ggufwriter import LLAMA_3_8B_SHAPE, Geometry, write_gguf
 from diversityd.vram import describe_model, estimate_compute, kv_layer_bytes, llama_server_run
 
 MiB = 1 << 20
 BUFFER = re.compile(r"(\S+?)(?:\[[^\]]*\])?\s+(model|KV|compute) buffer size =\s+([\d.]+) MiB")
 
-LLAMA_8B = Geometry(
-    n_layer=32,
-    n_embd=4096,
-    n_head=32,
-    n_head_kv=8,
-    n_ff=14336,
-    n_vocab=128256,
-    n_ctx_train=131072,
-    file_type="Q4_0",
-    sparse=True,
-    name="llama-3-8b-shape",
-)
 QWEN_05B = Geometry(
     arch="qwen2",
     n_layer=24,
@@ -102,8 +90,8 @@ CASES = [
     Case("tiny-llama-f16-mha-nofa", Geometry(n_head_kv=4, file_type="F16"), 1024, 2, False, False),
     Case("tiny-gemma2-swa-8192", Geometry(arch="gemma2", n_layer=6, file_type="F16"), 8192, 1),
     Case("tiny-gemma2-swa-2x3000", Geometry(arch="gemma2", n_layer=6), 3000, 2, quick=False),
-    Case("llama-3-8b-shape-q4_0-4096", LLAMA_8B, 4096, 1),
-    Case("llama-3-8b-shape-q4_0-4x2048-nofa", LLAMA_8B, 2048, 4, False, False),
+    Case("llama-3-8b-shape-q4_0-4096", LLAMA_3_8B_SHAPE, 4096, 1),
+    Case("llama-3-8b-shape-q4_0-4x2048-nofa", LLAMA_3_8B_SHAPE, 2048, 4, False, False),
     Case("qwen2.5-0.5b-shape-q8_0-2x8192", QWEN_05B, 8192, 2, quick=False),
     Case("gemma2-2b-shape-f16-8192", GEMMA2_2B, 8192, 1, quick=False),
 ]

@@ -136,6 +136,22 @@ class TensorSpec:
         return math.prod(self.shape) // block_size * type_size
 
 
+# Llama 3.1 8B's shape (GQA, a 128k-token vocabulary) with its tensor data a sparse hole:
+# the file the VRAM estimator's accuracy and speed checks use (a few MB on disk).
+LLAMA_3_8B_SHAPE = Geometry(
+    n_layer=32,
+    n_embd=4096,
+    n_head=32,
+    n_head_kv=8,
+    n_ff=14336,
+    n_vocab=128256,
+    n_ctx_train=131072,
+    file_type="Q4_0",
+    sparse=True,
+    name="llama-3-8b-shape",
+)
+
+
 def tensor_specs(geometry: Geometry) -> list[TensorSpec]:
     """Every tensor llama.cpp expects for the geometry, in file order."""
     g = geometry

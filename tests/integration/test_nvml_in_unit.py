@@ -22,7 +22,7 @@ import pytest
 
 from diversityd.config import Config, parse_config
 from diversityd.gguf import read_model
-from diversityd.ggufwriter import Geometry, write_gguf
+from diversityd.ggufwriter import LLAMA_3_8B_SHAPE, Geometry, write_gguf
 from diversityd.gpuplan import plan_gpus
 from diversityd.privatemanager import PrivateManager
 from diversityd.units import command_line, environment_line
@@ -217,17 +217,7 @@ def test_three_hundred_free_mib_leave_small_models_on_the_cpu(
 def test_a_big_model_is_offloaded_in_part(
     private_manager: PrivateManager, shim: Path, python: Path, tmp_path: Path
 ) -> None:
-    geometry = Geometry(
-        n_layer=32,
-        n_embd=4096,
-        n_head=32,
-        n_head_kv=8,
-        n_ff=14336,
-        n_vocab=128256,
-        file_type="Q4_0",
-        sparse=True,
-        name="sparse-8b",
-    )
+    geometry = LLAMA_3_8B_SHAPE
     texts = owned_config({"native": write_gguf(tmp_path / "8b.gguf", geometry)})
     nvml = "device NVIDIA_RTX_A2000 total_mib=6144 used_mib=3144\n"  # 3000 MiB free
     got, _ = run_in_unit(private_manager, shim, python, texts, nvml=nvml)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from diversityd.gguf import read_gguf, read_model
-from diversityd.ggufwriter import Geometry, write_gguf
+from diversityd.ggufwriter import LLAMA_3_8B_SHAPE, Geometry, write_gguf
 from diversityd.vram import (
     Placement,
     RunParams,
@@ -201,17 +201,7 @@ def test_estimate_matches_llama_server(
 def test_8b_shape_matches_llama_server(llama_server_bin: Path, tmp_path: Path) -> None:
     """A Llama-3-8B-shaped model (128k vocabulary, GQA, Q4_0) whose tensor data is a hole:
     llama-server maps it without reading, and prints the real buffer sizes."""
-    geometry = Geometry(
-        n_layer=32,
-        n_embd=4096,
-        n_head=32,
-        n_head_kv=8,
-        n_ff=14336,
-        n_vocab=128256,
-        n_ctx_train=131072,
-        file_type="Q4_0",
-        sparse=True,
-    )
+    geometry = LLAMA_3_8B_SHAPE
     path = write_gguf(tmp_path / "llama-8b.gguf", geometry)
     spec = describe_model(read_model(path))
     run = llama_server_run(2048, 2)

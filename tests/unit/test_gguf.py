@@ -15,7 +15,7 @@ from gguf import GGUFReader
 from diversityd import gguf as lean
 from diversityd.errors import DiversitydError
 from diversityd.gguf import GGML_TYPES, GGUFError, SkippedArray, read_gguf, read_model
-from diversityd.ggufwriter import Geometry, write_gguf
+from diversityd.ggufwriter import LLAMA_3_8B_SHAPE, Geometry, write_gguf
 
 GEOMETRIES = {
     "llama-f32-gqa": Geometry(),
@@ -105,17 +105,7 @@ def test_sizes_from_types(models: dict[str, Path]) -> None:
 
 
 def test_sparse_8b_header_reads_fast(tmp_path: Path) -> None:
-    geometry = Geometry(
-        n_layer=32,
-        n_embd=4096,
-        n_head=32,
-        n_head_kv=8,
-        n_ff=14336,
-        n_vocab=128256,
-        n_ctx_train=131072,
-        file_type="Q4_0",
-        sparse=True,
-    )
+    geometry = LLAMA_3_8B_SHAPE
     path = write_gguf(tmp_path / "sparse-8b.gguf", geometry)
     assert path.stat().st_blocks * 512 < path.stat().st_size // 100  # really a hole
     started = time.perf_counter()

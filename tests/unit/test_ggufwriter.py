@@ -15,21 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diversityd import ggufwriter
-from diversityd.ggufwriter import FIRST_PIECE_ID, Geometry, write_gguf
-
-# The 8B geometry the VRAM estimator sizes (Llama 3.1 8B's shape).
-LLAMA_8B = Geometry(
-    n_layer=32,
-    n_embd=4096,
-    n_head=32,
-    n_head_kv=8,
-    n_ff=14336,
-    n_vocab=128256,
-    n_ctx_train=131072,
-    file_type="Q4_0",
-    sparse=True,
-    name="llama-8b-shape",
-)
+from diversityd.ggufwriter import FIRST_PIECE_ID, LLAMA_3_8B_SHAPE, Geometry, write_gguf
 
 
 def field(reader: GGUFReader, key: str) -> Any:
@@ -245,10 +231,10 @@ def llama_parameters(g: Geometry) -> tuple[int, int]:
 
 def test_sparse_8b_writes_in_seconds_full_size_on_paper_small_on_disk(tmp_path: Path) -> None:
     started = time.monotonic()
-    path = write_gguf(tmp_path / "8b.gguf", LLAMA_8B)
+    path = write_gguf(tmp_path / "8b.gguf", LLAMA_3_8B_SHAPE)
     assert time.monotonic() - started < 10.0
 
-    matrices, norms = llama_parameters(LLAMA_8B)
+    matrices, norms = llama_parameters(LLAMA_3_8B_SHAPE)
     assert 8.0e9 < matrices + norms < 8.1e9  # Llama 3.1 8B has 8.03 B
     q4_block, q4_bytes = gguf.GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0]
     data_bytes = matrices // q4_block * q4_bytes + 4 * norms
@@ -259,12 +245,12 @@ def test_sparse_8b_writes_in_seconds_full_size_on_paper_small_on_disk(tmp_path: 
     with path.open("rb") as model:
         header = model.read(24)
     assert header[:4] == b"GGUF"
-    assert int.from_bytes(header[8:16], "little") == 2 + 9 * LLAMA_8B.n_layer + 1
+    assert int.from_bytes(header[8:16], "little") == 2 + 9 * LLAMA_3_8B_SHAPE.n_layer + 1
 
 
 def test_sparse_8b_tensor_table_reads_back(tmp_path: Path) -> None:
     # Same shape with a small vocabulary: GGUFReader needs ~8 s to parse 128k token strings.
-    geometry = replace(LLAMA_8B, n_vocab=1024)
+    geometry = replace(LLAMA_3_8B_SHAPE, n_vocab=1024)
     reader = GGUFReader(write_gguf(tmp_path / "8b-small-vocab.gguf", geometry))
     tensors = tensors_by_name(reader)
     matrices, norms = llama_parameters(geometry)
@@ -283,8 +269,8 @@ def test_sparse_8b_tensor_table_reads_back(tmp_path: Path) -> None:
 
 
 def test_sparse_f16_8b_is_twice_as_big_as_it_has_parameters(tmp_path: Path) -> None:
-    path = write_gguf(tmp_path / "8b-f16.gguf", replace(LLAMA_8B, file_type="F16"))
-    matrices, norms = llama_parameters(LLAMA_8B)
+    path = write_gguf(tmp_path / "8b-f16.gguf", replace(LLAMA_3_8B_SHAPE, file_type="F16"))
+    matrices, norms = llama_parameters(LLAMA_3_8B_SHAPE)
     metadata_bytes = path.stat().st_size - (2 * matrices + 4 * norms)
     assert 0 < metadata_bytes < 4 * 2**20
     assert path.stat().st_blocks * 512 < 8 * 2**20

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from diversityd.gguf import read_gguf
-from diversityd.ggufwriter import Geometry, write_gguf
+from diversityd.ggufwriter import LLAMA_3_8B_SHAPE, Geometry, write_gguf
 from diversityd.plancli import plan
 
 MiB = 1 << 20
@@ -28,18 +28,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def sparse_8b(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    geometry = Geometry(
-        n_layer=32,
-        n_embd=4096,
-        n_head=32,
-        n_head_kv=8,
-        n_ff=14336,
-        n_vocab=128256,
-        n_ctx_train=131072,
-        file_type="Q4_0",
-        sparse=True,
-        name="sparse-8b",
-    )
+    geometry = LLAMA_3_8B_SHAPE
     return write_gguf(tmp_path_factory.mktemp("plan8b") / "llama-8b.gguf", geometry)
 
 
