@@ -30,9 +30,9 @@ from tests.benchsupport import emit
 from tests.conftest import free_port
 from tests.integration.harness import RunningStack, start_stack
 
-from diversityd.adapters.gatewayclient import Answer, ask, new_client
+from diversityd.adapters.gatewayclient import ask, new_client
 from diversityd.adapters.litellm import read_master_key
-from diversityd.drill import percentile
+from diversityd.drill import Answer, percentile
 from diversityd.embedded import LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM, StackSpec
 from diversityd.privatemanager import PrivateManager
 

@@ -24,7 +24,6 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import psutil
 from diversityd import __version__
 from diversityd.adapters import probes
 from diversityd.adapters.control import ControlInterface, export_interface
-from diversityd.adapters.gatewayclient import Answer, ask, new_client
+from diversityd.adapters.gatewayclient import ask, new_client
 from diversityd.adapters.inotify import Inotify, InotifyEvent
 from diversityd.adapters.litellm import read_master_key
 from diversityd.adapters.modellink import LinkWatcher, ModelTarget, resolve
@@ -42,7 +41,7 @@ from diversityd.adapters.nvml import NvmlError, read_gpus
 from diversityd.adapters.systemd import Systemd, SystemdError, UnitSnapshot
 from diversityd.adapters.unitfiles import default_unit_dir, machine_context, sync_units
 from diversityd.config import Config, OwnedServer, Provider, default_config_dir, load_config
-from diversityd.drill import DrillMode, DrillReport, overall_ok, unprotected_models
+from diversityd.drill import Answer, DrillMode, DrillReport, overall_ok, unprotected_models
 from diversityd.errors import ConfigError, DiversitydError, Severity, UsageError
 from diversityd.gateway import Availability, normalize_model_id
 from diversityd.gatewaymgr import GatewayManager
@@ -55,6 +54,7 @@ from diversityd.state import (
     UnitView,
     derive_state,
 )
+from diversityd.timefmt import iso_time
 from diversityd.units import RenderedUnit, UnitContext, render_provider_unit, unit_name
 from diversityd.validation import Report, validate
 from diversityd.vram import GpuSnapshot, ModelSpec, describe_model
@@ -88,6 +88,7 @@ class UnitChanged:
 class ProbeDone:
     provider: str
     result: ProbeResult
+    pid: int  # the main process when the probe was sent: its answer counts for it alone
 
 
 @dataclass(frozen=True)
@@ -156,9 +157,9 @@ class ProviderRecord:
                 ProviderState.FAILED,
             )
         ):
-            since = _iso(self.snapshot.active_enter_us / 1e6)
+            since = iso_time(self.snapshot.active_enter_us / 1e6)
         elif self.owned is None and self.state is ProviderState.READY:
-            since = _iso(self.state_since)
+            since = iso_time(self.state_since)
         probe: dict[str, Any] | None = None
         if self.probe is not None:
             probe = {
@@ -184,7 +185,7 @@ class ProviderRecord:
             "error": self.error,
             "type": self.provider.type,
             "base_url": self.provider.base_url,
-            "state_since": _iso(self.state_since),
+            "state_since": iso_time(self.state_since),
             "restarts": self.snapshot.n_restarts if self.snapshot else None,
             "last_unit_event_monotonic": self.last_unit_event,
             "last_state_change_monotonic": self.last_state_change,
@@ -234,10 +235,6 @@ def _is_ready_since(record: ProviderRecord, since: float) -> bool:
     return record.state is ProviderState.READY and (since == 0.0 or (changed or 0.0) > since)
 
 
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
-
-
 @dataclass
 class Job:
     id: str
@@ -252,7 +249,7 @@ class Job:
             "id": self.id,
             "kind": self.kind,
             "params": self.params,
-            "started": _iso(self.started),
+            "started": iso_time(self.started),
             "finished": self.result is not None,
             "progress": self.progress,
             "result": self.result,
@@ -280,6 +277,9 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
         self._restart_lock = asyncio.Lock()  # restart jobs (user, reload, re-point) never overlap
+        self._units_lock = asyncio.Lock()  # plan + render + write: one at a time
+        self._sync_lock = asyncio.Lock()  # unit files are written by one task at a time
+        self._restore_pending = False
         self._link_watcher: LinkWatcher | None = None
         self._startup_done = asyncio.Event()  # owned units started, watched ones probed
         self.gateway: GatewayManager | None = None
@@ -327,39 +327,35 @@ class Daemon:
             if not provider.active:
                 continue
             owned = report.config.settings.owned.get(name)
-            previous = self.records.get(name)
-            record = ProviderRecord(
-                name=name,
-                provider=provider,
-                owned=owned,
-                unit=unit_name(name) if owned else None,
-                models=report.catalog.models_of(name),
-                backends={
-                    d.model: d.backend_model
-                    for deps in report.catalog.deployments.values()
-                    for d in deps
-                    if d.provider.name == name
-                },
-            )
-            if previous is not None and previous.unit == record.unit:
-                record.model, record.model_error = previous.model, previous.model_error
-                record.snapshot, record.probe = previous.snapshot, previous.probe
-                record.answered_pid, record.state = previous.answered_pid, previous.state
-                record.state_since = previous.state_since
+            unit = unit_name(name) if owned else None
+            models = report.catalog.models_of(name)
+            backends = {
+                d.model: d.backend_model
+                for deps in report.catalog.deployments.values()
+                for d in deps
+                if d.provider.name == name
+            }
+            record = self.records.get(name)
+            if record is not None and record.unit == unit:
+                # The same object, updated: jobs waiting on it keep seeing it change.
+                record.provider, record.owned = provider, owned
+                record.models, record.backends = models, backends
+            else:
+                record = ProviderRecord(name, provider, owned, unit, models, backends)
             records[name] = record
         self.records = records
         if report.config.settings.gateway.owned and self.gateway is None:
             self.gateway = GatewayManager(self)
         self._render_all()
 
-    def _render_all(self) -> list[str]:
-        """Render every owned unit from the configuration and the GPU plan in force.
-        Returns the providers whose unit text changed."""
+    def _render_all(self) -> None:
+        """Render every owned unit from the configuration, the GPU plan and the model
+        files in force. A llama server's unit names the GGUF its link led to when last
+        accepted: a refused re-point never reaches a restart, not even systemd's own."""
         config, report = self.config, self.report
         assert config is not None
         assert report is not None
         assert report.catalog is not None
-        before = {u.name: u.text for u in self.rendered_units}
         units = []
         for name, owned in config.settings.owned.items():
             if not config.providers[name].active:
@@ -369,17 +365,20 @@ class Daemon:
             record.n_gpu_layers = gpu.n_gpu_layers
             record.vram_mib = gpu.vram_bytes // MIB if gpu.vram_bytes is not None else None
             record.gpu_warnings = gpu.warnings
+            model_file = record.model.target if record.model and record.model.ok else None
             units.append(
                 render_provider_unit(
-                    config, owned, report.catalog.backend_names_of(name), gpu, self.unit_context
+                    config,
+                    owned,
+                    report.catalog.backend_names_of(name),
+                    gpu,
+                    self.unit_context,
+                    model_file=model_file,
                 )
             )
         if self.gateway is not None:
             units += self.gateway.units()
         self.rendered_units = units
-        return [
-            u.provider for u in units if u.provider and before.get(u.name) not in (None, u.text)
-        ]
 
     def _gpu_settings(self, provider: str) -> GpuSettings:
         """What the GPU plan says for one unit. Before the first plan (or without a GPU):
@@ -418,7 +417,9 @@ class Daemon:
         elif isinstance(event, ProbeDone):
             self._on_probe(event)
         elif isinstance(event, UnitFilesTouched):
-            self._spawn(self._restore_units())
+            if not self._restore_pending:  # a burst of writes: one check
+                self._restore_pending = True
+                self._spawn(self._restore_units())
         else:
             try:
                 event.future.set_result(event.action())
@@ -463,12 +464,20 @@ class Daemon:
         previous = record.probe
         record.probe = result
         record.failures = 0 if result.ok else record.failures + 1
+        current_pid = record.snapshot.main_pid if record.snapshot else 0
         if result.ok:
-            pid = record.snapshot.main_pid if record.snapshot else 0
-            record.answered_pid = pid
+            if event.pid == current_pid:
+                record.answered_pid = current_pid
             record.error = None
         else:
             record.error = result.error
+        if (
+            self.gateway is not None
+            and previous is not None
+            and result.ok
+            and previous.models != result.models
+        ):
+            self.gateway.mark_dirty()  # a model appeared or went away: routing may change
         if previous is None or previous.outcome is not result.outcome:
             log.info(
                 "probe.changed",
@@ -524,7 +533,7 @@ class Daemon:
         """Which providers serve which models right now (input of the gateway render)."""
         up: dict[str, frozenset[str] | None] = {}
         for name, record in self.records.items():
-            if record.provider.type not in ("ollama", "llama_cpp", "vllm"):
+            if not record.provider.is_local:
                 up[name] = None  # clouds are not probed: trusted until a request fails
             elif record.state is ProviderState.READY:
                 up[name] = record.probe.models if record.probe else None
@@ -570,19 +579,24 @@ class Daemon:
         return base
 
     async def _probe_loop(self, name: str) -> None:
-        assert self.config is not None
-        settings = self.config.settings
-        client = probes.new_client(settings.probe_timeout_s)
+        client = probes.new_client(5.0)
         try:
             while True:
+                assert self.config is not None
+                settings = self.config.settings  # read each round: a reload may change it
                 record = self.records.get(name)
                 if record is None:
                     return
                 if record.owned is not None and record.state is ProviderState.STOPPED:
                     await asyncio.sleep(settings.probe_interval_s)
                     continue
-                result = await probes.probe(client, record.provider, settings.probe_timeout_s)
-                await self._events.put(ProbeDone(name, result))
+                pid = record.snapshot.main_pid if record.snapshot else 0
+                try:
+                    result = await probes.probe(client, record.provider, settings.probe_timeout_s)
+                except Exception as exc:  # noqa: BLE001 - one odd answer must not end probing
+                    log.error("probe.failed", provider=name, error=f"{type(exc).__name__}: {exc}")
+                else:
+                    await self._events.put(ProbeDone(name, result, pid))
                 await asyncio.sleep(self._probe_interval(record, settings.probe_interval_s))
         finally:
             await client.aclose()
@@ -593,8 +607,14 @@ class Daemon:
         """From the bus reader: every property change of a watched unit, as an event."""
         self._events.put_nowait(UnitChanged(unit, changed, time.monotonic()))
 
-    async def _sync_unit_files(self) -> bool:
-        """Write our unit files where they differ; daemon-reload only when one changed."""
+    async def _sync_unit_files(self) -> list[str]:
+        """Write our unit files where they differ; daemon-reload only when one changed.
+        Returns the providers whose file diversityd rewrote (a hand edit put back is not
+        one: whatever runs was started from our file or by the user on purpose)."""
+        async with self._sync_lock:
+            return await self._sync_unit_files_locked()
+
+    async def _sync_unit_files_locked(self) -> list[str]:
         rendered = list(self.rendered_units)
         result = sync_units(
             self.unit_dir, rendered, previous=self.written_units or None, remove_stale=True
@@ -617,7 +637,8 @@ class Daemon:
         if result.changed and self.systemd is not None:
             await self.systemd.reload_manager()
             log.info("systemd.reloaded")
-        return result.changed
+        providers = {u.name: u.provider for u in rendered if u.provider}
+        return [providers[name] for name in result.written if name in providers]
 
     async def _refresh_snapshots(self, *, only_missing: bool) -> None:
         """Read each owned unit's state from systemd: the truth after a daemon restart."""
@@ -635,6 +656,7 @@ class Daemon:
 
     async def _restore_units(self) -> None:
         await asyncio.sleep(0.05)  # let a burst of writes settle
+        await self.in_state_loop(functools.partial(setattr, self, "_restore_pending", False))
         await self._sync_unit_files()
 
     async def _find_port_holders(self) -> set[str]:
@@ -648,17 +670,20 @@ class Daemon:
         except (psutil.AccessDenied, OSError):
             return conflicts
         for conn in connections:
-            if conn.status != psutil.CONN_LISTEN or not conn.laddr or conn.pid is None:
+            if conn.status != psutil.CONN_LISTEN or not conn.laddr:
                 continue
             record = ports.get(conn.laddr.port)
             if record is None:
                 continue
-            holder = await self.systemd.unit_of_pid(conn.pid)
+            if conn.pid is None:  # another user's process (a system-wide ollama.service)
+                holder: str | None = "another user's process"
+            else:
+                holder = await self.systemd.unit_of_pid(conn.pid)
             if holder != record.unit:
                 conflicts.add(record.name)
                 message = (
                     f"port {conn.laddr.port} of {record.name} is held by "
-                    f"{holder or 'a process outside any unit'} (pid {conn.pid}), "
+                    f"{holder or 'a process outside any unit'} (pid {conn.pid or 'unknown'}), "
                     "which diversityd does not own"
                 )
                 await self.in_state_loop(functools.partial(setattr, record, "error", message))
@@ -676,20 +701,24 @@ class Daemon:
         while True:
             try:
                 await gateway.run(self._startup_done)
-            except (SystemdError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - restarted after a pause, never lost
                 log.error("gateway.loop_failed", error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(5)
 
     async def _start_then_mark_ready(self) -> None:
-        await self._start_owned()
+        try:
+            await self._start_owned()
+        except Exception as exc:  # noqa: BLE001 - the gateway must still come up
+            log.error("daemon.start_failed", error=f"{type(exc).__name__}: {exc}")
         await self.wait_until(
             lambda: all(r.probe is not None for r in self.records.values() if r.owned is None),
             10.0,
         )
         self._startup_done.set()
 
-    async def _start_owned(self) -> None:
-        """Start owned units that are not running, one at a time, each until ready.
+    async def _start_owned(self, only: list[str] | None = None) -> None:
+        """Start owned units that are not running (or just `only`), one at a time, each
+        until ready.
 
         A unit that is active, activating or waiting for systemd's Restart= is left alone:
         after a daemon restart, state comes from systemd and nothing is started twice. A
@@ -697,7 +726,11 @@ class Daemon:
         assert self.systemd is not None
         conflicts = await self._find_port_holders()
         order = sorted(
-            (r for r in self.records.values() if r.owned is not None),
+            (
+                r
+                for r in self.records.values()
+                if r.owned is not None and (only is None or r.name in only)
+            ),
             key=lambda r: (-(r.owned.vram_priority if r.owned else 0), r.name),
         )
         for record in order:
@@ -732,62 +765,74 @@ class Daemon:
 
     # -- the GPU plan ---------------------------------------------------------------------------
 
-    def _owned_pids(self) -> dict[str, list[int]]:
-        """Every pid of each running owned unit: NVML lists Ollama's runners and vLLM's
-        engine core (children), not the main process, and those are ours, not "others"."""
-        pids: dict[str, list[int]] = {}
-        for name, record in self.records.items():
-            main = record.snapshot.main_pid if record.snapshot else 0
-            if record.owned is None or not main:
+    def _plan_inputs(self) -> tuple[dict[str, str | None], dict[str, int]]:
+        """(In the state loop.) Each owned llama server's accepted GGUF (or why there is
+        none) and each running owned unit's main pid: plain data for a worker thread."""
+        models: dict[str, str | None] = {}
+        for names in self._model_paths().values():
+            target = self.records[names[0]].model
+            for name in names:
+                models[name] = target.target if target is not None and target.ok else None
+        pids = {
+            name: record.snapshot.main_pid
+            for name, record in self.records.items()
+            if record.owned is not None and record.snapshot is not None and record.snapshot.main_pid
+        }
+        return models, pids
+
+    @staticmethod
+    def _read_plan_inputs(
+        models: dict[str, str | None], main_pids: dict[str, int]
+    ) -> tuple[dict[str, ModelSpec | str], dict[str, list[int]]]:
+        """(In a worker thread.) Describe the GGUFs; find every pid of each owned unit:
+        NVML lists Ollama's runners and vLLM's engine core (children), and those are ours."""
+        described: dict[str, ModelSpec | str] = {}
+        cache: dict[str, ModelSpec | str] = {}
+        for name, path in models.items():
+            if path is None:
+                described[name] = "no accepted model file"
                 continue
+            if path not in cache:
+                try:
+                    cache[path] = describe_model(read_model(path))
+                except (GGUFError, OSError) as exc:
+                    cache[path] = str(exc)
+            described[name] = cache[path]
+        pids: dict[str, list[int]] = {}
+        for name, main in main_pids.items():
             try:
                 children = psutil.Process(main).children(recursive=True)
             except psutil.Error:
                 children = []
             pids[name] = [main, *(child.pid for child in children)]
-        return pids
+        return described, pids
 
-    def _describe_models(self) -> dict[str, ModelSpec | str]:
-        """Each owned llama server's accepted GGUF, described (or why it could not be)."""
-        models: dict[str, ModelSpec | str] = {}
-        for names in self._model_paths().values():
-            target = self.records[names[0]].model
-            if target is None or target.target is None or not target.ok:
-                described: ModelSpec | str = (target.error if target else None) or "no model"
-            else:
-                try:
-                    described = describe_model(read_model(target.target))
-                except (GGUFError, OSError) as exc:
-                    described = str(exc)
-            for name in names:
-                models[name] = described
-        return models
-
-    async def _replan(self, reason: str, *, restart: bool = True) -> list[str]:
-        """Read NVML and the models, plan every card, re-render the units. Returns the
-        providers whose unit changed (restarted one at a time when `restart` and running).
-        An NVML failure keeps the plan in force and is reported."""
-        assert self.config is not None
+    async def _plan_gpus(self, reason: str) -> None:
+        """Read NVML and the models, plan every card. An NVML failure keeps the plan in
+        force (and is reported by its NVML name)."""
+        config = self.config
+        assert config is not None
         try:
             snapshot = await asyncio.to_thread(read_gpus)
         except NvmlError as exc:
             failure = f"{exc.name}: {exc}"
+            if failure != self.gpu_error:
+                log.error("gpu.nvml_failed", error=failure, state="keeping the last plan")
             await self.in_state_loop(functools.partial(setattr, self, "gpu_error", failure))
-            log.error("gpu.nvml_failed", error=failure, state="keeping the last plan")
-            return []
-        models = await asyncio.to_thread(self._describe_models)
-        pids = await asyncio.to_thread(self._owned_pids)
-        plan = plan_gpus(self.config, models, snapshot, pids, previous=self.gpu_plan)
+            return
+        models, main_pids = await self.in_state_loop(self._plan_inputs)
+        described, pids = await asyncio.to_thread(self._read_plan_inputs, models, main_pids)
+        plan = plan_gpus(config, described, snapshot, pids, previous=self.gpu_plan)
 
-        def adopt() -> list[str]:
-            first = self.gpu_plan is None
+        def adopt() -> None:
+            if self.config is not config:
+                return  # a reload came in meanwhile: its own plan follows
+            if self.gpu_plan is None and plan.cpu_only_reason:
+                log.info("gpu.cpu_only", error=plan.cpu_only_reason)
             self.gpu_plan, self.gpu_plan_at = plan, time.monotonic()
             self.gpus, self.gpu_error = snapshot, None
-            if first and plan.cpu_only_reason:
-                log.info("gpu.cpu_only", error=plan.cpu_only_reason)
-            return self._render_all()
 
-        changed: list[str] = await self.in_state_loop(adopt)
+        await self.in_state_loop(adopt)
         for name, settings in plan.settings.items():
             log.info(
                 "gpu.planned",
@@ -797,14 +842,24 @@ class Daemon:
                 vram_mib=settings.vram_bytes // MIB if settings.vram_bytes else None,
                 error="; ".join(settings.warnings) or None,
             )
-        if changed:
-            await self._sync_unit_files()
-            if restart:
-                await self._restart_running(changed, f"GPU plan: {reason}")
-        return changed
+
+    async def _refresh_units(
+        self, reason: str, *, replan: bool = True
+    ) -> tuple[list[str], str | None]:
+        """The one path by which a configuration, model or VRAM change reaches the servers:
+        plan (when asked), render every unit, write the files that changed, and roll the
+        running units whose file diversityd rewrote, one at a time. Returns the providers
+        whose unit file was written and the restart job, if any."""
+        async with self._units_lock:
+            if replan:
+                await self._plan_gpus(reason)
+            await self.in_state_loop(self._render_all)
+            written = await self._sync_unit_files()
+        job_id = await self._restart_running(written, reason) if written else None
+        return written, job_id
 
     async def _restart_running(self, providers: list[str], reason: str) -> str | None:
-        """Roll the changed units that run (a stopped one picks its new file up on start)."""
+        """Roll the given units that run (a stopped one picks its new file up on start)."""
         running = [
             name
             for name in providers
@@ -824,24 +879,31 @@ class Daemon:
         restart storms), never while one of our GPU servers is starting or stopping."""
         while True:
             await asyncio.sleep(NVML_POLL_S)
-            plan = self.gpu_plan
-            if plan is None or plan.cpu_only_reason or self._restart_lock.locked():
-                continue
-            if any(r.owned and r.state is ProviderState.STARTING for r in self.records.values()):
-                continue
             try:
-                snapshot = await asyncio.to_thread(read_gpus)
-            except NvmlError as exc:
-                failure = f"{exc.name}: {exc}"
-                if failure != self.gpu_error:
-                    log.error("gpu.nvml_failed", error=failure, state="keeping the last plan")
-                await self.in_state_loop(functools.partial(setattr, self, "gpu_error", failure))
-                continue
-            pids = await asyncio.to_thread(self._owned_pids)
-            decision = replan_needed(plan, snapshot, pids, time.monotonic() - self.gpu_plan_at)
-            await self.in_state_loop(functools.partial(setattr, self, "gpus", snapshot))
-            if decision.replan:
-                await self._replan(decision.reason)
+                await self._check_vram()
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive one bad look
+                log.error("gpu.check_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _check_vram(self) -> None:
+        plan = self.gpu_plan
+        if plan is None or plan.cpu_only_reason or self._restart_lock.locked():
+            return
+        if any(r.owned and r.state is ProviderState.STARTING for r in self.records.values()):
+            return
+        try:
+            snapshot = await asyncio.to_thread(read_gpus)
+        except NvmlError as exc:
+            failure = f"{exc.name}: {exc}"
+            if failure != self.gpu_error:
+                log.error("gpu.nvml_failed", error=failure, state="keeping the last plan")
+            await self.in_state_loop(functools.partial(setattr, self, "gpu_error", failure))
+            return
+        _models, main_pids = await self.in_state_loop(self._plan_inputs)
+        _described, pids = await asyncio.to_thread(self._read_plan_inputs, {}, main_pids)
+        decision = replan_needed(plan, snapshot, pids, time.monotonic() - self.gpu_plan_at)
+        await self.in_state_loop(functools.partial(setattr, self, "gpus", snapshot))
+        if decision.replan:
+            await self._refresh_units(decision.reason)
 
     def gpu_status(self) -> dict[str, Any]:
         plan, snapshot = self.gpu_plan, self.gpus
@@ -935,23 +997,16 @@ class Daemon:
         await self.in_state_loop(accept)
         if unchanged:
             return
-        # The new model's size moves the card's budget: plan again before restarting.
-        replanned = await self._replan("model link re-pointed", restart=False)
-        providers = names + [p for p in replanned if p not in names]
-        job_id = await self.in_state_loop(
-            lambda: self._start_job(
-                "restart",
-                {"providers": providers, "reason": "model link re-pointed", "model_path": path},
-            )
+        # The units name the accepted file, so they change; the new model's size moves the
+        # card's budget, so plan again first. Then the servers roll one at a time.
+        _, job_id = await self._refresh_units("model link re-pointed")
+        log.info(
+            "model.changed",
+            path=path,
+            model=target.target,
+            provider=",".join(names),
+            job=job_id,
         )
-        if job_id is not None:
-            log.info(
-                "model.changed",
-                path=path,
-                model=target.target,
-                provider=",".join(names),
-                job=job_id,
-            )
 
     # -- control ----------------------------------------------------------------------------
 
@@ -961,7 +1016,7 @@ class Daemon:
                 "running": True,
                 "pid": os.getpid(),
                 "version": __version__,
-                "since": _iso(self.started),
+                "since": iso_time(self.started),
                 "config_dir": str(self.config_dir),
                 "unit_dir": str(self.unit_dir),
                 "host": self.config.settings.host if self.config else socket.gethostname(),
@@ -980,7 +1035,7 @@ class Daemon:
         report = self.load()
         if not report.ok:
             errors = [f.to_json() for f in report.of(Severity.ERROR)]
-            rejected = {"ok": False, "at": _iso(time.time()), "errors": errors}
+            rejected = {"ok": False, "at": iso_time(time.time()), "errors": errors}
             await self.in_state_loop(lambda: setattr(self, "last_reload", rejected))
             log.error(
                 "config.rejected",
@@ -988,37 +1043,40 @@ class Daemon:
                 error="; ".join(f.format().splitlines()[0] for f in report.of(Severity.ERROR)),
             )
             return {"ok": False, "errors": errors, "warnings": []}
-        old_units = {u.name: u.text for u in self.rendered_units}
-        await self.in_state_loop(lambda: self._apply_config(report))
-        await self._sync_unit_files()
         assert self.systemd is not None
-        await self.systemd.watch(
-            [r.unit for r in self.records.values() if r.unit], self.on_systemd_change
-        )
+        before = {r.name: r.unit for r in self.records.values() if r.unit}
+        await self.in_state_loop(lambda: self._apply_config(report))
+        after = {r.name: r.unit for r in self.records.values() if r.unit}
+        for name, unit in before.items():
+            if after.get(name) != unit:
+                # No longer ours to run: stop it before its file goes.
+                log.info("unit.stopping", provider=name, unit=unit, state="no longer owned")
+                await self.systemd.stop(unit)
+        await self.systemd.watch(list(after.values()), self.on_systemd_change)
         await self._refresh_snapshots(only_missing=True)
         await self._watch_models()
-        await self._replan("configuration reloaded", restart=False)
+        written, job_id = await self._refresh_units("configuration reloaded")
         if self.gateway is not None:
             await self.in_state_loop(self.gateway.unpin)
-        changed = [
-            u.provider
-            for u in self.rendered_units
-            if u.provider and old_units.get(u.name) not in (None, u.text)
-        ]
         self._ensure_probe_tasks()
-        job_id = None
-        if changed:
-            job_id = await self.in_state_loop(
-                lambda: self._start_job("restart", {"providers": changed, "reason": "reload"})
-            )
-        adopted = {"ok": True, "at": _iso(time.time()), "changed": changed, "job": job_id}
+        added = [name for name in after if name not in before]
+        if added:
+            self._spawn(self._start_owned(only=added))
+        adopted = {
+            "ok": True,
+            "at": iso_time(time.time()),
+            "changed": written,
+            "started": added,
+            "job": job_id,
+        }
         await self.in_state_loop(lambda: setattr(self, "last_reload", adopted))
         log.info("config.reloaded", path=str(self.config_dir), job=job_id)
         return {
             "ok": True,
             "errors": [],
             "warnings": [f.to_json() for f in report.of(Severity.WARNING)],
-            "restarting": changed,
+            "restarting": written,
+            "starting": added,
             "job": job_id,
         }
 
@@ -1122,22 +1180,6 @@ class Daemon:
             record = self.records.get(name)
             if record is None or record.unit is None:
                 continue
-            model_path = job.params.get("model_path")
-            if model_path is not None:
-                # Re-check right before each restart: the link may have moved again.
-                target = await asyncio.to_thread(resolve, model_path)
-                if not target.ok:
-                    results.append(
-                        {
-                            "provider": name,
-                            "unit": record.unit,
-                            "ok": False,
-                            "elapsed_ms": 0.0,
-                            "state": record.state.value,
-                            "error": target.error,
-                        }
-                    )
-                    break
             self._report_progress(job, {"provider": name, "step": "restarting"})
             started = time.monotonic()
             log.info("unit.restarting", provider=name, unit=record.unit, job=job.id)
@@ -1206,7 +1248,10 @@ class Daemon:
             return DrillReport(name, mode, (), time.monotonic(), False, "not ready to drill")
         plan = gateway.record.plan
         models = [m for m in record.models if plan is not None and m in plan.served_by]
-        key = await asyncio.to_thread(read_master_key, gateway.key_file)
+        try:
+            key = await asyncio.to_thread(read_master_key, gateway.key_file)
+        except (ValueError, OSError) as exc:
+            return DrillReport(name, mode, (), time.monotonic(), False, str(exc))
         answers: list[Answer] = []
         stop = asyncio.Event()
 
@@ -1221,6 +1266,7 @@ class Daemon:
         senders = [asyncio.ensure_future(send(model)) for model in models]
         error: str | None = None
         restored = False
+        put_back = mode is DrillMode.KILL  # systemd's Restart= brings a killed one back
         taken_down_at = time.monotonic()
         try:
             await asyncio.sleep(1.0)  # a baseline through the healthy provider
@@ -1235,10 +1281,8 @@ class Daemon:
                 await self.systemd.kill(unit, int(signal.SIGSTOP))
             await self._wait_drill_settled(record, answers, taken_down_at, mode)
             self._report_progress(job, {"provider": name, "step": "restoring"})
-            if mode is DrillMode.STOP:
-                await self.systemd.start(unit)
-            elif mode is DrillMode.HANG:
-                await self.systemd.kill(unit, int(signal.SIGCONT))
+            await self._put_back(unit, mode)
+            put_back = True
             restored = await self.wait_until(
                 lambda: (
                     record.state is ProviderState.READY
@@ -1254,6 +1298,10 @@ class Daemon:
             error = f"{type(exc).__name__}: {exc}"
         finally:
             stop.set()
+            if not put_back:
+                # Cancelled or failed half-way: never leave a provider stopped or frozen.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._put_back(unit, mode))
             await asyncio.gather(*senders, return_exceptions=True)
         report = DrillReport(name, mode, tuple(answers), taken_down_at, restored, error)
         log.info(
@@ -1264,6 +1312,13 @@ class Daemon:
             error=error or (f"{len(report.failed)} requests failed" if report.failed else None),
         )
         return report
+
+    async def _put_back(self, unit: str, mode: DrillMode) -> None:
+        assert self.systemd is not None
+        if mode is DrillMode.STOP:
+            await self.systemd.start(unit)
+        elif mode is DrillMode.HANG:
+            await self.systemd.kill(unit, int(signal.SIGCONT))
 
     async def _wait_drill_settled(
         self, record: ProviderRecord, answers: list[Answer], since: float, mode: DrillMode
@@ -1319,15 +1374,16 @@ class Daemon:
         self.systemd = await Systemd.connect(self.bus_address)
         owned_units = [r.unit for r in self.records.values() if r.unit]
         await self.systemd.watch(owned_units, self.on_systemd_change)
-        await self._sync_unit_files()
         await self._refresh_snapshots(only_missing=False)
         inotify = Inotify(self._on_unit_dir_event)
-        inotify.watch_directory(self.unit_dir)
+        inotify.watch_directory(self.unit_dir, create=True)
         inotify.start(loop)
         self._link_watcher = LinkWatcher(self._on_model_link_changed)
         self._link_watcher.start(loop)
         await self._watch_models()
-        await self._replan("start-up")
+        # Units are written once the models are resolved and the GPU planned: a daemon
+        # restart renders the same bytes, writes nothing and restarts nothing.
+        await self._refresh_units("start-up")
         self.control = ControlInterface(
             {
                 "status": self.status,
@@ -1345,7 +1401,6 @@ class Daemon:
         self._spawn(self._gpu_loop())
         self._spawn(self._start_then_mark_ready())
         if self.gateway is not None:
-            self.gateway.prepare_key()
             self._spawn(self._supervise_gateway(self.gateway)).set_name("gateway")
         log.info(
             "daemon.ready",

@@ -15,10 +15,24 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from diversityd.adapters.gatewayclient import Answer
 from diversityd.catalog import Catalog
 from diversityd.config import Config
 from diversityd.gateway import Availability, render_gateway
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request through the gateway, as a client saw it."""
+
+    model: str
+    stream: bool
+    ok: bool
+    status: int | None
+    started: float  # time.monotonic()
+    latency_ms: float
+    api_base: str | None
+    attempted_fallbacks: int
+    error: str | None = None
 
 
 class DrillMode(enum.StrEnum):

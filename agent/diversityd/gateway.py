@@ -134,7 +134,10 @@ def timing_of(
     provider: Provider, overrides: Mapping[str, Mapping[str, float]] | None = None
 ) -> Timing:
     """The provider type's timing, with the user's `gateway.timeouts` applied."""
-    kind = provider.type if provider.type in TIMINGS else "cloud"
+    return timing_for(provider.type if provider.type in TIMINGS else "cloud", overrides)
+
+
+def timing_for(kind: str, overrides: Mapping[str, Mapping[str, float]] | None = None) -> Timing:
     timing = TIMINGS[kind]
     changed = (overrides or {}).get(kind)
     if not changed:

@@ -34,6 +34,23 @@ def notify(*fields: str) -> None:
         sock.sendto("\n".join(fields).encode(), address)
 
 
+class KeyFileError(ValueError):
+    """The key file holds no usable key (says which file; never its contents)."""
+
+
+def key_file_is_environment(path: str) -> bool:
+    """Whether the file is in `LITELLM_MASTER_KEY=...` form (systemd's EnvironmentFile=
+    reads it as it is); a bare key is read by this launcher alone."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return any(
+                line.strip().removeprefix("export ").startswith("LITELLM_MASTER_KEY=")
+                for line in handle
+            )
+    except OSError:
+        return False
+
+
 def read_master_key(path: str) -> str:
     """A key file holds `LITELLM_MASTER_KEY=sk-...` (what diversityd writes) or the bare key
     (an adopted file); either way the value never leaves this process's environment."""
@@ -48,7 +65,7 @@ def read_master_key(path: str) -> str:
                     return value.strip().strip("'\"")
                 continue
             return line
-    raise SystemExit(f"{path}: no LITELLM_MASTER_KEY in the key file")
+    raise KeyFileError(f"{path}: no key in the file (write LITELLM_MASTER_KEY=sk-... in it)")
 
 
 def listening_fd() -> int:
@@ -89,7 +106,10 @@ def main() -> None:
     if not os.environ.get("LITELLM_MASTER_KEY"):
         if not args.key_file:
             raise SystemExit("no master key: give --key-file or set LITELLM_MASTER_KEY")
-        os.environ["LITELLM_MASTER_KEY"] = read_master_key(args.key_file)
+        try:
+            os.environ["LITELLM_MASTER_KEY"] = read_master_key(args.key_file)
+        except (KeyFileError, OSError) as exc:
+            raise SystemExit(str(exc)) from None
     for switch in OFFLINE_SWITCHES:
         os.environ.setdefault(switch, "True")
     os.environ["CONFIG_FILE_PATH"] = args.config

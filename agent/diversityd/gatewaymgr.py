@@ -13,6 +13,8 @@ never two at once. Gateway state is written only through the daemon's state loop
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import functools
 import hashlib
 import os
@@ -26,8 +28,10 @@ from diversityd.adapters.files import read_text_or_none
 from diversityd.adapters.litellm import GatewayFiles, ensure_master_key, key_file_problem
 from diversityd.adapters.systemd import SystemdError, UnitSnapshot
 from diversityd.errors import UsageError
-from diversityd.gateway import TIMINGS, GatewayPlan, render_gateway
+from diversityd.gateway import TIMINGS, GatewayPlan, render_gateway, timing_for
+from diversityd.gatewaylauncher import key_file_is_environment
 from diversityd.log import get_logger
+from diversityd.timefmt import iso_now, iso_time
 from diversityd.units import (
     GATEWAY_COLORS,
     GATEWAY_SOCKET,
@@ -46,7 +50,6 @@ DEBOUNCE_S = 1.0  # let a burst of state changes settle into one reload
 MIN_INTERVAL_S = 5.0  # between the starts of two reloads
 START_TIMEOUT_S = 200.0
 FIRST_RENDER_WAIT_S = 120.0  # at start-up, wait this long for the providers' first answers
-GRACEFUL_S = max(t.timeout_s for t in TIMINGS.values()) + 10
 
 
 def default_state_dir() -> Path:
@@ -107,9 +110,7 @@ class GatewayRecord:
             "pid": self.snapshot.main_pid if self.snapshot and self.snapshot.main_pid else None,
             "config": f"{self.config_dir}/{self.color}.yaml" if self.color else None,
             "config_sha256": _sha(self.applied_text) if self.applied_text else None,
-            "applied_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.applied_at))
-            if self.applied_at
-            else None,
+            "applied_at": iso_time(self.applied_at) if self.applied_at else None,
             "history_id": self.history_id,
             "key_file": self.key_file,
             "last_reload": self.last_reload,
@@ -160,17 +161,30 @@ class GatewayManager:
             config_dir=str(self.files.config_dir),
         )
         self.snapshots: dict[str, UnitSnapshot] = {}  # per instance, merged from signals
+        self._draining: asyncio.Future[str] | None = None  # the old instance stopping
         self._dirty = asyncio.Event()
         self._lock = asyncio.Lock()
         self._last_start = 0.0
+        self.prepare_key()  # before the first render: the units name the key file
 
     # -- units and files ------------------------------------------------------------------
+
+    def graceful_s(self) -> float:
+        """How long an old proxy may drain: the longest request timeout it could be
+        waiting on (with the user's `gateway.timeouts`), and a little more."""
+        config = self.daemon.config
+        assert config is not None
+        overrides = config.settings.gateway.timeouts
+        return max(timing_for(kind, overrides).timeout_s for kind in TIMINGS) + 10
 
     def units(self) -> list[RenderedUnit]:
         config = self.daemon.config
         assert config is not None
+        paths = dataclasses.replace(
+            self.paths, key_is_environment=key_file_is_environment(str(self.key_file))
+        )
         return render_gateway_units(
-            config.settings.gateway, self.paths, self.daemon.unit_context, GRACEFUL_S
+            config.settings.gateway, paths, self.daemon.unit_context, self.graceful_s()
         )
 
     def prepare_key(self) -> None:
@@ -243,7 +257,7 @@ class GatewayManager:
             await self.daemon.in_state_loop(observe)
             if text == self.record.applied_text or _sha(text) == self.record.failed_sha:
                 continue
-            await self.apply(text, plan, reason="providers changed")
+            await self.apply(text, plan, reason="providers changed", automatic=True)
 
     async def _adopt_running(self) -> None:
         """After a daemon restart: the instance that runs is the current one."""
@@ -275,84 +289,106 @@ class GatewayManager:
         for _, other, _ in running[:-1]:  # a reload interrupted by a daemon restart
             await systemd.stop(gateway_instance(other))
 
-    async def apply(self, text: str, plan: GatewayPlan | None, *, reason: str) -> dict[str, Any]:
-        """Blue/green: start the idle colour on the new config, then stop the old one."""
+    async def apply(
+        self,
+        text: str,
+        plan: GatewayPlan | None,
+        *,
+        reason: str,
+        pin: str | None = None,
+        automatic: bool = False,
+    ) -> dict[str, Any] | None:
+        """Blue/green: start the idle colour on the new config; once it serves, the old one
+        drains (in the background; the next reload waits for it). An automatic reload is
+        dropped (None) when, by the time it holds the lock, a rollback has pinned the
+        gateway or the config is already in force."""
         async with self._lock:
-            return await self._apply_locked(text, plan, reason)
+            if self._draining is not None:
+                await asyncio.gather(self._draining, return_exceptions=True)
+                self._draining = None
+            if automatic and (self.record.pinned or text == self.record.applied_text):
+                return None
+            await self.daemon.in_state_loop(lambda: setattr(self.record, "reloading", True))
+            try:
+                return await self._apply_locked(text, plan, reason, pin)
+            finally:
+                await self.daemon.in_state_loop(lambda: setattr(self.record, "reloading", False))
 
     async def _apply_locked(
-        self, text: str, plan: GatewayPlan | None, reason: str
+        self, text: str, plan: GatewayPlan | None, reason: str, pin: str | None
     ) -> dict[str, Any]:
         systemd = self.daemon.systemd
         assert systemd is not None
         self._last_start = time.monotonic()
         started = time.monotonic()
+        if self.record.color is None:
+            await self._adopt_running()  # socket activation may have started one meanwhile
         old_color = self.record.color
         new_color = next(c for c in GATEWAY_COLORS if c != old_color)
         new_unit = gateway_instance(new_color)
         self.files.write_config(new_color, text)
         entry = self.files.archive(text)
-        await self.daemon.in_state_loop(lambda: setattr(self.record, "reloading", True))
         log.info("gateway.reloading", unit=new_unit, path=str(entry.path), state=reason)
         await systemd.reset_failed(new_unit)
         try:
             outcome = await systemd.start(new_unit, timeout_s=START_TIMEOUT_S)
-            snapshot = await systemd.snapshot(new_unit)
+            snapshot: UnitSnapshot | None = await systemd.snapshot(new_unit)
         except SystemdError as exc:
             outcome, snapshot = str(exc), None
-        elapsed_ms = round((time.monotonic() - started) * 1000, 1)
-        if outcome == "done" and snapshot is not None and snapshot.active_state == "active":
-            result = {
-                "ok": True,
-                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "elapsed_ms": elapsed_ms,
-                "instance": new_unit,
-                "history_id": entry.id,
-                "reason": reason,
-            }
+        result: dict[str, Any] = {
+            "ok": outcome == "done" and snapshot is not None and snapshot.active_state == "active",
+            "at": iso_now(),
+            "elapsed_ms": round((time.monotonic() - started) * 1000, 1),
+            "instance": new_unit,
+            "history_id": entry.id,
+            "reason": reason,
+        }
+        if result["ok"]:
+            assert snapshot is not None
+            serving = snapshot
 
             def switch() -> None:
-                assert snapshot is not None
-                self.snapshots[new_unit] = snapshot
+                self.snapshots[new_unit] = serving
                 record = self.record
-                record.color, record.snapshot = new_color, snapshot
+                record.color, record.snapshot = new_color, serving
                 record.applied_text, record.applied_at = text, time.time()
                 record.history_id, record.last_reload = entry.id, result
-                record.failed_sha, record.reloading = None, False
+                record.failed_sha = None
                 record.reloads += 1
                 record.in_sync = plan is not None
+                record.pinned = pin
                 if plan is not None:
                     record.plan = plan
 
             await self.daemon.in_state_loop(switch)
-            log.info("gateway.reloaded", unit=new_unit, elapsed_ms=elapsed_ms, job=entry.id)
+            log.info(
+                "gateway.reloaded", unit=new_unit, elapsed_ms=result["elapsed_ms"], job=entry.id
+            )
             if old_color is not None:
                 # The old proxy drains its requests in flight (graceful SIGTERM), then exits.
-                await systemd.stop(gateway_instance(old_color), timeout_s=GRACEFUL_S + 60)
+                self._draining = asyncio.ensure_future(
+                    systemd.stop(gateway_instance(old_color), timeout_s=self.graceful_s() + 60)
+                )
             return result
-        error = (
+        result["error"] = (
             f"{new_unit} did not become ready ({outcome}); the previous gateway keeps "
             f"serving; see `journalctl --user -u {new_unit}`"
         )
-        await systemd.stop(new_unit)  # no Restart= loop on a broken config
-        failure = {
-            "ok": False,
-            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "elapsed_ms": elapsed_ms,
-            "instance": new_unit,
-            "history_id": entry.id,
-            "reason": reason,
-            "error": error,
-        }
+        with contextlib.suppress(SystemdError):
+            await systemd.stop(new_unit)  # no Restart= loop on a broken config
 
         def keep_old() -> None:
-            self.record.last_reload = failure
+            self.record.last_reload = result
             self.record.failed_sha = _sha(text)
-            self.record.reloading = False
 
         await self.daemon.in_state_loop(keep_old)
-        log.error("gateway.reload_failed", unit=new_unit, elapsed_ms=elapsed_ms, error=error)
-        return failure
+        log.error(
+            "gateway.reload_failed",
+            unit=new_unit,
+            elapsed_ms=result["elapsed_ms"],
+            error=result["error"],
+        )
+        return result
 
     # -- control --------------------------------------------------------------------------------
 
@@ -383,9 +419,9 @@ class GatewayManager:
                 hint="list them with `diversityctl history`",
             )
         text = entry.path.read_text(encoding="utf-8")
-        result = await self.apply(text, None, reason=f"rollback to {entry.id}")
+        result = await self.apply(text, None, reason=f"rollback to {entry.id}", pin=entry.id)
+        assert result is not None  # only automatic reloads are ever dropped
         if result["ok"]:
-            await self.daemon.in_state_loop(lambda: setattr(self.record, "pinned", entry.id))
             log.warning(
                 "gateway.pinned",
                 job=entry.id,

@@ -80,6 +80,7 @@ def command_line(args: Sequence[str]) -> str:
 def environment_line(name: str, value: str) -> str:
     """`Environment="NAME=value"`: no `$` expansion happens here, but specifiers do."""
     text = f"{name}={value}".replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"')
+    text = text.replace("\n", "\\n")  # a newline would start a directive of its own
     return f'Environment="{text}"'
 
 
@@ -104,11 +105,14 @@ def server_arguments(
     model_name: str,
     gpu: GpuSettings,
     context: UnitContext,
+    *,
+    model_file: str | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment of one owned server, with the GPU plan's part."""
+    """The command line and environment of one owned server, with the GPU plan's part.
+    `model_file`: the GGUF the model path led to when last checked (else the path)."""
     n_gpu_layers = gpu.n_gpu_layers if gpu.n_gpu_layers is not None else 0
     host, port = provider.address
-    model_path = expand_home(owned.model_path or "", context.home)
+    model_path = model_file or expand_home(owned.model_path or "", context.home)
     total_ctx = owned.ctx * owned.parallel
     environment: dict[str, str] = {}
     if owned.server == "llama-server":
@@ -187,11 +191,15 @@ def render_provider_unit(
     backend_names: Sequence[str],
     gpu: GpuSettings,
     context: UnitContext,
+    *,
+    model_file: str | None = None,
 ) -> RenderedUnit:
     provider = config.providers[owned.provider]
     name = unit_name(owned.provider)
     model_name = served_model_name(provider, backend_names)
-    args, environment = server_arguments(owned, provider, model_name, gpu, context)
+    args, environment = server_arguments(
+        owned, provider, model_name, gpu, context, model_file=model_file
+    )
     host, port = provider.address
     values = {
         "HEADER": HEADER_TEMPLATE.format(provider=owned.provider, unit=name).rstrip("\n"),
@@ -200,7 +208,7 @@ def render_provider_unit(
         "EXEC_START": command_line(args),
         "ENVIRONMENT": "\n".join(environment_line(k, v) for k, v in sorted(environment.items())),
         "UNIT_BASENAME": name.removesuffix(".service"),
-        "HOST_PORT": f"{host}:{port}",
+        "HOST_PORT": listen_address(host, port),
     }
     text = fill_template(context.templates[TEMPLATE_OF_SERVER[owned.server]], values)
     return RenderedUnit(name=name, provider=owned.provider, text=text)
@@ -242,6 +250,7 @@ class GatewayPaths:
     environment_files: tuple[str, ...]  # the user's cloud keys
     litellm_python: str
     launcher: str  # gatewaylauncher.py
+    key_is_environment: bool = True  # LITELLM_MASTER_KEY=... form: EnvironmentFile= reads it
 
 
 def listen_address(host: str, port: int) -> str:
@@ -270,7 +279,9 @@ def render_gateway_units(
             "--graceful-s", f"{graceful_s:g}",
         ]
     ).replace(_INSTANCE, "%i")  # fmt: skip
-    environment_files = [f"EnvironmentFile=-{paths.key_file.replace('%', '%%')}"] + [
+    # A bare adopted key is read by the launcher only: systemd would log part of it.
+    key_files = [paths.key_file] if paths.key_is_environment else []
+    environment_files = [f"EnvironmentFile=-{path.replace('%', '%%')}" for path in key_files] + [
         f"EnvironmentFile=-{expand_home(path, context.home).replace('%', '%%')}"
         for path in paths.environment_files
     ]

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from diversityd.adapters.gatewayclient import Answer, ask, new_client
+from diversityd.adapters.gatewayclient import ask, new_client
 from diversityd.adapters.litellm import read_master_key
+from diversityd.drill import Answer
 from diversityd.embedded import LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM, StackSpec
 from diversityd.privatemanager import PrivateManager
 from tests.conftest import free_port

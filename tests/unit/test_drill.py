@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from diversityd.adapters.gatewayclient import Answer
 from diversityd.catalog import build_catalog
 from diversityd.config import parse_config
-from diversityd.drill import DrillMode, DrillReport, overall_ok, percentile, unprotected_models
+from diversityd.drill import (
+    Answer,
+    DrillMode,
+    DrillReport,
+    overall_ok,
+    percentile,
+    unprotected_models,
+)
 from diversityd.gateway import Availability
 
 PROVIDERS = """\

@@ -5,25 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 
 import httpx
 
+from diversityd.drill import Answer
+
 HEADER_API_BASE = "x-litellm-model-api-base"
 HEADER_FALLBACKS = "x-litellm-attempted-fallbacks"
-
-
-@dataclass(frozen=True)
-class Answer:
-    model: str
-    stream: bool
-    ok: bool
-    status: int | None
-    started: float  # time.monotonic()
-    latency_ms: float
-    api_base: str | None
-    attempted_fallbacks: int
-    error: str | None = None
 
 
 def new_client(timeout_s: float) -> httpx.AsyncClient:
@@ -102,3 +90,5 @@ async def ask(
             return answer(ok, 200, response, None if ok else "stream ended without content")
     except httpx.HTTPError as exc:
         return answer(False, None, None, f"{type(exc).__name__}: {exc}")
+    except (ValueError, AttributeError, TypeError) as exc:  # not JSON, or not the shape
+        return answer(False, None, None, f"malformed answer: {type(exc).__name__}: {exc}")

@@ -56,11 +56,13 @@ class Inotify:
         self._watches: dict[int, Path] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def watch_directory(self, directory: Path, mask: int = DIRECTORY_CHANGES) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        wd = self._libc.inotify_add_watch(
-            self.fd, os.fsencode(directory), mask | IN_ONLYDIR | IN_DONT_FOLLOW
-        )
+    def watch_directory(
+        self, directory: Path, mask: int = DIRECTORY_CHANGES, *, create: bool = False
+    ) -> None:
+        """Watch a folder (a symlink to one is followed: dotfile managers link ~/.config)."""
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(directory), mask | IN_ONLYDIR)
         if wd < 0:
             code = ctypes.get_errno()
             raise OSError(code, f"inotify_add_watch {directory}: {os.strerror(code)}")

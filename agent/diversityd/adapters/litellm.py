@@ -11,17 +11,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from diversityd.adapters.files import write_atomic
+from diversityd.gatewaylauncher import OFFLINE_SWITCHES
 from diversityd.gatewaylauncher import read_master_key as launcher_read_key
 
 # Without these LiteLLM fetches a price map (and four other files) from the internet at
 # import, blocking 5 s on DNS on a machine that cannot reach it.
-OFFLINE_ENV: Mapping[str, str] = {
-    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-    "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True",
-    "LITELLM_LOCAL_AUTOROUTER_PRESETS": "True",
-    "LITELLM_LOCAL_BLOG_POSTS": "True",
-    "LITELLM_LOCAL_POLICY_TEMPLATES": "True",
-}
+OFFLINE_ENV: Mapping[str, str] = dict.fromkeys(OFFLINE_SWITCHES, "True")
 
 
 @dataclass(frozen=True)

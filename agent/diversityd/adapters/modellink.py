@@ -62,8 +62,13 @@ def resolve(path: str) -> ModelTarget:
             return ModelTarget(path, tuple(hops), None, None, f"{current}: {exc.strerror}")
         if not stat.S_ISLNK(info.st_mode):
             break
-        link_text = os.readlink(current)
-        current = Path(os.path.normpath(current.parent / link_text))
+        try:
+            link_text = os.readlink(current)
+        except OSError as exc:  # replaced between lstat and readlink (`rm` + `ln`)
+            return ModelTarget(path, tuple(hops), None, None, f"{current}: {exc.strerror}")
+        # Relative targets are relative to the link's real folder (which may itself be
+        # reached through a symlink), as the kernel resolves them.
+        current = Path(os.path.normpath(Path(os.path.realpath(current.parent)) / link_text))
         hops.append(str(current))
     else:
         return ModelTarget(path, tuple(hops), None, None, f"{path}: more than {MAX_HOPS} links")

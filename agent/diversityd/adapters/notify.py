@@ -18,10 +18,6 @@ class Notifier:
         watchdog_for_us = usec.isdigit() and (not pid or pid == str(os.getpid()))
         self.watchdog_interval_s: float | None = int(usec) / 1e6 if watchdog_for_us else None
 
-    @property
-    def enabled(self) -> bool:
-        return self._address is not None
-
     def send(self, *fields: str) -> None:
         if self._address is None:
             return
@@ -37,9 +33,6 @@ class Notifier:
 
     def status(self, status: str) -> None:
         self.send(f"STATUS={status}")
-
-    def reloading(self) -> None:
-        self.send("RELOADING=1")
 
     def stopping(self) -> None:
         self.send("STOPPING=1")

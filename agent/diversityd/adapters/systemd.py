@@ -26,6 +26,7 @@ SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 CALL_TIMEOUT_S = 25.0  # below D-Bus's own 25 s default method timeout
+MAX_EARLY_JOBS = 256
 
 
 class SystemdError(DiversitydError):
@@ -183,7 +184,11 @@ class Systemd:
             _job_id, job_path, _unit, result = message.body
             future = self._jobs.pop(job_path, None)
             if future is None:
+                # Jobs of every unit in the manager end here too: keep only the latest few
+                # (a StartUnit reply is at most a few messages behind its JobRemoved).
                 self._finished_jobs[job_path] = result
+                while len(self._finished_jobs) > MAX_EARLY_JOBS:
+                    self._finished_jobs.pop(next(iter(self._finished_jobs)))
             elif not future.done():
                 future.set_result(result)
             return None
@@ -273,24 +278,19 @@ class Systemd:
     async def unit_of_pid(self, pid: int) -> str | None:
         try:
             (path,) = await self._call_manager("GetUnitByPID", "u", [pid])
-        except SystemdError:
-            return None
-        reply = await self._call(
-            Message(
-                destination=SYSTEMD,
-                path=path,
-                interface=PROPERTIES,
-                member="Get",
-                signature="ss",
-                body=[UNIT_IFACE, "Id"],
+            reply = await self._call(
+                Message(
+                    destination=SYSTEMD,
+                    path=path,
+                    interface=PROPERTIES,
+                    member="Get",
+                    signature="ss",
+                    body=[UNIT_IFACE, "Id"],
+                )
             )
-        )
+        except SystemdError:
+            return None  # gone meanwhile, or no unit: the caller reports the pid
         return str(unpack(reply.body[0]))
-
-    async def list_units(self, prefix: str = "") -> list[tuple[str, str, str]]:
-        """(name, active_state, sub_state) of loaded units whose name starts with prefix."""
-        (units,) = await self._call_manager("ListUnits", "", [])
-        return [(u[0], u[3], u[4]) for u in units if str(u[0]).startswith(prefix)]
 
 
 def unpack(value: Any) -> Any:

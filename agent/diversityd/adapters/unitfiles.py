@@ -88,13 +88,3 @@ def sync_units(
                 path.unlink()
                 result.removed.append(path.name)
     return result
-
-
-def drifted_units(unit_dir: Path, units: Iterable[RenderedUnit]) -> list[str]:
-    """Our units whose file no longer holds what we rendered (edited, deleted, replaced)."""
-    drifted = []
-    for unit in units:
-        current = read_text_or_none(unit_dir / unit.name)
-        if current != unit.text and (current is None or is_owned_text(current)):
-            drifted.append(unit.name)
-    return drifted
