@@ -1,4 +1,5 @@
-"""diversityctl: validate, render, plan, status, restart, reload, failover-test.
+"""diversityctl: validate, render, plan, install, status, restart, reload, failover-test,
+history, rollback.
 
 Exit codes: 0 ok, 2 bad configuration or usage, 1 anything else. Tracebacks only with --debug.
 """
@@ -68,8 +69,9 @@ class _LazyGroup(click.Group):
 def cli(ctx: click.Context, debug: bool) -> None:
     """Keep the local LLM servers and their LiteLLM gateway alive.
 
-    diversityctl talks to the diversityd daemon over the user bus (status, restart,
-    reload, failover-test) and works on the configuration alone (validate, render, plan).
+    diversityctl talks to the diversityd daemon over the user bus (status, restart, reload,
+    failover-test, history, rollback), works on the configuration alone (validate, render,
+    plan) and installs the daemon as a systemd user service (install).
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -564,7 +566,10 @@ def rollback(entry_id: str, config_dir: Path | None, as_json: bool) -> None:
     async def run() -> dict[str, Any]:
         client = await _connect_daemon(wanted)
         try:
-            return dict(await client.call("Rollback", entry_id, timeout_s=300))
+            await client.subscribe_jobs()
+            started = await client.call("Rollback", entry_id)
+            report = await client.follow_job(started["job"], lambda _: None, 600)
+            return dict(report.get("result") or {})
         finally:
             client.close()
 
@@ -585,8 +590,8 @@ def rollback(entry_id: str, config_dir: Path | None, as_json: bool) -> None:
     "--unit-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Where user units go [default: diversityd.yaml `unit_dir`, else "
-    "$XDG_CONFIG_HOME/systemd/user].",
+    help="Where diversityd.service is written [default: diversityd.yaml `unit_dir`, else "
+    "$XDG_CONFIG_HOME/systemd/user]; the daemon writes the providers' units to `unit_dir`.",
 )
 def install(config_dir: Path | None, now: bool, unit_dir: Path | None) -> None:
     """Write and enable diversityd.service (a systemd user unit) for this configuration."""

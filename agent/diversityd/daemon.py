@@ -68,6 +68,7 @@ DRILL_CLIENT_TIMEOUT_S = 120.0  # a hung backend costs a request its full timeou
 DRILL_SETTLE_S = 120.0
 DRILL_RESTORE_S = 180.0
 DRILL_CLEAN_STREAK = 5
+KEEP_JOBS = 50
 READY_WAIT_S = 300.0  # how long a restart waits for a provider to answer again
 STARTING_PROBE_S = 0.1  # probe fast while a provider starts: readiness gates restarts
 MAX_BACKOFF_S = 30.0
@@ -640,11 +641,16 @@ class Daemon:
         providers = {u.name: u.provider for u in rendered if u.provider}
         return [providers[name] for name in result.written if name in providers]
 
-    async def _refresh_snapshots(self, *, only_missing: bool) -> None:
-        """Read each owned unit's state from systemd: the truth after a daemon restart."""
+    async def _refresh_snapshots(
+        self, *, only_missing: bool = False, only: list[str] | None = None
+    ) -> None:
+        """Read each owned unit's state from systemd (all, those without one yet, or the
+        providers in `only`): the truth after a daemon restart or a unit file written."""
         assert self.systemd is not None
         for record in list(self.records.values()):
             if record.unit is None or (only_missing and record.snapshot is not None):
+                continue
+            if only is not None and record.name not in only:
                 continue
             snapshot = await self.systemd.snapshot(record.unit)
 
@@ -855,6 +861,10 @@ class Daemon:
                 await self._plan_gpus(reason)
             await self.in_state_loop(self._render_all)
             written = await self._sync_unit_files()
+            if written:
+                # A unit file that did not exist (or changed) is (re)loaded by systemd:
+                # read its state afresh, signals do not carry LoadState.
+                await self._refresh_snapshots(only=written)
         job_id = await self._restart_running(written, reason) if written else None
         return written, job_id
 
@@ -1080,16 +1090,27 @@ class Daemon:
             "job": job_id,
         }
 
-    async def restart(self, provider: str) -> dict[str, Any]:
+    def _owned_names(self, provider: str, verb: str) -> list[str]:
+        """`provider`, checked to be one diversityd owns; or every owned one."""
         if provider:
             record = self.records.get(provider)
             if record is None:
-                raise UsageError(f"unknown provider {provider!r}")
+                raise UsageError(
+                    f"unknown provider {provider!r}", hint=f"one of: {', '.join(self.records)}"
+                )
             if record.owned is None:
-                raise UsageError(f"{provider} is watched, not owned: diversityd cannot restart it")
-            names = [provider]
-        else:
-            names = [r.name for r in self.records.values() if r.owned is not None]
+                raise UsageError(f"{provider} is watched, not owned: diversityd cannot {verb} it")
+            return [provider]
+        names = [r.name for r in self.records.values() if r.owned is not None]
+        if not names:
+            raise UsageError(
+                f"diversityd owns no provider to {verb}",
+                hint="list some under `providers:` in diversityd.yaml",
+            )
+        return names
+
+    async def restart(self, provider: str) -> dict[str, Any]:
+        names = self._owned_names(provider, "restart")
         job_id = await self.in_state_loop(lambda: self._start_job("restart", {"providers": names}))
         return {"job": job_id, "providers": names}
 
@@ -1099,9 +1120,17 @@ class Daemon:
         return {"history": self.gateway.history(), "pinned": self.gateway.record.pinned}
 
     async def rollback(self, entry_id: str) -> dict[str, Any]:
+        """A job: a new proxy takes ~12 s to start, longer than a D-Bus call should wait."""
         if self.gateway is None:
             raise UsageError("the gateway is not owned by diversityd (gateway.owned: false)")
-        return await self.gateway.rollback(entry_id)
+        entry = self.gateway.files.find(entry_id)  # refuse an unknown id at once
+        if entry is None:
+            raise UsageError(
+                f"no gateway config {entry_id!r} in {self.gateway.files.history_dir}",
+                hint="list them with `diversityctl history`",
+            )
+        job_id = await self.in_state_loop(lambda: self._start_job("rollback", {"id": entry.id}))
+        return {"job": job_id, "id": entry.id}
 
     async def failover_test(self, provider: str, mode: str, force: bool) -> dict[str, Any]:
         """Start a drill (a job). Refused, saying why, when it would leave a model with no
@@ -1112,15 +1141,7 @@ class Daemon:
             raise UsageError(f"unknown mode {mode!r}", hint="use kill, stop or hang") from None
         if self.gateway is None or self.config is None or self.report is None:
             raise UsageError("a drill goes through the gateway, which diversityd does not own")
-        if provider:
-            record = self.records.get(provider)
-            if record is None:
-                raise UsageError(f"unknown provider {provider!r}")
-            if record.owned is None:
-                raise UsageError(f"{provider} is watched, not owned: diversityd cannot drill it")
-            names = [provider]
-        else:
-            names = [r.name for r in self.records.values() if r.owned is not None]
+        names = self._owned_names(provider, "drill")
         assert self.report.catalog is not None
         availability = self.availability()
         exposed = {
@@ -1136,7 +1157,7 @@ class Daemon:
                 hint="give them a fallback chain in model-mappings.yaml, drill another "
                 "provider, or pass --force",
             )
-        params = {"providers": names, "mode": drill_mode.value, "force": force}
+        params = {"providers": names, "mode": drill_mode.value}
         job_id = await self.in_state_loop(lambda: self._start_job("failover", params))
         return {"job": job_id, "providers": names, "mode": drill_mode.value}
 
@@ -1149,7 +1170,14 @@ class Daemon:
     def _start_job(self, kind: str, params: dict[str, Any]) -> str:
         job = Job(id=f"{kind}-{next(self._job_ids)}", kind=kind, params=params)
         self.jobs[job.id] = job
-        runner = {"restart": self._run_restart_job, "failover": self._run_failover_job}[kind]
+        runner = {
+            "restart": self._run_restart_job,
+            "failover": self._run_failover_job,
+            "rollback": self._run_rollback_job,
+        }[kind]
+        finished = [j for j in self.jobs.values() if j.result is not None]
+        for old in finished[: max(0, len(finished) - KEEP_JOBS)]:
+            del self.jobs[old.id]  # the registry keeps the latest finished jobs only
         self._spawn(self._run_job(job, runner))
         return job.id
 
@@ -1214,6 +1242,10 @@ class Daemon:
         return {"ok": bool(results) and all(r["ok"] for r in results), "providers": results}
 
     # -- failover drills -------------------------------------------------------------------------
+
+    async def _run_rollback_job(self, job: Job) -> dict[str, Any]:
+        assert self.gateway is not None
+        return await self.gateway.rollback(job.params["id"])
 
     async def _run_failover_job(self, job: Job) -> dict[str, Any]:
         """One drill per provider, in turn; units are not restarted by anything else meanwhile."""
@@ -1409,7 +1441,16 @@ class Daemon:
             pid=os.getpid(),
         )
         self.notifier.ready(f"watching {len(self.records)} providers")
-        await self._stop.wait()
+        lost_bus = asyncio.ensure_future(self.systemd.bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+        stopped = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({lost_bus, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        if lost_bus.done() and not stopped.done():
+            # Blind without the bus (no unit events, no control): let systemd restart us.
+            log.error("daemon.bus_lost", error="the user bus connection closed")
+            code = 1
+        stopped.cancel()
+        lost_bus.cancel()
         self.notifier.stopping()
         log.info("daemon.stopping", pid=os.getpid())
         inotify.close()
@@ -1419,8 +1460,9 @@ class Daemon:
             task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.systemd.disconnect()
-        return 0
+        with contextlib.suppress(Exception):
+            self.systemd.disconnect()
+        return code
 
     def _on_unit_dir_event(self, event: InotifyEvent) -> None:
         if event.name in self.written_units:
@@ -1436,7 +1478,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--config-dir",
         type=Path,
-        default=None,
+        default=os.environ.get("DIVERSITYD_CONFIG_DIR") or None,
         help="directory holding providers.yaml, model-mappings.yaml and diversityd.yaml "
         "[default: $XDG_CONFIG_HOME/diversityd]",
     )

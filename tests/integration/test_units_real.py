@@ -96,10 +96,14 @@ def test_llama_server_runs_a_model_under_an_awkward_path_and_the_stand_ins_run_a
         document = running.wait_all_ready(timeout_s=90)
         states = {p["name"]: (p["state"], p["owned"]) for p in document["providers"]}
         assert states == dict.fromkeys(spec.providers, ("ready", True))
-        # llama-server really opened the model through the awkward path
-        pid = running.provider(LLAMA_NATIVE, document)["pid"]
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        assert str(running.stack.active_link).encode() in cmdline
+        # llama-server really opened the model under the awkward path: the unit names the
+        # file the active link led to when diversityd accepted it
+        native = running.provider(LLAMA_NATIVE, document)
+        assert native["model_file"]["path"] == str(running.stack.active_link)
+        target = native["model_file"]["target"]
+        assert target == str(running.stack.models_dir / "tiny-a.gguf")
+        cmdline = Path(f"/proc/{native['pid']}/cmdline").read_bytes().split(b"\0")
+        assert target.encode() in cmdline
         # the stand-ins answer as the real servers would, on the configured ports
         with urllib.request.urlopen(f"{running.stack.base_url(OLLAMA)}/api/tags", timeout=5) as r:
             tags = json.load(r)

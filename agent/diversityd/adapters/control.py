@@ -7,7 +7,7 @@ once and report through the `JobProgress` and `JobFinished` signals, so no call 
 D-Bus's method timeout; `Job(id)` answers a job's latest report at any time.
 
 Methods: Status() -> s; Reload() -> s; Restart(s provider) -> s job_id;
-Job(s job_id) -> s; History() -> s (the gateway's recent configs); Rollback(s id) -> s;
+Job(s job_id) -> s; History() -> s (the gateway's recent configs); Rollback(s id) -> s job_id;
 FailoverTest(s provider, s mode, b force) -> s job_id (a live drill through the gateway).
 Later issues extend this interface; they never rename.
 """
