@@ -78,14 +78,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def load_report(config_dir: Path) -> Any:
-    from diversityd.config import load_config
-    from diversityd.validation import validate
+    from diversityd.validation import check_config_dir
 
-    try:
-        config, parse_findings = load_config(config_dir)
-    except ConfigError as exc:
-        config, parse_findings = None, list(exc.findings)
-    return validate(config, parse_findings, os.environ)
+    return check_config_dir(config_dir, os.environ)
 
 
 @cli.command()
@@ -258,20 +253,9 @@ async def _status_from_systemd(config_dir: Path, reason: str) -> dict[str, Any]:
                 owned = name in config.settings.owned
                 unit = unit_name(name) if owned else None
                 snapshot = await systemd.snapshot(unit) if systemd and unit else None
-                view = None
-                if snapshot is not None:
-                    from diversityd.state import UnitView
-
-                    view = UnitView(
-                        snapshot.load_state,
-                        snapshot.active_state,
-                        snapshot.sub_state,
-                        snapshot.main_pid,
-                    )
+                view = snapshot.view() if snapshot is not None else None
                 probe = None
-                if provider.type in ("ollama", "llama_cpp", "vllm") and (
-                    not owned or unit_state(view) is None
-                ):
+                if provider.is_local and (not owned or unit_state(view) is None):
                     probe = await probes.probe(client, provider, 0.5)
                 state = derive_state(
                     owned=owned,

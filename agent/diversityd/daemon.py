@@ -40,9 +40,9 @@ from diversityd.adapters.notify import Notifier
 from diversityd.adapters.nvml import NvmlError, read_gpus
 from diversityd.adapters.systemd import Systemd, SystemdError, UnitSnapshot
 from diversityd.adapters.unitfiles import default_unit_dir, machine_context, sync_units
-from diversityd.config import Config, OwnedServer, Provider, default_config_dir, load_config
+from diversityd.config import Config, OwnedServer, Provider, default_config_dir
 from diversityd.drill import Answer, DrillMode, DrillReport, overall_ok, unprotected_models
-from diversityd.errors import ConfigError, DiversitydError, Severity, UsageError
+from diversityd.errors import DiversitydError, Severity, UsageError
 from diversityd.gateway import Availability, normalize_model_id
 from diversityd.gatewaymgr import GatewayManager
 from diversityd.gguf import GGUFError, read_model
@@ -56,12 +56,11 @@ from diversityd.state import (
 )
 from diversityd.timefmt import iso_time
 from diversityd.units import RenderedUnit, UnitContext, render_provider_unit, unit_name
-from diversityd.validation import Report, validate
-from diversityd.vram import GpuSnapshot, ModelSpec, describe_model
+from diversityd.validation import Report, check_config_dir
+from diversityd.vram import LLAMA_SERVER_KINDS, GpuSnapshot, ModelSpec, describe_model
 
 log = get_logger()
 
-LLAMA_SERVERS = ("llama-server", "llama-cpp-python")
 MIB = 1024 * 1024
 NVML_POLL_S = 10.0  # how often free VRAM is read for re-planning
 DRILL_CLIENT_TIMEOUT_S = 120.0  # a hung backend costs a request its full timeout first
@@ -121,6 +120,8 @@ class ProviderRecord:
     models: tuple[str, ...]
     backends: dict[str, str] = field(default_factory=dict)  # served name -> backend's id
     snapshot: UnitSnapshot | None = None
+    # property changes that arrived before the first snapshot: (monotonic time, changes)
+    early_changes: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     probe: ProbeResult | None = None
     answered_pid: int = -1  # MainPID for which a probe succeeded (-1: none yet)
     state: ProviderState = ProviderState.UNKNOWN
@@ -138,14 +139,7 @@ class ProviderRecord:
     model_error: str | None = None  # a rejected re-point (the old model keeps serving)
 
     def unit_view(self) -> UnitView | None:
-        if self.snapshot is None:
-            return None
-        return UnitView(
-            self.snapshot.load_state,
-            self.snapshot.active_state,
-            self.snapshot.sub_state,
-            self.snapshot.main_pid,
-        )
+        return self.snapshot.view() if self.snapshot is not None else None
 
     def to_json(self) -> dict[str, Any]:
         since: str | None = None
@@ -304,11 +298,7 @@ class Daemon:
     # -- configuration --------------------------------------------------------------
 
     def load(self) -> Report:
-        try:
-            config, findings = load_config(self.config_dir)
-        except ConfigError as exc:
-            config, findings = None, list(exc.findings)
-        return validate(config, findings, os.environ)
+        return check_config_dir(self.config_dir, os.environ)
 
     @property
     def unit_dir(self) -> Path:
@@ -391,7 +381,7 @@ class Daemon:
         user_layers = owned.n_gpu_layers
         if user_layers is None:
             user_layers = self.config.providers[provider].n_gpu_layers
-        llama = owned.server in LLAMA_SERVERS
+        llama = owned.server in LLAMA_SERVER_KINDS
         return GpuSettings(
             provider=provider,
             n_gpu_layers=(user_layers if user_layers is not None else 0) if llama else None,
@@ -439,7 +429,11 @@ class Daemon:
             self.gateway.on_unit_changed(event.unit, event.changed)
             return
         record = self._record_of_unit(event.unit)
-        if record is None or record.snapshot is None:
+        if record is None:
+            return
+        if record.snapshot is None:
+            # Arrived before the first snapshot was adopted: the newer ones go on top of it.
+            record.early_changes.append((event.at, event.changed))
             return
         before_pid = record.snapshot.main_pid
         record.snapshot = record.snapshot.merged(event.changed)
@@ -653,8 +647,15 @@ class Daemon:
             if only is not None and record.name not in only:
                 continue
             snapshot = await self.systemd.snapshot(record.unit)
+            taken_at = time.monotonic()
 
-            def adopt(r: ProviderRecord = record, s: UnitSnapshot = snapshot) -> None:
+            def adopt(
+                r: ProviderRecord = record, s: UnitSnapshot = snapshot, t: float = taken_at
+            ) -> None:
+                for at, changed in r.early_changes:
+                    if at > t:  # sent after systemd answered GetAll: newer than the snapshot
+                        s = s.merged(changed)
+                r.early_changes.clear()
                 r.snapshot = s
                 self._update_state(r, time.monotonic())
 
@@ -946,7 +947,7 @@ class Daemon:
         paths: dict[str, list[str]] = {}
         for record in self.records.values():
             owned = record.owned
-            if owned and owned.server in LLAMA_SERVERS and owned.model_path:
+            if owned and owned.server in LLAMA_SERVER_KINDS and owned.model_path:
                 paths.setdefault(os.path.expanduser(owned.model_path), []).append(record.name)
         return paths
 

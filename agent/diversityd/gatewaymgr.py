@@ -38,6 +38,7 @@ from diversityd.units import (
     GatewayPaths,
     RenderedUnit,
     gateway_instance,
+    listen_address,
     render_gateway_units,
 )
 
@@ -154,9 +155,8 @@ class GatewayManager:
             litellm_python=python,
             launcher=str(Path(gatewaylauncher.__file__).resolve()),
         )
-        host = gateway.host if ":" not in gateway.host else f"[{gateway.host}]"
         self.record = GatewayRecord(
-            url=f"http://{host}:{gateway.port}",
+            url=f"http://{listen_address(gateway.host, gateway.port)}",
             key_file=str(self.key_file),
             config_dir=str(self.files.config_dir),
         )

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from diversityd.catalog import Catalog, build_catalog
-from diversityd.config import SETTINGS_FILE, Config, Where
-from diversityd.errors import Finding, Severity
+from diversityd.config import SETTINGS_FILE, Config, Where, load_config
+from diversityd.errors import ConfigError, Finding, Severity
 from diversityd.fallbacks import check_graph
 from diversityd.gateway import literal_secrets
+from diversityd.vram import LLAMA_SERVER_KINDS
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,16 @@ class Report:
             "warnings": [f.to_json() for f in self.of(Severity.WARNING)],
             "info": [f.to_json() for f in self.of(Severity.INFO)],
         }
+
+
+def check_config_dir(config_dir: Path, environ: Mapping[str, str]) -> Report:
+    """Read the configuration directory and validate it (files unreadable or malformed
+    included): the verdict `validate`, `reload` and the daemon's start act on."""
+    try:
+        config, parse_findings = load_config(config_dir)
+    except ConfigError as exc:
+        config, parse_findings = None, list(exc.findings)
+    return validate(config, parse_findings, environ)
 
 
 def validate(
@@ -84,7 +96,7 @@ def _check_gateway_settings(config: Config) -> Iterable[Finding]:
 def _check_owned_models(config: Config, catalog: Catalog) -> Iterable[Finding]:
     """An owned llama server serves one model (its alias): more names cannot all be true."""
     for name, owned in config.settings.owned.items():
-        if owned.server not in ("llama-server", "llama-cpp-python"):
+        if owned.server not in LLAMA_SERVER_KINDS:
             continue
         models = catalog.models_of(name)
         if len(models) > 1:

@@ -17,6 +17,7 @@ from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from diversityd.errors import DiversitydError
+from diversityd.state import UnitView
 
 SYSTEMD = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
@@ -91,6 +92,10 @@ class UnitSnapshot:
             fragment_path=str(props.get("FragmentPath", "")),
             drop_in_paths=tuple(str(p) for p in props.get("DropInPaths", []) or []),
         )
+
+    def view(self) -> UnitView:
+        """The parts the state decision needs."""
+        return UnitView(self.load_state, self.active_state, self.sub_state, self.main_pid)
 
     def merged(self, changed: Mapping[str, Any]) -> UnitSnapshot:
         current = {
