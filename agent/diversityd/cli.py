@@ -296,20 +296,31 @@ async def _status_from_systemd(config_dir: Path, reason: str) -> dict[str, Any]:
     }
 
 
-async def _fetch_status(config_dir: Path) -> dict[str, Any]:
-    from diversityd.adapters.control import ControlClient, DaemonUnavailableError
-    from diversityd.adapters.systemd import SystemdError
+def _fetch_status(config_dir: Path) -> dict[str, Any]:
+    """The daemon's answer over a light blocking client (the fast path); when the daemon
+    is not there, what systemd and a quick probe say."""
+    import asyncio
+
+    from diversityd.adapters import busclient
 
     try:
-        client = await ControlClient.connect()
-    except SystemdError as exc:
-        return await _status_from_systemd(config_dir, str(exc))
-    try:
-        return dict(await client.call("Status", timeout_s=5))
-    except DaemonUnavailableError as exc:
-        return await _status_from_systemd(config_dir, str(exc))
-    finally:
-        client.close()
+        answer = busclient.call_string(
+            busclient.session_bus_address(),
+            busclient.BUS_NAME,
+            busclient.OBJECT_PATH,
+            busclient.INTERFACE,
+            "Status",
+            timeout_s=5,
+        )
+    except busclient.BusCallError as exc:
+        if exc.name not in busclient.NO_SUCH_NAME:
+            raise DiversitydError(f"the daemon failed to answer: {exc}") from exc
+        reason = "diversityd is not running on the user bus"
+    except OSError as exc:
+        reason = f"no user bus: {exc}"
+    else:
+        return dict(json.loads(answer))
+    return asyncio.run(_status_from_systemd(config_dir, reason))
 
 
 @cli.command()
@@ -320,9 +331,7 @@ def status(config_dir: Path | None, as_json: bool) -> None:
 
     When the daemon is not running, shows what systemd says and that the daemon is down.
     """
-    import asyncio
-
-    document = asyncio.run(_fetch_status(resolve_config_dir(config_dir)))
+    document = _fetch_status(resolve_config_dir(config_dir))
     click.echo(json.dumps(document, indent=2) if as_json else format_status(document))
 
 

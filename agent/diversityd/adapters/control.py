@@ -25,12 +25,10 @@ from dbus_fast import DBusError, Message, MessageType, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface, method, signal
 
+from diversityd.adapters.busclient import BUS_NAME, INTERFACE, NO_SUCH_NAME, OBJECT_PATH
 from diversityd.adapters.systemd import connect_session_bus
 from diversityd.errors import DiversitydError
 
-BUS_NAME = "io.github.diversityd"
-OBJECT_PATH = "/io/github/diversityd"
-INTERFACE = "io.github.diversityd.Manager1"
 ERROR_PREFIX = "io.github.diversityd.Error"
 
 Handler = Callable[..., Awaitable[Any]]
@@ -170,10 +168,7 @@ class ControlClient:
         if reply.message_type == MessageType.ERROR:
             name = reply.error_name or ""
             detail = reply.body[0] if reply.body else name
-            if name in (
-                "org.freedesktop.DBus.Error.ServiceUnknown",
-                "org.freedesktop.DBus.Error.NameHasNoOwner",
-            ):
+            if name in NO_SUCH_NAME:
                 raise DaemonUnavailableError("diversityd is not running on the user bus")
             if name.startswith(ERROR_PREFIX):
                 with contextlib.suppress(ValueError, TypeError, KeyError):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from diversityd.adapters.busclient import session_bus_address
 from diversityd.errors import DiversitydError
 from diversityd.state import UnitView
 
@@ -36,14 +36,6 @@ class SystemdError(DiversitydError):
     def __init__(self, message: str, dbus_name: str | None = None) -> None:
         super().__init__(message)
         self.dbus_name = dbus_name
-
-
-def session_bus_address() -> str:
-    address = os.environ.get("DBUS_SESSION_BUS_ADDRESS")
-    if address:
-        return address
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
-    return f"unix:path={runtime}/bus"
 
 
 async def connect_session_bus(address: str | None = None) -> MessageBus:
