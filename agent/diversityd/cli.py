@@ -34,7 +34,7 @@ def config_dir_option(function: F) -> F:
 
 
 def resolve_config_dir(config_dir: Path | None) -> Path:
-    from diversityd.config import default_config_dir
+    from diversityd.parts import default_config_dir  # light: `status` must not load yaml
 
     return config_dir if config_dir is not None else default_config_dir()
 
@@ -299,8 +299,6 @@ async def _status_from_systemd(config_dir: Path, reason: str) -> dict[str, Any]:
 def _fetch_status(config_dir: Path) -> dict[str, Any]:
     """The daemon's answer over a light blocking client (the fast path); when the daemon
     is not there, what systemd and a quick probe say."""
-    import asyncio
-
     from diversityd.adapters import busclient
 
     try:
@@ -320,6 +318,8 @@ def _fetch_status(config_dir: Path) -> dict[str, Any]:
         reason = f"no user bus: {exc}"
     else:
         return dict(json.loads(answer))
+    import asyncio  # only now: the fast path does without it
+
     return asyncio.run(_status_from_systemd(config_dir, reason))
 
 
@@ -593,7 +593,8 @@ def install(config_dir: Path | None, now: bool, unit_dir: Path | None) -> None:
     from diversityd import parts
     from diversityd.adapters.files import write_atomic
     from diversityd.adapters.systemd import Systemd
-    from diversityd.adapters.unitfiles import default_unit_dir, machine_context
+    from diversityd.adapters.unitfiles import machine_context
+    from diversityd.parts import default_unit_dir
     from diversityd.units import DAEMON_UNIT, render_daemon_unit
 
     directory = resolve_config_dir(config_dir).resolve()

@@ -8,7 +8,6 @@ as `tier`, `description`, `tags` are tolerated) and diversityd's own `diversityd
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import socket
 from collections.abc import Mapping
@@ -1012,11 +1011,6 @@ def parse_config(
         docs={doc.file: doc for doc in docs.values()},
     )
     return config, findings
-
-
-def default_config_dir() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "diversityd"
 
 
 def read_config_texts(config_dir: Path) -> dict[str, str | None]:

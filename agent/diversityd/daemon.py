@@ -39,8 +39,8 @@ from diversityd.adapters.modellink import LinkWatcher, ModelTarget, resolve
 from diversityd.adapters.notify import Notifier
 from diversityd.adapters.nvml import NvmlError, read_gpus
 from diversityd.adapters.systemd import Systemd, SystemdError, UnitSnapshot
-from diversityd.adapters.unitfiles import default_unit_dir, machine_context, sync_units
-from diversityd.config import Config, OwnedServer, Provider, default_config_dir
+from diversityd.adapters.unitfiles import machine_context, sync_units
+from diversityd.config import Config, OwnedServer, Provider
 from diversityd.drill import Answer, DrillMode, DrillReport, overall_ok, unprotected_models
 from diversityd.errors import DiversitydError, Severity, UsageError
 from diversityd.gateway import Availability, normalize_model_id
@@ -48,6 +48,7 @@ from diversityd.gatewaymgr import GatewayManager
 from diversityd.gguf import GGUFError, read_model
 from diversityd.gpuplan import GpuPlan, GpuSettings, plan_gpus, replan_needed
 from diversityd.log import configure_logging, get_logger
+from diversityd.parts import default_config_dir, default_unit_dir
 from diversityd.state import (
     ProbeResult,
     ProviderState,

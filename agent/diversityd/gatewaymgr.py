@@ -53,11 +53,6 @@ START_TIMEOUT_S = 200.0
 FIRST_RENDER_WAIT_S = 120.0  # at start-up, wait this long for the providers' first answers
 
 
-def default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "diversityd"
-
-
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -135,7 +130,7 @@ class GatewayManager:
         state_dir = (
             Path(os.path.expanduser(settings.state_dir))
             if settings.state_dir
-            else default_state_dir()
+            else parts.default_state_dir()
         )
         self.files = GatewayFiles(state_dir, gateway.keep_configs)
         self.key_file = (

@@ -14,14 +14,30 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 LITELLM_VERSION = "1.106.2"
 
 
+def xdg_dir(variable: str, fallback: str) -> Path:
+    """An XDG base directory: `$variable`, else `~/fallback`."""
+    return Path(os.environ.get(variable) or str(Path.home() / fallback))
+
+
 def cache_root() -> Path:
     """`$DIVERSITYD_CACHE_DIR`, else `$XDG_CACHE_HOME/diversityd` (units pin the former, so
     a daemon whose XDG world is private still finds the parts it was installed with)."""
     pinned = os.environ.get("DIVERSITYD_CACHE_DIR")
     if pinned:
         return Path(pinned)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "diversityd"
+    return xdg_dir("XDG_CACHE_HOME", ".cache") / "diversityd"
+
+
+def default_config_dir() -> Path:
+    return xdg_dir("XDG_CONFIG_HOME", ".config") / "diversityd"
+
+
+def default_state_dir() -> Path:
+    return xdg_dir("XDG_STATE_HOME", ".local/state") / "diversityd"
+
+
+def default_unit_dir() -> Path:
+    return xdg_dir("XDG_CONFIG_HOME", ".config") / "systemd" / "user"
 
 
 def llama_bin_dir() -> Path:

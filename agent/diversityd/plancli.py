@@ -393,10 +393,8 @@ def budget_plan(
     free_mib: float | None,
     placement: Placement,
 ) -> dict[str, Any]:
-    from diversityd.config import (  # noqa: PLC0415 - only the budget needs the config
-        default_config_dir,
-        load_config,
-    )
+    from diversityd.config import load_config  # noqa: PLC0415 - only the budget needs it
+    from diversityd.parts import default_config_dir  # noqa: PLC0415
 
     directory = config_dir if config_dir is not None else default_config_dir()
     config, findings = load_config(directory)

@@ -7,7 +7,6 @@ the user's and are never read or written here (systemd merges them).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,11 +20,6 @@ from diversityd.units import UNIT_PREFIX, RenderedUnit, UnitContext, is_owned_te
 def load_templates() -> dict[str, str]:
     folder = resources.files("diversityd") / "data" / "units"
     return {item.name: item.read_text(encoding="utf-8") for item in folder.iterdir()}
-
-
-def default_unit_dir() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "systemd" / "user"
 
 
 def machine_context(python: str) -> UnitContext:
