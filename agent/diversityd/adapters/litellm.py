@@ -122,11 +122,10 @@ class GatewayFiles:
         return entries
 
     def find(self, entry_id: str) -> HistoryEntry | None:
-        for entry in self.history():
-            if (
-                entry.id == entry_id
-                or entry.id.endswith(entry_id)
-                or entry.sha256.startswith(entry_id)
-            ):
-                return entry
-        return None
+        """An entry by its id, or by a prefix of its id or sha256 that names only one."""
+        entries = self.history()
+        exact = [e for e in entries if e.id == entry_id]
+        if exact:
+            return exact[0]
+        matches = [e for e in entries if e.id.startswith(entry_id) or e.sha256.startswith(entry_id)]
+        return matches[0] if len(matches) == 1 else None
