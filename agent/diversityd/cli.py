@@ -358,6 +358,36 @@ async def _connect_daemon(config_dir: str | None = None) -> Any:
     return client
 
 
+def run_job(
+    config_dir: str | None,
+    member: str,
+    args: tuple[str | bool, ...],
+    show: Callable[[dict[str, Any]], str | None],
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Start a daemon job and follow it to its end; `show(progress)` may return a line
+    for stderr. Returns the job's result."""
+    import asyncio
+
+    async def run() -> dict[str, Any]:
+        client = await _connect_daemon(config_dir)
+        try:
+            await client.subscribe_jobs()  # before the call: no signal is missed
+            started = await client.call(member, *args)
+
+            def progress(payload: dict[str, Any]) -> None:
+                line = show(payload)
+                if line:
+                    click.echo(line, err=True)
+
+            report = await client.follow_job(started["job"], progress, timeout_s)
+            return dict(report.get("result") or {})
+        finally:
+            client.close()
+
+    return asyncio.run(run())
+
+
 def _real_dir(config_dir: Path | None) -> str | None:
     return os.path.realpath(config_dir) if config_dir is not None else None
 
@@ -372,26 +402,13 @@ def restart(provider: str, config_dir: Path | None, as_json: bool, timeout_s: fl
 
     Reports how long each took; exit 1 if one did not come back.
     """
-    import asyncio
 
-    wanted = _real_dir(config_dir)
+    def show(payload: dict[str, Any]) -> str | None:
+        if not as_json and payload.get("step") == "restarting":
+            return f"restarting {payload['provider']} ..."
+        return None
 
-    async def run() -> dict[str, Any]:
-        client = await _connect_daemon(wanted)
-        try:
-            await client.subscribe_jobs()
-            started = await client.call("Restart", provider)
-
-            def progress(payload: dict[str, Any]) -> None:
-                if not as_json and payload.get("step") == "restarting":
-                    click.echo(f"restarting {payload['provider']} ...", err=True)
-
-            return dict(await client.follow_job(started["job"], progress, timeout_s))
-        finally:
-            client.close()
-
-    report = asyncio.run(run())
-    result = report.get("result") or {}
+    result = run_job(_real_dir(config_dir), "Restart", (provider,), show, timeout_s)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -494,26 +511,15 @@ def failover_test(
     provider, and whether it came back. Exit 1 if a request failed or something was not
     restored; 2 (refused) when a model would have no live fallback, unless --force.
     """
-    import asyncio
 
-    wanted = _real_dir(config_dir)
+    def show(payload: dict[str, Any]) -> str | None:
+        if not as_json and payload.get("step") in ("taking down", "restoring"):
+            return f"{payload['step']} {payload.get('provider', '')} ..."
+        return None
 
-    async def run() -> dict[str, Any]:
-        client = await _connect_daemon(wanted)
-        try:
-            await client.subscribe_jobs()
-            started = await client.call("FailoverTest", provider, mode, force)
-
-            def progress(payload: dict[str, Any]) -> None:
-                if not as_json and payload.get("step") in ("taking down", "restoring"):
-                    click.echo(f"{payload['step']} {payload.get('provider', '')} ...", err=True)
-
-            return dict(await client.follow_job(started["job"], progress, timeout_s))
-        finally:
-            client.close()
-
-    report = asyncio.run(run())
-    result = report.get("result") or {}
+    result = run_job(
+        _real_dir(config_dir), "FailoverTest", (provider, mode, force), show, timeout_s
+    )
     click.echo(json.dumps(result, indent=2) if as_json else format_drills(result))
     sys.exit(EXIT_OK if result.get("ok") else EXIT_FAILURE)
 
@@ -552,21 +558,8 @@ def history(config_dir: Path | None, as_json: bool) -> None:
 def rollback(entry_id: str, config_dir: Path | None, as_json: bool) -> None:
     """Serve the gateway config ID again (blue/green, like any reload) and pin it: automatic
     reloads pause until `diversityctl reload`. Exit 1 if the proxy would not start."""
-    import asyncio
 
-    wanted = _real_dir(config_dir)
-
-    async def run() -> dict[str, Any]:
-        client = await _connect_daemon(wanted)
-        try:
-            await client.subscribe_jobs()
-            started = await client.call("Rollback", entry_id)
-            report = await client.follow_job(started["job"], lambda _: None, 600)
-            return dict(report.get("result") or {})
-        finally:
-            client.close()
-
-    result = asyncio.run(run())
+    result = run_job(_real_dir(config_dir), "Rollback", (entry_id,), lambda _: None, 600)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     elif result.get("ok"):

@@ -815,18 +815,25 @@ class Daemon:
             pids[name] = [main, *(child.pid for child in children)]
         return described, pids
 
-    async def _plan_gpus(self, reason: str) -> None:
-        """Read NVML and the models, plan every card. An NVML failure keeps the plan in
-        force (and is reported by its NVML name)."""
-        config = self.config
-        assert config is not None
+    async def _read_gpus(self) -> GpuSnapshot | None:
+        """One NVML reading; None when NVML fails (the plan in force stays, the error is
+        shown by its NVML name and logged once)."""
         try:
-            snapshot = await asyncio.to_thread(read_gpus)
+            return await asyncio.to_thread(read_gpus)
         except NvmlError as exc:
             failure = f"{exc.name}: {exc}"
             if failure != self.gpu_error:
                 log.error("gpu.nvml_failed", error=failure, state="keeping the last plan")
             await self.in_state_loop(functools.partial(setattr, self, "gpu_error", failure))
+            return None
+
+    async def _plan_gpus(self, reason: str) -> None:
+        """Read NVML and the models, plan every card. An NVML failure keeps the plan in
+        force (and is reported by its NVML name)."""
+        config = self.config
+        assert config is not None
+        snapshot = await self._read_gpus()
+        if snapshot is None:
             return
         models, main_pids = await self.in_state_loop(self._plan_inputs)
         described, pids = await asyncio.to_thread(self._read_plan_inputs, models, main_pids)
@@ -902,13 +909,8 @@ class Daemon:
             return
         if any(r.owned and r.state is ProviderState.STARTING for r in self.records.values()):
             return
-        try:
-            snapshot = await asyncio.to_thread(read_gpus)
-        except NvmlError as exc:
-            failure = f"{exc.name}: {exc}"
-            if failure != self.gpu_error:
-                log.error("gpu.nvml_failed", error=failure, state="keeping the last plan")
-            await self.in_state_loop(functools.partial(setattr, self, "gpu_error", failure))
+        snapshot = await self._read_gpus()
+        if snapshot is None:
             return
         _models, main_pids = await self.in_state_loop(self._plan_inputs)
         _described, pids = await asyncio.to_thread(self._read_plan_inputs, {}, main_pids)
