@@ -19,16 +19,15 @@ import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # reuse the tests' harness
 
-from tests.benchsupport import emit
+from tests.benchsupport import bench_stack, emit
 from tests.conftest import free_port
-from tests.integration.harness import RunningStack, start_stack
+from tests.integration.harness import RunningStack
 
 from diversityd.adapters.gatewayclient import ask, new_client
 from diversityd.adapters.litellm import read_master_key
@@ -64,18 +63,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one stop/start of vLLM")
     args = parser.parse_args()
     cycles = 1 if args.quick else 3
-    root = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
-    manager = PrivateManager(root / "pm")
-    manager.start()
     answers: list[Answer] = []
-    try:
-        spec = StackSpec(
+
+    def spec(manager: PrivateManager) -> StackSpec:
+        return StackSpec(
             ports={**{name: free_port() for name in PROVIDERS}, "gateway": free_port()},
             providers=PROVIDERS,
             unit_dir=manager.unit_dir,
         )
-        running = start_stack(manager, root / "stack", spec)
-        running.wait_all_ready(timeout_s=120)
+
+    with bench_stack("bench-gateway-", spec) as running:
+        manager = running.manager
         running.wait_for(
             lambda d: d["gateway"]["in_sync"] and d["gateway"]["state"] == "ready", 180, 0.5
         )
@@ -98,9 +96,6 @@ def main() -> None:
         stop.set()
         sender.join(timeout=120)
         done = reloads(running) - first
-        manager.systemctl("stop", "diversityd.service", check=False)
-    finally:
-        manager.stop()
     refused = [a for a in answers if not a.ok and (a.error or "").startswith("ConnectError")]
     latencies = [a.latency_ms for a in answers]
     emit(

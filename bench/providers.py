@@ -20,17 +20,14 @@ import argparse
 import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # reuse the tests' harness
 
-from tests.benchsupport import emit, summary
-from tests.integration.harness import RunningStack, start_stack
+from tests.benchsupport import bench_stack, emit, summary
+from tests.integration.harness import RunningStack
 from tests.integration.test_providers import ALIASES, RequestStream, servers
-
-from diversityd.privatemanager import PrivateManager
 
 NATIVE = "llama_cpp_native"
 
@@ -69,12 +66,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a few minutes)")
     args = parser.parse_args()
     rounds = 3 if args.quick else 10
-    root = Path(tempfile.mkdtemp(prefix="bench-providers-"))
-    manager = PrivateManager(root / "pm")
-    manager.start()
-    try:
-        running = start_stack(manager, root / "stack")
-        running.wait_all_ready(timeout_s=120)
+    with bench_stack("bench-providers-") as running:
+        manager = running.manager
         unit = f"diversityd-{NATIVE}.service"
         stops: list[float] = []
         kills: list[float] = []
@@ -99,9 +92,6 @@ def main() -> None:
                     repoint(running, "tiny-b.gguf" if index % 2 == 0 else "tiny-a.gguf")
                 )
             time.sleep(0.5)
-        manager.systemctl("stop", "diversityd.service", check=False)
-    finally:
-        manager.stop()
     emit(
         {
             "sigstop_to_down_ms": summary(stops),

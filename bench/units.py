@@ -18,16 +18,13 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # reuse the tests' harness
 
-from tests.benchsupport import emit, summary
-from tests.integration.harness import ctl_env, start_stack
-
-from diversityd.privatemanager import PrivateManager
+from tests.benchsupport import bench_stack, emit, summary
+from tests.integration.harness import ctl_env
 
 NATIVE = "llama_cpp_native"
 
@@ -45,12 +42,8 @@ def main() -> None:
     kills = 5 if args.quick else 20
     status_runs = 15 if args.quick else 50
 
-    root = Path(tempfile.mkdtemp(prefix="bench-units-"))
-    manager = PrivateManager(root / "pm")
-    manager.start()
-    try:
-        running = start_stack(manager, root / "stack")
-        running.wait_all_ready(timeout_s=120)
+    with bench_stack("bench-units-") as running:
+        manager = running.manager
         unit = f"diversityd-{NATIVE}.service"
 
         latencies: list[float] = []
@@ -80,9 +73,6 @@ def main() -> None:
         for _ in range(status_runs):
             status_ms.append(timed(status_cmd, env))
             startup_ms.append(timed(startup_cmd, env))
-        manager.systemctl("stop", "diversityd.service", check=False)
-    finally:
-        manager.stop()
 
     emit(
         {
