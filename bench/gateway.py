@@ -16,42 +16,19 @@ Usage: python bench/gateway.py [--quick]. The last line of stdout is one JSON ob
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
-import sys
-import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # reuse the tests' harness
-
-from tests.benchsupport import bench_stack, emit
-from tests.conftest import free_port
-from tests.integration.harness import RunningStack
-
-from diversityd.adapters.gatewayclient import ask, new_client
 from diversityd.adapters.litellm import read_master_key
-from diversityd.drill import Answer, percentile
-from diversityd.embedded import LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM, StackSpec
-from diversityd.privatemanager import PrivateManager
+from diversityd.drill import percentile
+from diversityd_lab.embedded import LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM, StackSpec
+from diversityd_lab.measure import emit
+from diversityd_lab.privatemanager import PrivateManager
+from diversityd_lab.stack import RunningStack, free_port, temporary_stack
+from diversityd_lab.traffic import GatewayStream
 
 PROVIDERS = (LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM)
-
-
-def stream_requests(running: RunningStack, answers: list[Answer], stop: threading.Event) -> None:
-    gateway = running.status()["gateway"]
-    key = read_master_key(Path(gateway["key_file"]))
-
-    async def loop() -> None:
-        async with new_client(60) as client:
-            flip = False
-            while not stop.is_set():
-                flip = not flip
-                model = "llama-cpp-native" if flip else "llama3.1:latest"
-                answers.append(await ask(client, gateway["url"], key, model, stream=flip))
-                await asyncio.sleep(0.05)
-
-    asyncio.run(loop())
 
 
 def reloads(running: RunningStack) -> int:
@@ -63,7 +40,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one stop/start of vLLM")
     args = parser.parse_args()
     cycles = 1 if args.quick else 3
-    answers: list[Answer] = []
 
     def spec(manager: PrivateManager) -> StackSpec:
         return StackSpec(
@@ -72,29 +48,28 @@ def main() -> None:
             unit_dir=manager.unit_dir,
         )
 
-    with bench_stack("bench-gateway-", spec) as running:
+    with temporary_stack("bench-gateway-", spec) as running:
         manager = running.manager
-        running.wait_for(
+        gateway = running.wait_for(
             lambda d: d["gateway"]["in_sync"] and d["gateway"]["state"] == "ready", 180, 0.5
-        )
+        )["gateway"]
         first = reloads(running)
-        stop = threading.Event()
-        sender = threading.Thread(target=stream_requests, args=(running, answers, stop))
-        sender.start()
-        time.sleep(2)
-        unit = f"diversityd-{VLLM}.service"
-        for _ in range(cycles):
-            for verb in ("stop", "start"):
-                before = reloads(running)
-                manager.systemctl(verb, unit)
-                running.wait_for(
-                    lambda d, b=before: d["gateway"]["reloads"] > b and d["gateway"]["in_sync"],
-                    timeout_s=180,
-                    poll_s=0.5,
-                )
-        time.sleep(2)
-        stop.set()
-        sender.join(timeout=120)
+        key = read_master_key(Path(gateway["key_file"]))
+        models = ("llama-cpp-native", "llama3.1:latest")
+        with GatewayStream(gateway["url"], key, models) as sender:
+            time.sleep(2)
+            unit = f"diversityd-{VLLM}.service"
+            for _ in range(cycles):
+                for verb in ("stop", "start"):
+                    before = reloads(running)
+                    manager.systemctl(verb, unit)
+                    running.wait_for(
+                        lambda d, b=before: d["gateway"]["reloads"] > b and d["gateway"]["in_sync"],
+                        timeout_s=180,
+                        poll_s=0.5,
+                    )
+            time.sleep(2)
+        answers = sender.answers
         done = reloads(running) - first
     refused = [a for a in answers if not a.ok and (a.error or "").startswith("ConnectError")]
     latencies = [a.latency_ms for a in answers]

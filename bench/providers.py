@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # reuse the tests' harness
+from diversityd_lab.embedded import LLAMA_NATIVE, SERVED_NAMES
+from diversityd_lab.measure import emit, summary
+from diversityd_lab.stack import RunningStack, temporary_stack
+from diversityd_lab.traffic import RequestStream
 
-from tests.benchsupport import bench_stack, emit, summary
-from tests.integration.harness import RunningStack
-from tests.integration.test_providers import ALIASES, RequestStream, servers
-
-NATIVE = "llama_cpp_native"
+NATIVE = LLAMA_NATIVE
+ALIASES = SERVED_NAMES
 
 
 def left_ready_after(running: RunningStack, since: float) -> float:
@@ -66,7 +64,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a few minutes)")
     args = parser.parse_args()
     rounds = 3 if args.quick else 10
-    with bench_stack("bench-providers-") as running:
+    with temporary_stack("bench-providers-") as running:
         manager = running.manager
         unit = f"diversityd-{NATIVE}.service"
         stops: list[float] = []
@@ -86,7 +84,7 @@ def main() -> None:
             running.wait_all_ready()
             manager.systemctl("reset-failed", unit, check=False)  # not a crash loop
         repoints: list[float] = []
-        with RequestStream(servers(running)) as stream:
+        with RequestStream(running.stack.llama_endpoints()) as stream:
             for index in range(rounds):
                 repoints.append(
                     repoint(running, "tiny-b.gguf" if index % 2 == 0 else "tiny-a.gguf")

@@ -19,12 +19,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # reuse the tests' harness
-
-from tests.benchsupport import bench_stack, emit, summary
-from tests.integration.harness import ctl_env
+from diversityd_lab.measure import emit, summary
+from diversityd_lab.stack import ctl_env, temporary_stack
 
 NATIVE = "llama_cpp_native"
 
@@ -42,7 +39,7 @@ def main() -> None:
     kills = 5 if args.quick else 20
     status_runs = 15 if args.quick else 50
 
-    with bench_stack("bench-units-") as running:
+    with temporary_stack("bench-units-") as running:
         manager = running.manager
         unit = f"diversityd-{NATIVE}.service"
 

@@ -2,11 +2,11 @@
 
     python bench/vram.py [--quick]
 
-For each geometry: write the GGUF (diversityd.ggufwriter; the 8B-shaped ones sparse), run
+For each geometry: write the GGUF (diversityd_lab.ggufwriter; the 8B-shaped ones sparse), run
 the real `llama-server -ngl 0 -lv 4 --no-repack` on the CPU until it has printed its model,
 KV and compute buffer sizes, and compare with the estimate. Errors are measured at the
 print's resolution (MiB with two decimals): the estimate is rounded the same way first.
-plan_ms is the median wall time of `python -m diversityd.plancli --gguf F --ctx N
+plan_ms is the median wall time of `python -m diversityd.cli.plan --gguf F --ctx N
 --parallel P --free-mib 24000 --json` (the process `diversityctl plan` is), three runs.
 
 The last line of stdout is one JSON object: geometries (name, model_error_pct,
@@ -32,8 +32,13 @@ from typing import Any
 
 from diversityd import parts
 from diversityd.gguf import read_model
-from diversityd.ggufwriter import LLAMA_3_8B_SHAPE, Geometry, write_gguf
-from diversityd.vram import describe_model, estimate_compute, kv_layer_bytes, llama_server_run
+from diversityd.vram import (
+    describe_model,
+    estimate_compute,
+    kv_layer_bytes,
+    llama_server_run,
+)
+from diversityd_lab.ggufwriter import LLAMA_3_8B_SHAPE, Geometry, write_gguf
 
 MiB = 1 << 20
 BUFFER = re.compile(r"(\S+?)(?:\[[^\]]*\])?\s+(model|KV|compute) buffer size =\s+([\d.]+) MiB")
@@ -148,7 +153,7 @@ def plan_ms(model: Path, ctx: int, parallel: int) -> float:
     times = []
     command = [
         sys.executable,
-        *("-m", "diversityd.plancli", "--gguf", str(model), "--ctx", str(ctx)),
+        *("-m", "diversityd.cli.plan", "--gguf", str(model), "--ctx", str(ctx)),
         *("--parallel", str(parallel), "--free-mib", "24000", "--json"),
     ]
     for _ in range(3):

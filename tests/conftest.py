@@ -8,7 +8,6 @@ CI (CI=true), where a skip would hide a missing install step: there it fails.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import NoReturn
 
@@ -24,12 +23,6 @@ def unavailable(reason: str) -> NoReturn:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"under CI every integration part must be present: {reason}")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

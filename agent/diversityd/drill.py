@@ -51,6 +51,30 @@ def unprotected_models(
     return sorted(served & set(plan.left_out))
 
 
+DRILL_CLEAN_STREAK = 5  # answers in a row that needed no fallback: the gateway has settled
+
+
+def drill_settled(
+    answers: Sequence[Answer],
+    since: float,
+    *,
+    seen_down: bool,
+    mode: DrillMode,
+    gateway_settled: bool,
+    streak: int = DRILL_CLEAN_STREAK,
+) -> bool:
+    """Whether the gateway stopped trying the provider taken down at `since`: the daemon has
+    seen it down (a killed one may already be back), the gateway's config is in sync, and
+    the last `streak` answers since then needed no fallback."""
+    recent = [a for a in answers if a.started > since][-streak:]
+    return (
+        (seen_down or mode is DrillMode.KILL)
+        and gateway_settled
+        and len(recent) == streak
+        and all(a.ok and a.attempted_fallbacks == 0 for a in recent)
+    )
+
+
 def percentile(values: Sequence[float], fraction: float) -> float:
     if not values:
         return 0.0

@@ -5,9 +5,10 @@ NVML (adapters.nvml.read_gpus), knows its units' pids, and calls `plan_gpus`; it
 unit from `GpuPlan.settings_for(provider)`. Between plans it asks `replan_needed` whether
 NVML's numbers moved enough to matter (hysteresis: no restart storms).
 
-The sizing is vram.py's: one budget per card, shared in vram_priority order. This module
-groups the owned servers per card, takes our own processes out of "others", reads the flags
-in `extra_args` that change memory, and turns each server's share into what its unit says:
+The sizing is cardplan.py's (on vram.py's estimate): one budget per card, shared in
+vram_priority order. This module groups the owned servers per card, takes our own processes
+out of "others", reads the flags in `extra_args` that change memory, and turns each
+server's share into what its unit says:
 `-ngl` for llama servers, `--gpu-memory-utilization` for vLLM, OLLAMA_GPU_OVERHEAD for
 Ollama, and a hidden GPU for whatever runs on the CPU.
 """
@@ -18,27 +19,29 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from diversityd.gguf import GGML_TYPE_IDS, GGML_TYPES
-from diversityd.vram import (
+from diversityd.cardplan import (
     DEFAULT_HYSTERESIS,
-    DEFAULT_OVERHEADS,
-    DEFAULT_PLACEMENT,
-    LLAMA_SERVER_KINDS,
     CardPlan,
     GpuServer,
     GpuSnapshot,
     Hysteresis,
-    MiB,
-    ModelSpec,
-    Overheads,
-    Placement,
     Replan,
-    RunParams,
     ServerPlan,
     gpu_server_from_config,
     others_used_bytes,
     plan_card,
     should_replan,
+)
+from diversityd.gguf import GGML_TYPE_IDS, GGML_TYPES
+from diversityd.vram import (
+    DEFAULT_OVERHEADS,
+    DEFAULT_PLACEMENT,
+    LLAMA_SERVER_KINDS,
+    MiB,
+    ModelSpec,
+    Overheads,
+    Placement,
+    RunParams,
 )
 
 if TYPE_CHECKING:  # the configuration's types only: importing config pulls in YAML
@@ -453,7 +456,7 @@ def plan_gpus(
     unit's pids (the main pid, or all pids of its cgroup: Ollama's runners and vLLM's
     engine core are children that NVML lists instead); their memory is not "others".
     `previous`: the plan in force, whose sizes stand in for owned processes NVML gives no
-    number for. Servers share each card in vram_priority order (vram.plan_card); the
+    number for. Servers share each card in vram_priority order (cardplan.plan_card); the
     layer count, vLLM utilization or Ollama vram_mib the user set wins, with a warning
     when it does not fit.
     """
@@ -511,8 +514,37 @@ def plan_gpus(
     )
 
 
+def unit_gpu_settings(config: Config, plan: GpuPlan | None, provider: str) -> GpuSettings:
+    """What one owned unit says about the GPU: the plan's word when it has one for it.
+    Before the first plan (or without a GPU): the user's own layer count, else the CPU with
+    the GPU hidden, which always fits."""
+    if plan is not None and provider in plan.settings:
+        return plan.settings_for(provider)
+    owned = config.settings.owned[provider]
+    user_layers = owned.n_gpu_layers
+    if user_layers is None:
+        user_layers = config.providers[provider].n_gpu_layers
+    llama = owned.server in LLAMA_SERVER_KINDS
+    return GpuSettings(
+        provider=provider,
+        n_gpu_layers=(user_layers if user_layers is not None else 0) if llama else None,
+        hide_gpu=llama and user_layers is None,
+        server=owned.server,
+        gpu=owned.gpu,
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # When to plan again
+
+
+def vram_check_due(plan: GpuPlan | None, *, restarting: bool, gpu_unit_starting: bool) -> bool:
+    """Whether to look at the cards for a re-plan now: only with a plan on a GPU in force,
+    never while a restart rolls or an owned server starts (a process on its way in or out is
+    nobody's, and its memory would read as others')."""
+    if plan is None or plan.cpu_only_reason:
+        return False
+    return not restarting and not gpu_unit_starting
 
 
 def replan_needed(
@@ -523,7 +555,7 @@ def replan_needed(
     hysteresis: Hysteresis = DEFAULT_HYSTERESIS,
 ) -> Replan:
     """Whether a new look at the GPUs warrants a new plan: a card appeared, went away or
-    changed, or others' use moved past the hysteresis on any card (vram.should_replan).
+    changed, or others' use moved past the hysteresis on any card (cardplan.should_replan).
     A changed configuration or model always does; the daemon knows those itself. Ask only
     while no owned GPU unit is starting or stopping: a process on its way out is nobody's
     and would read as others'."""
@@ -560,4 +592,6 @@ __all__ = [
     "plan_gpus",
     "read_memory_args",
     "replan_needed",
+    "unit_gpu_settings",
+    "vram_check_due",
 ]

@@ -8,12 +8,21 @@ States (a small named set; `status --json` shows the value):
 - failed: systemd gave up on the unit (failed state);
 - stopped: the unit is inactive: stopped on purpose;
 - unknown: nothing observed yet.
+
+`Observed` is what the daemon knows of one provider's process; `apply_unit_change` and
+`apply_probe` fold one observation into it, `derive_state` reads the state off it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
+
+STARTING_PROBE_S = 0.1  # probe fast while a provider starts: readiness gates restarts
+MAX_PROBE_BACKOFF_S = 30.0
 
 
 class ProviderState(enum.StrEnum):
@@ -47,16 +56,109 @@ class ProbeResult:
 
 
 @dataclass(frozen=True)
-class UnitView:
-    """The parts of a systemd unit's state the decision needs."""
+class UnitSnapshot:
+    """What systemd says about one unit (its D-Bus properties, merged from signals)."""
 
-    load_state: str
-    active_state: str
-    sub_state: str
+    name: str
+    load_state: str  # loaded, not-found, masked, error
+    active_state: str  # active, activating, deactivating, inactive, failed, reloading
+    sub_state: str  # running, exited, dead, auto-restart, ...
     main_pid: int
+    active_enter_us: int  # CLOCK_REALTIME microseconds of entering active (0: never)
+    n_restarts: int
+    result: str  # success, exit-code, signal, core-dump, watchdog, ...
+    fragment_path: str
+    drop_in_paths: tuple[str, ...]
+
+    @classmethod
+    def from_properties(cls, name: str, props: Mapping[str, Any]) -> UnitSnapshot:
+        return cls(
+            name=name,
+            load_state=str(props.get("LoadState", "")),
+            active_state=str(props.get("ActiveState", "")),
+            sub_state=str(props.get("SubState", "")),
+            main_pid=int(props.get("MainPID", 0) or 0),
+            active_enter_us=int(props.get("ActiveEnterTimestamp", 0) or 0),
+            n_restarts=int(props.get("NRestarts", 0) or 0),
+            result=str(props.get("Result", "")),
+            fragment_path=str(props.get("FragmentPath", "")),
+            drop_in_paths=tuple(str(p) for p in props.get("DropInPaths", []) or []),
+        )
+
+    def merged(self, changed: Mapping[str, Any]) -> UnitSnapshot:
+        current = {
+            "LoadState": self.load_state,
+            "ActiveState": self.active_state,
+            "SubState": self.sub_state,
+            "MainPID": self.main_pid,
+            "ActiveEnterTimestamp": self.active_enter_us,
+            "NRestarts": self.n_restarts,
+            "Result": self.result,
+            "FragmentPath": self.fragment_path,
+            "DropInPaths": list(self.drop_in_paths),
+        }
+        current.update(changed)
+        return UnitSnapshot.from_properties(self.name, current)
+
+    @property
+    def running(self) -> bool:
+        """A process runs or is being started (after a daemon restart: never start it twice)."""
+        return self.active_state in ("active", "activating", "reloading")
 
 
-def unit_state(unit: UnitView | None) -> ProviderState | None:
+def adopt_snapshot(
+    snapshot: UnitSnapshot, early: Iterable[tuple[float, Mapping[str, Any]]], taken_at: float
+) -> UnitSnapshot:
+    """A snapshot read with GetAll at `taken_at`, with the property changes that came in
+    meanwhile: those sent after systemd answered (newer than `taken_at`) go on top."""
+    for at, changed in early:
+        if at > taken_at:
+            snapshot = snapshot.merged(changed)
+    return snapshot
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the daemon knows of one provider's process right now."""
+
+    unit: UnitSnapshot | None = None
+    probe: ProbeResult | None = None
+    answered_pid: int = -1  # MainPID for which a probe succeeded (-1: none yet)
+    failures: int = 0  # consecutive failed probes (backoff)
+
+    @property
+    def pid(self) -> int:
+        return self.unit.main_pid if self.unit is not None else 0
+
+    @property
+    def answered_since_start(self) -> bool:
+        """A probe succeeded since the current process started."""
+        return self.unit is not None and self.pid != 0 and self.answered_pid == self.pid
+
+
+def apply_unit_change(observed: Observed, changed: Mapping[str, Any]) -> tuple[Observed, int]:
+    """Fold a PropertiesChanged into what is known. Returns the new knowledge and the pid of
+    a process that just went away (0 when none did). A new process has not answered yet."""
+    assert observed.unit is not None
+    before = observed.unit.main_pid
+    unit = observed.unit.merged(changed)
+    if unit.main_pid == before:
+        return dataclasses.replace(observed, unit=unit), 0
+    exited = before if before and unit.main_pid == 0 else 0
+    return dataclasses.replace(observed, unit=unit, answered_pid=-1), exited
+
+
+def apply_probe(observed: Observed, result: ProbeResult, pid: int) -> Observed:
+    """Fold a probe's answer in. `pid`: the main process when the probe was sent; a success
+    counts for it alone (an answer from a process since replaced proves nothing)."""
+    answered = observed.answered_pid
+    if result.ok and pid == observed.pid:
+        answered = pid
+    failures = 0 if result.ok else observed.failures + 1
+    return dataclasses.replace(observed, probe=result, answered_pid=answered, failures=failures)
+
+
+def unit_state(unit: UnitSnapshot | None) -> ProviderState | None:
     """What systemd alone says; None when the process runs and the probe must decide."""
     if unit is None or unit.load_state not in ("loaded", ""):
         return ProviderState.UNKNOWN
@@ -76,7 +178,7 @@ def unit_state(unit: UnitView | None) -> ProviderState | None:
 def derive_state(
     *,
     owned: bool,
-    unit: UnitView | None,
+    unit: UnitSnapshot | None,
     probe: ProbeResult | None,
     answered_since_start: bool,
 ) -> ProviderState:
@@ -97,5 +199,26 @@ def derive_state(
     return ProviderState.DOWN
 
 
+def state_of(observed: Observed, *, owned: bool) -> ProviderState:
+    return derive_state(
+        owned=owned,
+        unit=observed.unit,
+        probe=observed.probe,
+        answered_since_start=observed.answered_since_start,
+    )
+
+
 def is_serving(state: ProviderState) -> bool:
     return state is ProviderState.READY
+
+
+def probe_interval(state: ProviderState, failures: int, base_s: float) -> float:
+    """How long until the next probe: fast while starting (readiness gates restarts), the
+    base interval while up or stopped, backing off while down (never slower than 30 s)."""
+    if state is ProviderState.STARTING:
+        return STARTING_PROBE_S
+    if state in (ProviderState.STOPPED, ProviderState.FAILED):
+        return base_s
+    if failures:
+        return float(min(MAX_PROBE_BACKOFF_S, base_s * 2 ** min(failures - 1, 5)))
+    return base_s

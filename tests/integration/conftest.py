@@ -1,4 +1,4 @@
-"""Integration fixtures: a private `systemd --user` manager (diversityd.privatemanager).
+"""Integration fixtures: a private `systemd --user` manager (diversityd_lab.privatemanager).
 
 `private_manager` gives each test a fresh manager (~0.2 s); `shared_private_manager` one per
 module, for tests that only read or add uniquely named units. Both always stop it. Once per
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from diversityd.privatemanager import (
+from diversityd_lab.privatemanager import (
     PrivateManager,
     PrivateManagerUnavailable,
     hold_journald,

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from diversityd.units import DAEMON_UNIT, MARKER
-from tests.integration.harness import RunningStack
+from diversityd_lab.stack import RunningStack
 
 pytestmark = pytest.mark.integration
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from diversityd.embedded import LLAMA_NATIVE, LLAMA_PYTHON
-from diversityd.privatemanager import PrivateManager
-from tests.integration.harness import start_stack
+from diversityd_lab.embedded import LLAMA_NATIVE, LLAMA_PYTHON
+from diversityd_lab.privatemanager import PrivateManager
+from diversityd_lab.stack import start_stack
 from tests.nvmlshim.build import build_shim
 
 pytestmark = pytest.mark.integration

@@ -18,10 +18,9 @@ import yaml
 from diversityd.adapters.gatewayclient import ask, new_client
 from diversityd.adapters.litellm import read_master_key
 from diversityd.drill import Answer
-from diversityd.embedded import LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM, StackSpec
-from diversityd.privatemanager import PrivateManager
-from tests.conftest import free_port
-from tests.integration.harness import RunningStack, start_stack
+from diversityd_lab.embedded import LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM, StackSpec
+from diversityd_lab.privatemanager import PrivateManager
+from diversityd_lab.stack import RunningStack, free_port, start_stack
 
 pytestmark = pytest.mark.integration
 

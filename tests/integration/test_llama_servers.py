@@ -17,8 +17,9 @@ import httpx
 import pytest
 
 from diversityd import parts
-from diversityd.ggufwriter import Geometry, write_gguf
-from tests.conftest import free_port, unavailable
+from diversityd_lab.ggufwriter import Geometry, write_gguf
+from diversityd_lab.stack import free_port
+from tests.conftest import unavailable
 
 pytestmark = pytest.mark.integration
 

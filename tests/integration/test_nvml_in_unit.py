@@ -20,13 +20,21 @@ from typing import Any
 
 import pytest
 
+from diversityd.cardplan import (
+    GpuProcess,
+    GpuReading,
+    GpuSnapshot,
+)
 from diversityd.config import Config, parse_config
 from diversityd.gguf import read_model
-from diversityd.ggufwriter import LLAMA_3_8B_SHAPE, Geometry, write_gguf
 from diversityd.gpuplan import plan_gpus
-from diversityd.privatemanager import PrivateManager
 from diversityd.units import command_line, environment_line
-from diversityd.vram import GpuProcess, GpuReading, GpuSnapshot, MiB, describe_model
+from diversityd.vram import (
+    MiB,
+    describe_model,
+)
+from diversityd_lab.ggufwriter import LLAMA_3_8B_SHAPE, Geometry, write_gguf
+from diversityd_lab.privatemanager import PrivateManager
 from tests.conftest import REPO_ROOT, unavailable
 from tests.nvmlshim.build import ShimBuildError, build_shim
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from diversityd.ggufwriter import Geometry, write_gguf
+from diversityd_lab.ggufwriter import Geometry, write_gguf
 from tests.conftest import unavailable
 from tests.nvmlshim.build import ShimBuildError, build_shim, shim_environment
 
@@ -139,7 +139,7 @@ def plan_env(shim: Path, config: Path) -> dict[str, str]:
 
 def run_plan(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "diversityd.plancli", *args],
+        [sys.executable, "-m", "diversityd.cli.plan", *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from dbus_fast.aio import MessageBus
 
-from diversityd.privatemanager import (
+from diversityd_lab.privatemanager import (
     PrivateManager,
     PrivateManagerError,
     all_hierarchies,
@@ -325,7 +325,7 @@ def test_sweep_stale_removes_a_planted_stale_slice(private_manager_host: str | N
 
 CRASHING_RUNNER = """\
 import json, sys, time
-from diversityd.privatemanager import PrivateManager
+from diversityd_lab.privatemanager import PrivateManager
 manager = PrivateManager.temporary(name=sys.argv[1])
 manager.start()
 (manager.unit_dir / "worker.service").write_text(

@@ -2,44 +2,30 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
-from diversityd.embedded import LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, StackSpec, write_stack
-from diversityd.privatemanager import PrivateManager
-from diversityd.standins.binaries import MODELS_ENV
-from tests.conftest import free_port
-from tests.integration.harness import RunningStack
+from diversityd_lab.embedded import (
+    LLAMA_NATIVE,
+    LLAMA_PYTHON,
+    OLLAMA,
+    SERVED_NAMES,
+    StackSpec,
+    write_stack,
+)
+from diversityd_lab.privatemanager import PrivateManager
+from diversityd_lab.stack import RunningStack, free_port
+from diversityd_lab.standins.binaries import MODELS_ENV
+from diversityd_lab.traffic import RequestStream, chat
 
 pytestmark = pytest.mark.integration
 
-ALIASES = {LLAMA_NATIVE: "llama-cpp-native", LLAMA_PYTHON: "llama-cpp-default"}
-
-
-def chat(base_url: str, model: str, timeout: float = 10) -> dict[str, object]:
-    body = json.dumps(
-        {
-            "model": model,
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 4,
-            "temperature": 0,
-        }
-    ).encode()
-    request = urllib.request.Request(
-        f"{base_url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return dict(json.load(response))
+ALIASES = SERVED_NAMES
 
 
 def mapped_models(pid: int) -> set[str]:
@@ -48,54 +34,11 @@ def mapped_models(pid: int) -> set[str]:
     return {Path(line.split()[-1]).name for line in maps.splitlines() if line.endswith(".gguf")}
 
 
-@dataclass
-class RequestStream:
-    """A steady stream of requests; each tries one server and, if refused, the other."""
-
-    servers: list[tuple[str, str]]
-    answered: int = 0
-    unanswered: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def run(self) -> None:
-        turn = 0
-        while not self._stop.is_set():
-            order = self.servers[turn % 2 :] + self.servers[: turn % 2]
-            turn += 1
-            errors = []
-            for base_url, model in order:
-                try:
-                    chat(base_url, model)
-                except (OSError, urllib.error.URLError) as exc:
-                    errors.append(f"{base_url}: {exc}")
-                    continue
-                self.answered += 1
-                break
-            else:
-                self.unanswered.append("; ".join(errors))
-            time.sleep(0.02)
-
-    def __enter__(self) -> RequestStream:
-        self._thread = threading.Thread(target=self.run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join(timeout=30)
-
-
-def servers(running: RunningStack) -> list[tuple[str, str]]:
-    return [(running.stack.base_url(name), alias) for name, alias in ALIASES.items()]
-
-
 def test_both_llama_servers_answer_a_chat_from_their_rendered_units(
     running_stack: RunningStack,
 ) -> None:
     running_stack.wait_all_ready()
-    for base_url, alias in servers(running_stack):
+    for base_url, alias in running_stack.stack.llama_endpoints():
         answer = chat(base_url, alias)
         choices = answer["choices"]
         assert isinstance(choices, list)
@@ -108,7 +51,7 @@ def test_repointing_the_link_under_load_answers_every_request(running_stack: Run
     stack = running_stack.stack
     pids = {name: running_stack.provider(name, document)["pid"] for name in ALIASES}
     assert all(mapped_models(pid) == {"tiny-a.gguf"} for pid in pids.values())
-    with RequestStream(servers(running_stack)) as stream:
+    with RequestStream(running_stack.stack.llama_endpoints()) as stream:
         time.sleep(0.5)
         temporary = stack.active_link.with_name("current.gguf.new")
         temporary.symlink_to("../tiny-b.gguf")

@@ -23,8 +23,8 @@ import httpx
 import pytest
 import yaml
 
-from diversityd.standins.common import reply_text
-from tests.conftest import free_port
+from diversityd_lab.stack import free_port
+from diversityd_lab.standins.common import reply_text
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +67,7 @@ def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subp
 
 
 def standin(flavor: str, port: int) -> list[str]:
-    module = f"diversityd.standins.{flavor}"
+    module = f"diversityd_lab.standins.{flavor}"
     return [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port)]
 
 

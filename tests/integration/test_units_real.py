@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -10,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from diversityd.adapters.files import write_atomic
+from diversityd.adapters.unitfiles import machine_context
 from diversityd.config import parse_config
-from diversityd.embedded import LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM, StackSpec
 from diversityd.gpuplan import GpuSettings
-from diversityd.privatemanager import PrivateManager
 from diversityd.units import render_provider_unit
-from tests.conftest import free_port
-from tests.integration.harness import daemon_unit_context, start_stack
+from diversityd_lab.embedded import LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM, StackSpec
+from diversityd_lab.privatemanager import PrivateManager
+from diversityd_lab.stack import free_port, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +64,7 @@ def test_units_for_the_real_ollama_and_vllm_binaries_verify(
             owned,
             [config.providers[name].models[0].name],
             GpuSettings(name, n_gpu_layers=None, hide_gpu=False, server=owned.server, gpu=0),
-            daemon_unit_context(),
+            machine_context(sys.executable),
         )
         path = private_manager.unit_dir / unit.name
         write_atomic(path, unit.text)

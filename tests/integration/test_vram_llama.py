@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 
 from diversityd.gguf import read_gguf, read_model
-from diversityd.ggufwriter import LLAMA_3_8B_SHAPE, Geometry, write_gguf
 from diversityd.vram import (
     Placement,
     RunParams,
@@ -38,7 +37,9 @@ from diversityd.vram import (
     llama_cpp_python_run,
     llama_server_run,
 )
-from tests.conftest import free_port, unavailable
+from diversityd_lab.ggufwriter import LLAMA_3_8B_SHAPE, Geometry, write_gguf
+from diversityd_lab.stack import free_port
+from tests.conftest import unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +69,7 @@ def llama_buffers(
     ctx_total: int,
     parallel: int,
     *extra: str,
-    timeout: float = 60.0,
+    timeout: float = 180.0,  # a busy 2-core machine prints -lv 4's thousands of lines slowly
 ) -> Buffers:
     """Start llama-server, read its buffer sizes, stop it as soon as they are printed."""
     command = [

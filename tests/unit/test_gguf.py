@@ -15,7 +15,7 @@ from gguf import GGUFReader
 from diversityd import gguf as lean
 from diversityd.errors import DiversitydError
 from diversityd.gguf import GGML_TYPES, GGUFError, SkippedArray, read_gguf, read_model
-from diversityd.ggufwriter import LLAMA_3_8B_SHAPE, Geometry, write_gguf
+from diversityd_lab.ggufwriter import LLAMA_3_8B_SHAPE, Geometry, write_gguf
 
 GEOMETRIES = {
     "llama-f32-gqa": Geometry(),
@@ -120,7 +120,7 @@ def test_sparse_8b_header_reads_fast(tmp_path: Path) -> None:
 
 def test_importing_the_reader_and_plan_stays_light() -> None:
     code = (
-        "import sys, diversityd.gguf, diversityd.vram, diversityd.plancli; "
+        "import sys, diversityd.gguf, diversityd.vram, diversityd.cli.plan; "
         "heavy = [m for m in ('numpy', 'gguf', 'pynvml', 'yaml') if m in sys.modules]; "
         "print(','.join(heavy))"
     )

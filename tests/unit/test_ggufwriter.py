@@ -14,8 +14,8 @@ from gguf import GGMLQuantizationType, GGUFReader
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diversityd import ggufwriter
-from diversityd.ggufwriter import FIRST_PIECE_ID, LLAMA_3_8B_SHAPE, Geometry, write_gguf
+from diversityd_lab import ggufwriter
+from diversityd_lab.ggufwriter import FIRST_PIECE_ID, LLAMA_3_8B_SHAPE, Geometry, write_gguf
 
 
 def field(reader: GGUFReader, key: str) -> Any:

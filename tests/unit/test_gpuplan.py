@@ -11,9 +11,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from diversityd.cardplan import (
+    GpuProcess,
+    GpuReading,
+    GpuSnapshot,
+)
 from diversityd.config import Config, parse_config
 from diversityd.gguf import read_model
-from diversityd.ggufwriter import Geometry, write_gguf
 from diversityd.gpuplan import (
     GpuPlan,
     GpuSettings,
@@ -24,9 +28,6 @@ from diversityd.gpuplan import (
 )
 from diversityd.vram import (
     GiB,
-    GpuProcess,
-    GpuReading,
-    GpuSnapshot,
     MiB,
     ModelSpec,
     Overheads,
@@ -36,6 +37,7 @@ from diversityd.vram import (
     llama_cpp_python_run,
     llama_server_run,
 )
+from diversityd_lab.ggufwriter import Geometry, write_gguf
 
 MARGIN = Overheads().margin_bytes
 TYPES = {"llama-server": "llama_cpp", "llama-cpp-python": "llama_cpp", "vllm": "vllm"}

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from diversityd.cli.plan import plan
 from diversityd.gguf import read_gguf
-from diversityd.ggufwriter import LLAMA_3_8B_SHAPE, Geometry, write_gguf
-from diversityd.plancli import plan
+from diversityd_lab.ggufwriter import LLAMA_3_8B_SHAPE, Geometry, write_gguf
 
 MiB = 1 << 20
 
@@ -40,7 +40,7 @@ def run_plan(*args: str) -> dict[str, Any]:
 
 def run_module(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "diversityd.plancli", *args],
+        [sys.executable, "-m", "diversityd.cli.plan", *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
-from diversityd.standins import ollama, vllm
-from diversityd.standins.common import StandinServer, make_answer, reply_pieces, reply_text
-from tests.conftest import free_port
+from diversityd_lab.stack import free_port
+from diversityd_lab.standins import ollama, vllm
+from diversityd_lab.standins.common import StandinServer, make_answer, reply_pieces, reply_text
 
 OLLAMA_MODELS = ("llama3.1", "qwen2:7b")
 VLLM_NAMES = ("qwen", "qwen-alias")
@@ -521,10 +521,10 @@ def test_stop_finishes_a_stream_in_flight_in_process() -> None:
 def command(
     module: str, args: list[str], log: Path, *, env: dict[str, str] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`python -m diversityd.standins.MODULE ARGS`, stdout to `log`; killed if still running."""
+    """`python -m diversityd_lab.standins.MODULE ARGS`, stdout to `log`; killed if still running."""
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", f"diversityd.standins.{module}", *args],
+            [sys.executable, "-m", f"diversityd_lab.standins.{module}", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -603,7 +603,7 @@ def test_socket_activation_uses_fd_3(tmp_path: Path) -> None:
     # LISTEN_PID must be the server's own pid: a shell sets it to its $$ and execs into it,
     # with the socket moved to fd 3 as systemd passes it.
     script = (
-        f"LISTEN_PID=$$ LISTEN_FDS=1 exec {sys.executable} -m diversityd.standins.ollama "
+        f"LISTEN_PID=$$ LISTEN_FDS=1 exec {sys.executable} -m diversityd_lab.standins.ollama "
         f"--port 1 --model m 3<&{passed} {passed}<&-"
     )
     try:

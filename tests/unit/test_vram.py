@@ -9,38 +9,40 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diversityd.config import parse_config
-from diversityd.gguf import read_gguf, read_model
-from diversityd.ggufwriter import Geometry, write_gguf
-from diversityd.vram import (
+from diversityd.cardplan import (
     CardPlan,
     Elastic,
-    GiB,
     GpuProcess,
     GpuReading,
     GpuServer,
     Hysteresis,
+    ServerPlan,
+    gpu_server_from_config,
+    others_used_bytes,
+    plan_card,
+    should_replan,
+)
+from diversityd.config import parse_config
+from diversityd.gguf import read_gguf, read_model
+from diversityd.vram import (
+    GiB,
     MiB,
     ModelSpec,
     Overheads,
     Placement,
     RunParams,
-    ServerPlan,
     choose_layers,
     cuda_tensor_bytes,
     describe_model,
     estimate_compute,
     estimate_layers,
     gpu_placement,
-    gpu_server_from_config,
     kv_cells,
     kv_layer_bytes,
     llama_cpp_python_run,
     llama_server_run,
-    others_used_bytes,
-    plan_card,
-    should_replan,
 )
+from diversityd_lab.ggufwriter import Geometry, write_gguf
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from diversityd.adapters.files import write_atomic
-from diversityd.gatewaylauncher import OFFLINE_SWITCHES
-from diversityd.gatewaylauncher import read_master_key as launcher_read_key
+from diversityd.adapters.gatewaylauncher import OFFLINE_SWITCHES
+from diversityd.adapters.gatewaylauncher import read_master_key as launcher_read_key
 
 # Without these LiteLLM fetches a price map (and four other files) from the internet at
 # import, blocking 5 s on DNS on a machine that cannot reach it.

@@ -12,7 +12,6 @@ import asyncio
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from diversityd.adapters.inotify import (
@@ -26,24 +25,10 @@ from diversityd.adapters.inotify import (
     InotifyEvent,
 )
 from diversityd.gguf import GGUFError, read_gguf
+from diversityd.reconcile import ModelTarget
 
 MAX_HOPS = 40  # as the kernel's own limit on symlink chains
 LINK_CHANGES = IN_CREATE | IN_DELETE | IN_MOVED_TO | IN_MOVED_FROM | IN_ATTRIB | IN_CLOSE_WRITE
-
-
-@dataclass(frozen=True)
-class ModelTarget:
-    """Where a configured model path leads, and whether the file there can be served."""
-
-    path: str  # as configured (usually the active symlink)
-    hops: tuple[str, ...]  # every path visited, the configured one first
-    target: str | None  # the final file (absolute), None when the chain is broken
-    identity: tuple[int, int, int, int] | None  # (device, inode, size, mtime_ns) of the target
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 def resolve(path: str) -> ModelTarget:

@@ -12,8 +12,12 @@ import contextlib
 import threading
 from typing import Any
 
+from diversityd.cardplan import (
+    GpuProcess,
+    GpuReading,
+    GpuSnapshot,
+)
 from diversityd.errors import DiversitydError
-from diversityd.vram import GpuProcess, GpuReading, GpuSnapshot
 
 # The codes of nvml.h (pynvml has them as NVML_ERROR_* constants too); kept here so the
 # names survive even when pynvml cannot be imported.

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from dbus_fast import BusType, Message, MessageType, Variant
@@ -17,7 +16,7 @@ from dbus_fast.aio import MessageBus
 
 from diversityd.adapters.busclient import session_bus_address
 from diversityd.errors import DiversitydError
-from diversityd.state import UnitView
+from diversityd.state import UnitSnapshot
 
 SYSTEMD = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
@@ -53,56 +52,6 @@ def unit_object_path(name: str) -> str:
     """systemd's escaping of a unit name into its object path (bus_label_escape)."""
     escaped = "".join(ch if ch.isalnum() and ch.isascii() else f"_{ord(ch):02x}" for ch in name)
     return UNIT_PATH_PREFIX + escaped
-
-
-@dataclass(frozen=True)
-class UnitSnapshot:
-    """What systemd says about one unit right now."""
-
-    name: str
-    load_state: str  # loaded, not-found, masked, error
-    active_state: str  # active, activating, deactivating, inactive, failed, reloading
-    sub_state: str  # running, exited, dead, auto-restart, ...
-    main_pid: int
-    active_enter_us: int  # CLOCK_REALTIME microseconds of entering active (0: never)
-    n_restarts: int
-    result: str  # success, exit-code, signal, core-dump, watchdog, ...
-    fragment_path: str
-    drop_in_paths: tuple[str, ...]
-
-    @classmethod
-    def from_properties(cls, name: str, props: Mapping[str, Any]) -> UnitSnapshot:
-        return cls(
-            name=name,
-            load_state=str(props.get("LoadState", "")),
-            active_state=str(props.get("ActiveState", "")),
-            sub_state=str(props.get("SubState", "")),
-            main_pid=int(props.get("MainPID", 0) or 0),
-            active_enter_us=int(props.get("ActiveEnterTimestamp", 0) or 0),
-            n_restarts=int(props.get("NRestarts", 0) or 0),
-            result=str(props.get("Result", "")),
-            fragment_path=str(props.get("FragmentPath", "")),
-            drop_in_paths=tuple(str(p) for p in props.get("DropInPaths", []) or []),
-        )
-
-    def view(self) -> UnitView:
-        """The parts the state decision needs."""
-        return UnitView(self.load_state, self.active_state, self.sub_state, self.main_pid)
-
-    def merged(self, changed: Mapping[str, Any]) -> UnitSnapshot:
-        current = {
-            "LoadState": self.load_state,
-            "ActiveState": self.active_state,
-            "SubState": self.sub_state,
-            "MainPID": self.main_pid,
-            "ActiveEnterTimestamp": self.active_enter_us,
-            "NRestarts": self.n_restarts,
-            "Result": self.result,
-            "FragmentPath": self.fragment_path,
-            "DropInPaths": list(self.drop_in_paths),
-        }
-        current.update(changed)
-        return UnitSnapshot.from_properties(self.name, current)
 
 
 UnitCallback = Callable[[str, dict[str, Any]], None]

@@ -6,7 +6,7 @@ The tokenizer is llama's SentencePiece kind: `<unk>`, `<s>`, `</s>`, the 256 byt
 tokens are zero, so with random weights a printable piece always wins the argmax: replies
 are printable text that runs to max_tokens, deterministically at temperature 0.
 
-    python -m diversityd.ggufwriter tiny.gguf --type Q8_0
+    python -m diversityd_lab.ggufwriter tiny.gguf --type Q8_0
 """
 
 from __future__ import annotations
@@ -329,7 +329,7 @@ def write_gguf(path: Path, geometry: Geometry = Geometry(), *, seed: int = 0) ->
 def parse_args(argv: Sequence[str] | None) -> tuple[Path, Geometry, int]:
     defaults = Geometry()
     parser = argparse.ArgumentParser(
-        prog="python -m diversityd.ggufwriter",
+        prog="python -m diversityd_lab.ggufwriter",
         description="Write a random-weight GGUF model the llama servers load.",
     )
     parser.add_argument("out", type=Path, help="file to write (atomically)")

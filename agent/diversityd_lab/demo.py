@@ -1,8 +1,8 @@
 """The demo: the whole stack on the embedded default, then a drill, then a clean teardown.
 
-    python -m diversityd.demo            # up, status, a chat, a failover drill, down
-    python -m diversityd.demo --stay     # stays up, detached; says how to reach and stop it
-    python -m diversityd.demo --stop DIR # stops a demo left up with --stay
+    python -m diversityd_lab.demo            # up, status, a chat, a failover drill, down
+    python -m diversityd_lab.demo --stay     # stays up, detached; says how to reach and stop it
+    python -m diversityd_lab.demo --stop DIR # stops a demo left up with --stay
 
 It needs no GPU, no Ollama and no user session: a private `systemd --user` manager (with
 its bus and a journald) runs the real llama-server, the real llama-cpp-python server on a
@@ -20,19 +20,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from diversityd import parts
 from diversityd.adapters.gatewayclient import ask, new_client
 from diversityd.adapters.litellm import read_master_key
-from diversityd.embedded import (
+from diversityd.units import DAEMON_UNIT, GATEWAY_SOCKET, gateway_instance
+from diversityd_lab.embedded import (
     LLAMA_NATIVE,
     LLAMA_PYTHON,
     OLLAMA,
@@ -41,13 +39,13 @@ from diversityd.embedded import (
     StackSpec,
     write_stack,
 )
-from diversityd.privatemanager import (
+from diversityd_lab.privatemanager import (
     PrivateManager,
     PrivateManagerError,
     PrivateManagerUnavailable,
     host_has_user_manager,
 )
-from diversityd.units import DAEMON_UNIT, GATEWAY_SOCKET, gateway_instance
+from diversityd_lab.stack import RunningStack, StackTimeoutError, free_port, run_ctl
 
 PROVIDERS = (LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM)
 KEEPER_FILE = "keeper.json"  # a --stay demo's manager: pid and environment
@@ -55,12 +53,6 @@ KEEPER_FILE = "keeper.json"  # a --stay demo's manager: pid and environment
 
 def say(text: str) -> None:
     print(f"\n== {text}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class World:
@@ -72,14 +64,7 @@ class World:
         self._stop = stop
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "diversityd.cli", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
+        result = run_ctl(self, *args, timeout=900)
         if check and result.returncode != 0:
             raise SystemExit(
                 f"diversityctl {' '.join(args)} failed ({result.returncode}):\n"
@@ -87,24 +72,26 @@ class World:
             )
         return result
 
-    def systemctl(self, *args: str) -> None:
-        subprocess.run(
-            ["systemctl", "--user", *args], env=self.env, capture_output=True, check=False
+    def systemctl(
+        self, *args: str, check: bool = False, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["systemctl", "--user", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
         )
 
     def stop(self) -> None:
         self._stop()
 
 
-def client_env(base: dict[str, str]) -> dict[str, str]:
-    # The parts stay where packaging/ put them, whatever the world's XDG folders say.
-    return {**base, "DIVERSITYD_CACHE_DIR": str(parts.cache_root())}
-
-
 def private_world(root: Path) -> World:
     manager = PrivateManager(root / "pm", name="diversityd-demo")
     manager.start()
-    return World(client_env(manager.env), manager.unit_dir, manager.stop)
+    return World(manager.env, manager.unit_dir, manager.stop)
 
 
 def host_world() -> World:
@@ -126,7 +113,7 @@ def host_world() -> World:
                 path.unlink()
         subprocess.run(["systemctl", "--user", "daemon-reload"], check=False)
 
-    return World(client_env(dict(os.environ)), unit_dir, remove_units)
+    return World(dict(os.environ), unit_dir, remove_units)
 
 
 def open_world(root: Path) -> World:
@@ -137,27 +124,6 @@ def open_world(root: Path) -> World:
             print(f"(no private manager here: {exc}; using this user's own manager)")
             return host_world()
         raise SystemExit(f"cannot run a systemd user manager here: {exc}") from None
-
-
-def wait_for(
-    world: World,
-    config_dir: Path,
-    what: str,
-    predicate: Callable[[dict[str, Any]], bool],
-    timeout_s: float,
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    document: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        result = world.ctl("status", "--json", "--config-dir", str(config_dir), check=False)
-        if result.returncode == 0:
-            document = json.loads(result.stdout)
-            if predicate(document):
-                return document
-        time.sleep(0.5)
-    raise SystemExit(
-        f"timed out waiting for {what}; last status:\n{json.dumps(document, indent=2)}"
-    )
 
 
 def bring_up(world: World, root: Path) -> Stack:
@@ -171,17 +137,18 @@ def bring_up(world: World, root: Path) -> Stack:
     print(world.ctl("validate", "--config-dir", str(stack.config_dir), check=False).stdout)
     say("installing and starting diversityd (it starts the providers, then the gateway)")
     print(world.ctl("install", "--config-dir", str(stack.config_dir), "--now").stdout.strip())
-    wait_for(
-        world,
-        stack.config_dir,
-        "every provider and the gateway",
-        lambda d: (
-            all(p["state"] == "ready" for p in d["providers"])
-            and d["gateway"].get("state") == "ready"
-            and d["gateway"].get("in_sync")
-        ),
-        timeout_s=300,
-    )
+    try:
+        RunningStack(world, stack).wait_for(
+            lambda d: (
+                all(p["state"] == "ready" for p in d["providers"])
+                and d["gateway"].get("state") == "ready"
+                and d["gateway"].get("in_sync")
+            ),
+            timeout_s=300,
+            poll_s=0.5,
+        )
+    except StackTimeoutError as exc:
+        raise SystemExit(f"timed out waiting for every provider and the gateway: {exc}") from None
     return stack
 
 
@@ -222,7 +189,7 @@ def keeper_main(root: Path) -> None:
     """Run detached: own the private manager until SIGTERM, then stop it."""
     manager = PrivateManager(root / "pm", name="diversityd-demo")
     manager.start()
-    info = {"pid": os.getpid(), "env": client_env(manager.env), "unit_dir": str(manager.unit_dir)}
+    info = {"pid": os.getpid(), "env": manager.env, "unit_dir": str(manager.unit_dir)}
     (root / KEEPER_FILE).write_text(json.dumps(info))
     stopping = False
 
@@ -240,7 +207,7 @@ def keeper_main(root: Path) -> None:
 
 def detached_world(root: Path) -> World:
     subprocess.Popen(
-        [sys.executable, "-m", "diversityd.demo", "--keeper", str(root)],
+        [sys.executable, "-m", "diversityd_lab.demo", "--keeper", str(root)],
         start_new_session=True,
         stdin=subprocess.DEVNULL,
         stdout=(root / "keeper.log").open("w"),
@@ -272,7 +239,7 @@ def stop_detached(root: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m diversityd.demo",
+        prog="python -m diversityd_lab.demo",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -317,7 +284,7 @@ def main() -> None:
             )
             + f"  {sys.executable} -m diversityd.cli status\n"
             f"gateway: {json.loads(world.ctl('status', '--json').stdout)['gateway']['url']}\n"
-            f"stop it: {sys.executable} -m diversityd.demo --stop {root}"
+            f"stop it: {sys.executable} -m diversityd_lab.demo --stop {root}"
         )
         return
     tear_down(world, root / "stack")

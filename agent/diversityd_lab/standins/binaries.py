@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from diversityd.adapters.files import write_atomic
-from diversityd.standins import ollama, vllm
+from diversityd_lab.standins import ollama, vllm
 
 MODELS_ENV = "DIVERSITYD_STANDIN_MODELS"
 
@@ -62,7 +62,7 @@ def write_executables(directory: Path, python: str) -> dict[str, Path]:
         script = (
             "#!/bin/sh\n"
             f"# A stand-in for {name}, written by diversityd for tests and the demo.\n"
-            f'exec {shlex.quote(python)} -m diversityd.standins.binaries {name} "$@"\n'
+            f'exec {shlex.quote(python)} -m diversityd_lab.standins.binaries {name} "$@"\n'
         )
         write_atomic(path, script, mode=0o755)
         paths[name] = path
@@ -72,7 +72,9 @@ def write_executables(directory: Path, python: str) -> dict[str, Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] not in ("ollama", "vllm"):
-        print("usage: python -m diversityd.standins.binaries ollama|vllm ARGS...", file=sys.stderr)
+        print(
+            "usage: python -m diversityd_lab.standins.binaries ollama|vllm ARGS...", file=sys.stderr
+        )
         return 2
     return ollama_main(args[1:]) if args[0] == "ollama" else vllm_main(args[1:])
 

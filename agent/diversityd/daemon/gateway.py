@@ -16,22 +16,25 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from diversityd import gatewaylauncher, parts
+from diversityd import parts
+from diversityd.adapters import gatewaylauncher
 from diversityd.adapters.files import read_text_or_none
+from diversityd.adapters.gatewaylauncher import key_file_is_environment
 from diversityd.adapters.litellm import GatewayFiles, ensure_master_key, key_file_problem
-from diversityd.adapters.systemd import SystemdError, UnitSnapshot
-from diversityd.errors import UsageError
+from diversityd.adapters.systemd import Systemd, SystemdError
+from diversityd.daemon.loop import StateLoop
+from diversityd.daemon.store import GatewayRecord, Store, sha256_text
 from diversityd.gateway import TIMINGS, GatewayPlan, render_gateway, timing_for
-from diversityd.gatewaylauncher import key_file_is_environment
 from diversityd.log import get_logger
-from diversityd.timefmt import iso_now, iso_time
+from diversityd.state import UnitSnapshot
+from diversityd.statusdoc import GatewayReload
+from diversityd.timefmt import iso_now
 from diversityd.units import (
     GATEWAY_COLORS,
     GATEWAY_SOCKET,
@@ -42,9 +45,6 @@ from diversityd.units import (
     render_gateway_units,
 )
 
-if TYPE_CHECKING:
-    from diversityd.daemon import Daemon
-
 log = get_logger()
 
 DEBOUNCE_S = 1.0  # let a burst of state changes settle into one reload
@@ -53,77 +53,20 @@ START_TIMEOUT_S = 200.0
 FIRST_RENDER_WAIT_S = 120.0  # at start-up, wait this long for the providers' first answers
 
 
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-@dataclass
-class GatewayRecord:
-    """What the daemon knows about its gateway (written through the state loop only)."""
-
-    url: str
-    key_file: str
-    config_dir: str
-    color: str | None = None  # the instance serving now
-    snapshot: UnitSnapshot | None = None
-    applied_text: str | None = None
-    applied_at: float | None = None
-    history_id: str | None = None
-    plan: GatewayPlan | None = None
-    reloading: bool = False
-    pinned: str | None = None  # a rollback's history id: no automatic reloads until `reload`
-    failed_sha: str | None = None  # a config whose proxy would not start: not retried
-    last_reload: dict[str, Any] | None = None
-    reloads: int = 0
-    in_sync: bool = False  # the config in force is what the providers' state renders now
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def unit(self) -> str | None:
-        return gateway_instance(self.color) if self.color else None
-
-    def state(self) -> str:
-        if self.reloading:
-            return "reloading"
-        snapshot = self.snapshot
-        if snapshot is None:
-            return "unknown"
-        return {
-            "active": "ready",
-            "activating": "starting",
-            "deactivating": "down",
-            "failed": "failed",
-            "inactive": "stopped",
-        }.get(snapshot.active_state, "unknown")
-
-    def to_json(self) -> dict[str, Any]:
-        plan = self.plan
-        return {
-            "owned": True,
-            "url": self.url,
-            "state": self.state(),
-            "unit": self.unit,
-            "pid": self.snapshot.main_pid if self.snapshot and self.snapshot.main_pid else None,
-            "config": f"{self.config_dir}/{self.color}.yaml" if self.color else None,
-            "config_sha256": _sha(self.applied_text) if self.applied_text else None,
-            "applied_at": iso_time(self.applied_at) if self.applied_at else None,
-            "history_id": self.history_id,
-            "key_file": self.key_file,
-            "last_reload": self.last_reload,
-            "reloads": self.reloads,
-            "in_sync": self.in_sync,
-            "pinned": self.pinned,
-            "models": sorted(plan.served_by) if plan else [],
-            "substituted": dict(plan.substituted) if plan else {},
-            "left_out": list(plan.left_out) if plan else [],
-            "warnings": list(self.warnings),
-        }
-
-
 class GatewayManager:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        config = daemon.config
+    def __init__(
+        self,
+        loop: StateLoop,
+        store: Store,
+        systemd: Systemd,
+        *,
+        on_unit_change: Callable[[str, dict[str, Any]], None],
+    ) -> None:
+        self.loop = loop
+        self.store = store
+        self.systemd = systemd
+        self._on_unit_change = on_unit_change  # the bus callback every watched unit shares
+        config = store.config
         assert config is not None
         settings = config.settings
         gateway = settings.gateway
@@ -155,10 +98,11 @@ class GatewayManager:
             key_file=str(self.key_file),
             config_dir=str(self.files.config_dir),
         )
-        self.snapshots: dict[str, UnitSnapshot] = {}  # per instance, merged from signals
-        self._draining: asyncio.Future[str] | None = None  # the old instance stopping
+        # Wakes the reload loop: the providers' state (so the render) may have changed.
         self._dirty = asyncio.Event()
-        self._lock = asyncio.Lock()
+        # One blue/green switch at a time (automatic reloads and rollbacks).
+        self._switching = asyncio.Lock()
+        self._draining: asyncio.Future[str] | None = None  # the old instance stopping
         self._last_start = 0.0
         self.prepare_key()  # before the first render: the units name the key file
 
@@ -167,19 +111,19 @@ class GatewayManager:
     def graceful_s(self) -> float:
         """How long an old proxy may drain: the longest request timeout it could be
         waiting on (with the user's `gateway.timeouts`), and a little more."""
-        config = self.daemon.config
+        config = self.store.config
         assert config is not None
         overrides = config.settings.gateway.timeouts
         return max(timing_for(kind, overrides).timeout_s for kind in TIMINGS) + 10
 
     def units(self) -> list[RenderedUnit]:
-        config = self.daemon.config
+        config = self.store.config
         assert config is not None
         paths = dataclasses.replace(
             self.paths, key_is_environment=key_file_is_environment(str(self.key_file))
         )
         return render_gateway_units(
-            config.settings.gateway, paths, self.daemon.unit_context, self.graceful_s()
+            config.settings.gateway, paths, self.store.unit_context, self.graceful_s()
         )
 
     def prepare_key(self) -> None:
@@ -202,27 +146,34 @@ class GatewayManager:
         self._dirty.set()
 
     def on_unit_changed(self, unit: str, changed: dict[str, Any]) -> None:
-        base = self.snapshots.get(unit)
+        record = self.record
+        base = record.instances.get(unit)
         if base is None:
             return
-        self.snapshots[unit] = base.merged(changed)
-        if unit == self.record.unit:
-            self.record.snapshot = self.snapshots[unit]
+        record.instances[unit] = base.merged(changed)
+        if unit == record.unit:
+            record.snapshot = record.instances[unit]
 
     def render(self) -> GatewayPlan:
-        daemon = self.daemon
-        assert daemon.config is not None
-        assert daemon.report is not None
-        assert daemon.report.catalog is not None
-        return render_gateway(daemon.config, daemon.report.catalog, daemon.availability())
+        config = self.store.config
+        assert config is not None
+        return render_gateway(config, self.store.catalog, self.store.availability())
 
     # -- the loop -------------------------------------------------------------------------------
 
-    async def run(self, startup_done: asyncio.Event) -> None:
+    async def supervise(self, startup_done: asyncio.Event) -> None:
+        """The gateway loop must outlive a failed systemd call: log it, wait, go on."""
+        while True:
+            try:
+                await self._run(startup_done)
+            except Exception as exc:  # noqa: BLE001 - restarted after a pause, never lost
+                log.error("gateway.loop_failed", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(5)
+
+    async def _run(self, startup_done: asyncio.Event) -> None:
         """Adopt what runs, then reload whenever the rendered bytes change."""
-        systemd = self.daemon.systemd
-        assert systemd is not None
-        await systemd.watch(self.instance_units(), self.daemon.on_systemd_change)
+        systemd = self.systemd
+        await systemd.watch(self.instance_units(), self._on_unit_change)
         await self._adopt_running()
         snapshot = await systemd.snapshot(GATEWAY_SOCKET)
         if snapshot.active_state != "active":
@@ -249,21 +200,19 @@ class GatewayManager:
                 self.record.plan = p
                 self.record.in_sync = t == self.record.applied_text
 
-            await self.daemon.in_state_loop(observe)
-            if text == self.record.applied_text or _sha(text) == self.record.failed_sha:
+            await self.loop.call(observe)
+            if text == self.record.applied_text or sha256_text(text) == self.record.failed_sha:
                 continue
             await self.apply(text, plan, reason="providers changed", automatic=True)
 
     async def _adopt_running(self) -> None:
         """After a daemon restart: the instance that runs is the current one."""
-        systemd = self.daemon.systemd
-        assert systemd is not None
         running: list[tuple[int, str, UnitSnapshot]] = []
         for color in GATEWAY_COLORS:
             unit = gateway_instance(color)
-            snapshot = await systemd.snapshot(unit)
-            await self.daemon.in_state_loop(
-                functools.partial(self.snapshots.__setitem__, unit, snapshot)
+            snapshot = await self.systemd.snapshot(unit)
+            await self.loop.call(
+                functools.partial(self.record.instances.__setitem__, unit, snapshot)
             )
             if snapshot.active_state in ("active", "activating"):
                 running.append((snapshot.active_enter_us, color, snapshot))
@@ -279,10 +228,10 @@ class GatewayManager:
             self.record.applied_text = text
             self.record.applied_at = time.time()
 
-        await self.daemon.in_state_loop(adopt)
+        await self.loop.call(adopt)
         log.info("gateway.adopted", unit=gateway_instance(color), pid=snapshot.main_pid)
         for _, other, _ in running[:-1]:  # a reload interrupted by a daemon restart
-            await systemd.stop(gateway_instance(other))
+            await self.systemd.stop(gateway_instance(other))
 
     async def apply(
         self,
@@ -292,28 +241,27 @@ class GatewayManager:
         reason: str,
         pin: str | None = None,
         automatic: bool = False,
-    ) -> dict[str, Any] | None:
+    ) -> GatewayReload | None:
         """Blue/green: start the idle colour on the new config; once it serves, the old one
         drains (in the background; the next reload waits for it). An automatic reload is
-        dropped (None) when, by the time it holds the lock, a rollback has pinned the
-        gateway or the config is already in force."""
-        async with self._lock:
+        dropped (None) when, by the time it may switch, a rollback has pinned the gateway
+        or the config is already in force."""
+        async with self._switching:
             if self._draining is not None:
                 await asyncio.gather(self._draining, return_exceptions=True)
                 self._draining = None
             if automatic and (self.record.pinned or text == self.record.applied_text):
                 return None
-            await self.daemon.in_state_loop(lambda: setattr(self.record, "reloading", True))
+            await self.loop.call(lambda: setattr(self.record, "reloading", True))
             try:
-                return await self._apply_locked(text, plan, reason, pin)
+                return await self._switch(text, plan, reason, pin)
             finally:
-                await self.daemon.in_state_loop(lambda: setattr(self.record, "reloading", False))
+                await self.loop.call(lambda: setattr(self.record, "reloading", False))
 
-    async def _apply_locked(
+    async def _switch(
         self, text: str, plan: GatewayPlan | None, reason: str, pin: str | None
-    ) -> dict[str, Any]:
-        systemd = self.daemon.systemd
-        assert systemd is not None
+    ) -> GatewayReload:
+        systemd = self.systemd
         self._last_start = time.monotonic()
         started = time.monotonic()
         if self.record.color is None:
@@ -330,7 +278,7 @@ class GatewayManager:
             snapshot: UnitSnapshot | None = await systemd.snapshot(new_unit)
         except SystemdError as exc:
             outcome, snapshot = str(exc), None
-        result: dict[str, Any] = {
+        result: GatewayReload = {
             "ok": outcome == "done" and snapshot is not None and snapshot.active_state == "active",
             "at": iso_now(),
             "elapsed_ms": round((time.monotonic() - started) * 1000, 1),
@@ -343,8 +291,8 @@ class GatewayManager:
             serving = snapshot
 
             def switch() -> None:
-                self.snapshots[new_unit] = serving
                 record = self.record
+                record.instances[new_unit] = serving
                 record.color, record.snapshot = new_color, serving
                 record.applied_text, record.applied_at = text, time.time()
                 record.history_id, record.last_reload = entry.id, result
@@ -355,7 +303,7 @@ class GatewayManager:
                 if plan is not None:
                     record.plan = plan
 
-            await self.daemon.in_state_loop(switch)
+            await self.loop.call(switch)
             log.info(
                 "gateway.reloaded", unit=new_unit, elapsed_ms=result["elapsed_ms"], job=entry.id
             )
@@ -374,9 +322,9 @@ class GatewayManager:
 
         def keep_old() -> None:
             self.record.last_reload = result
-            self.record.failed_sha = _sha(text)
+            self.record.failed_sha = sha256_text(text)
 
-        await self.daemon.in_state_loop(keep_old)
+        await self.loop.call(keep_old)
         log.error(
             "gateway.reload_failed",
             unit=new_unit,
@@ -386,43 +334,6 @@ class GatewayManager:
         return result
 
     # -- control --------------------------------------------------------------------------------
-
-    def history(self) -> list[dict[str, Any]]:
-        """Newest first; `current` marks the entry in force (after a daemon restart, which
-        adopted a running instance, the newest entry with its bytes)."""
-        entries = self.files.history()
-        current = self.record.history_id
-        if current is None and self.record.applied_text is not None:
-            applied = _sha(self.record.applied_text)
-            current = next((e.id for e in entries if e.sha256 == applied), None)
-        return [
-            {
-                "id": entry.id,
-                "created": entry.created,
-                "sha256": entry.sha256,
-                "path": str(entry.path),
-                "current": entry.id == current,
-            }
-            for entry in entries
-        ]
-
-    async def rollback(self, entry_id: str) -> dict[str, Any]:
-        entry = self.files.find(entry_id)
-        if entry is None:
-            raise UsageError(
-                f"no gateway config {entry_id!r} in {self.files.history_dir}",
-                hint="list them with `diversityctl history`",
-            )
-        text = entry.path.read_text(encoding="utf-8")
-        result = await self.apply(text, None, reason=f"rollback to {entry.id}", pin=entry.id)
-        assert result is not None  # only automatic reloads are ever dropped
-        if result["ok"]:
-            log.warning(
-                "gateway.pinned",
-                job=entry.id,
-                error="automatic reloads paused until `diversityctl reload`",
-            )
-        return result
 
     def unpin(self) -> None:
         """Called from the state loop on a configuration reload: automatic reloads resume."""

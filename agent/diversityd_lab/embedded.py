@@ -19,13 +19,15 @@ import yaml
 
 from diversityd import parts
 from diversityd.adapters.files import write_atomic
-from diversityd.ggufwriter import Geometry, write_gguf
-from diversityd.standins.binaries import MODELS_ENV, write_executables
+from diversityd_lab.ggufwriter import Geometry, write_gguf
+from diversityd_lab.standins.binaries import MODELS_ENV, write_executables
 
 LLAMA_NATIVE = "llama_cpp_native"
 LLAMA_PYTHON = "llama_cpp_python"
 OLLAMA = "ollama"
 VLLM = "vllm"
+# The name each llama server answers to (its --alias / --model_alias).
+SERVED_NAMES = {LLAMA_NATIVE: "llama-cpp-native", LLAMA_PYTHON: "llama-cpp-default"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,14 @@ class Stack:
 
     def base_url(self, provider: str) -> str:
         return f"http://127.0.0.1:{self.spec.ports[provider]}"
+
+    def llama_endpoints(self) -> list[tuple[str, str]]:
+        """(base URL, served name) of each llama server in the stack."""
+        return [
+            (self.base_url(name), alias)
+            for name, alias in SERVED_NAMES.items()
+            if name in self.spec.providers
+        ]
 
 
 def write_tiny_models(models_dir: Path) -> tuple[Path, Path]:

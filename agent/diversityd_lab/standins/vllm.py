@@ -1,6 +1,6 @@
 """A stand-in for vLLM's OpenAI-compatible server (`vllm serve`).
 
-    python -m diversityd.standins.vllm --host 127.0.0.1 --port 8001 --served-model-name qwen
+    python -m diversityd_lab.standins.vllm --host 127.0.0.1 --port 8001 --served-model-name qwen
 
 GET /health is 200 with an empty body once ready (503 before `--ready-delay` is over, as
 while vLLM loads its weights), GET /v1/models lists the served names (`owned_by: "vllm"`),
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
-from diversityd.standins.common import (
+from diversityd_lab.standins.common import (
     Answer,
     BadRequestError,
     JSONObject,
@@ -201,7 +201,7 @@ def start_vllm(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m diversityd.standins.vllm",
+        prog="python -m diversityd_lab.standins.vllm",
         description="A stand-in for vLLM's OpenAI-compatible server; answers a fixed text.",
     )
     add_common_arguments(parser, default_port=DEFAULT_PORT)

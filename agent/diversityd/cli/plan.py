@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -22,29 +21,32 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from diversityd.errors import ConfigError, DiversitydError, UsageError
+from diversityd.cardplan import (
+    CardPlan,
+    GpuReading,
+    GpuServer,
+    GpuSnapshot,
+    ServerPlan,
+    others_used_bytes,
+    plan_card,
+)
+from diversityd.cli.common import run_click
+from diversityd.errors import ConfigError, UsageError
 from diversityd.gguf import GGUFError, read_model
 from diversityd.gpuplan import GpuPlan, GpuSettings, plan_gpus
 from diversityd.vram import (
     DEFAULT_OVERHEADS,
     LLAMA_SERVER_KINDS,
-    CardPlan,
-    GpuReading,
-    GpuServer,
-    GpuSnapshot,
     LayerEstimate,
     MiB,
     ModelSpec,
     Placement,
     RunParams,
-    ServerPlan,
     choose_layers,
     describe_model,
     estimate_layers,
     kv_cells,
     kv_layer_bytes,
-    others_used_bytes,
-    plan_card,
     run_params_for,
 )
 
@@ -72,7 +74,7 @@ def server_args(server: str, run: RunParams, n_gpu_layers: int) -> list[str]:
 
 
 def read_snapshot() -> GpuSnapshot:
-    from diversityd.adapters.nvml import read_gpus  # noqa: PLC0415 - not with --free-mib
+    from diversityd.adapters.nvml import read_gpus
 
     return read_gpus()
 
@@ -393,8 +395,8 @@ def budget_plan(
     free_mib: float | None,
     placement: Placement,
 ) -> dict[str, Any]:
-    from diversityd.config import load_config  # noqa: PLC0415 - only the budget needs it
-    from diversityd.parts import default_config_dir  # noqa: PLC0415
+    from diversityd.config import load_config
+    from diversityd.parts import default_config_dir
 
     directory = config_dir if config_dir is not None else default_config_dir()
     config, findings = load_config(directory)
@@ -566,24 +568,8 @@ def plan(  # noqa: PLR0917 - click passes every option as an argument
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m diversityd.plancli`: the command alone, with diversityctl's exit codes."""
-    try:
-        plan.main(args=argv, prog_name="diversityctl plan", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(2)
-    except ConfigError as exc:
-        for finding in exc.findings:
-            click.echo(finding.format(), err=True)
-        sys.exit(2)
-    except DiversitydError as exc:
-        click.echo(f"diversityctl: {exc}", err=True)
-        if exc.hint:
-            click.echo(f"    fix: {exc.hint}", err=True)
-        sys.exit(exc.exit_code)
-    sys.exit(0)
+    """`python -m diversityd.cli.plan`: the command alone, with diversityctl's exit codes."""
+    run_click(plan, "diversityctl plan", argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A stand-in for Ollama: its native /api routes and its OpenAI-compatible /v1 routes.
 
-    python -m diversityd.standins.ollama --host 127.0.0.1 --port 11434 --model llama3.1
+    python -m diversityd_lab.standins.ollama --host 127.0.0.1 --port 11434 --model llama3.1
 
 The shapes follow Ollama's API (docs/api.md, docs/openai.md) closely enough for LiteLLM's
 `ollama_chat/` (POST /api/chat) and `ollama/` (POST /api/generate) providers, which also
@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
 
-from diversityd.standins.common import (
+from diversityd_lab.standins.common import (
     Answer,
     BadRequestError,
     JSONObject,
@@ -398,7 +398,7 @@ def start_ollama(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m diversityd.standins.ollama",
+        prog="python -m diversityd_lab.standins.ollama",
         description="A stand-in for Ollama that answers a fixed text for each model.",
     )
     add_common_arguments(parser, default_port=DEFAULT_PORT)

@@ -1,0 +1,251 @@
+"""diversityd: the wiring. Builds the loop, the store, the adapters and the services, starts
+them in order, and runs until SIGTERM or a lost bus.
+
+Start-up: validate the configuration; connect to the user bus and read every owned unit's
+state from systemd (a restarted daemon starts nothing twice); watch the unit folder and the
+model links; plan the GPUs and write the units (the same bytes after a restart: nothing
+rolls); answer on the bus; probe; start what should run; bring the gateway up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from diversityd import __version__
+from diversityd.adapters.control import ControlInterface, export_interface
+from diversityd.adapters.inotify import Inotify
+from diversityd.adapters.journal import configure_logging
+from diversityd.adapters.notify import Notifier
+from diversityd.adapters.systemd import Systemd
+from diversityd.adapters.unitfiles import machine_context
+from diversityd.daemon.commands import Commands
+from diversityd.daemon.drills import Drills
+from diversityd.daemon.gateway import GatewayManager
+from diversityd.daemon.gpus import GpuPlanner
+from diversityd.daemon.jobs import Jobs
+from diversityd.daemon.loop import ProbeDone, StateLoop, UnitChanged
+from diversityd.daemon.models import ModelLinks
+from diversityd.daemon.providers import ProviderSupervisor
+from diversityd.daemon.rollout import Rollout
+from diversityd.daemon.store import Store
+from diversityd.errors import DiversitydError, Severity
+from diversityd.log import get_logger
+from diversityd.parts import default_config_dir, default_unit_dir
+from diversityd.state import ProviderState
+from diversityd.validation import check_config_dir
+
+log = get_logger()
+
+STARTUP_PROBE_WAIT_S = 10.0  # at start, how long to wait for the watched providers' answers
+
+
+class Daemon:
+    def __init__(
+        self, config_dir: Path, *, unit_dir: Path | None = None, bus_address: str | None = None
+    ) -> None:
+        self.store = Store(Path(os.path.realpath(config_dir)), machine_context(sys.executable))
+        self.unit_dir_override = unit_dir
+        self.bus_address = bus_address
+        self.notifier = Notifier()
+        self.loop = StateLoop()
+        self._stop = asyncio.Event()
+        # Set once owned units were started and watched ones probed: the gateway's first
+        # render waits for it, so it does not serve a config that leaves everything out.
+        self._startup_done = asyncio.Event()
+        self.gateway: GatewayManager | None = None
+
+    def _unit_dir(self) -> Path:
+        if self.unit_dir_override is not None:
+            return self.unit_dir_override
+        config = self.store.config
+        if config is not None and config.settings.unit_dir:
+            return Path(os.path.expanduser(config.settings.unit_dir))
+        return default_unit_dir()
+
+    def _on_unit_changed(self, event: UnitChanged) -> None:
+        if self.gateway is not None and event.unit in self.gateway.instance_units():
+            self.gateway.on_unit_changed(event.unit, event.changed)
+        else:
+            self.supervisor.on_unit_changed(event)
+
+    def _after_state_change(self) -> None:
+        records = self.store.records.values()
+        ready = sum(r.state is ProviderState.READY for r in records)
+        self.notifier.status(f"{ready}/{len(records)} providers ready")
+        self._gateway_may_change()
+
+    def _gateway_may_change(self) -> None:
+        if self.gateway is not None:
+            self.gateway.mark_dirty()  # it reloads only if the rendered bytes changed
+
+    def _build(self, systemd: Systemd) -> None:
+        """The services, each given what it needs and nothing more."""
+        loop, store = self.loop, self.store
+        self.supervisor = ProviderSupervisor(
+            loop,
+            store,
+            systemd,
+            on_state_change=self._after_state_change,
+            on_models_change=self._gateway_may_change,
+        )
+        assert store.config is not None
+        if store.config.settings.gateway.owned:
+            self.gateway = GatewayManager(
+                loop, store, systemd, on_unit_change=self.supervisor.on_systemd_change
+            )
+        self.jobs = Jobs(loop, store)
+        self.planner = GpuPlanner(
+            loop,
+            store,
+            # The rollout is built next, on this planner: reach it when called.
+            restarting=lambda: self.rollout.rolling.locked(),  # noqa: PLW0108
+            refresh_units=lambda reason: self.rollout.refresh_units(reason),  # noqa: PLW0108
+        )
+        gateway = self.gateway
+        self.rollout = Rollout(
+            loop,
+            store,
+            systemd,
+            supervisor=self.supervisor,
+            planner=self.planner,
+            jobs=self.jobs,
+            unit_dir=self._unit_dir(),
+            own_units=gateway.units if gateway is not None else list,
+        )
+        self.models = ModelLinks(loop, store, refresh_units=self.rollout.refresh_units)
+        self.commands = Commands(
+            loop,
+            store,
+            systemd,
+            supervisor=self.supervisor,
+            rollout=self.rollout,
+            models=self.models,
+            jobs=self.jobs,
+            gateway=gateway,
+        )
+        self.jobs.register("restart", self.rollout.run_restart_job)
+        self.jobs.register("rollback", self.commands.run_rollback_job)
+        if gateway is not None:
+            drills = Drills(
+                loop, store, systemd, jobs=self.jobs, rollout=self.rollout, gateway=gateway
+            )
+            self.jobs.register("failover", drills.run_job)
+        loop.on(UnitChanged, self._on_unit_changed)
+        loop.on(ProbeDone, self.supervisor.on_probe)
+
+    async def _start_then_mark_ready(self) -> None:
+        try:
+            await self.rollout.start_owned()
+        except Exception as exc:  # noqa: BLE001 - the gateway must still come up
+            log.error("daemon.start_failed", error=f"{type(exc).__name__}: {exc}")
+        await self.loop.wait_until(
+            lambda: all(
+                r.probe is not None for r in self.store.records.values() if r.owned is None
+            ),
+            STARTUP_PROBE_WAIT_S,
+        )
+        self._startup_done.set()
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval_s
+        if interval is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval / 3)
+
+    async def run(self) -> int:
+        store, loop = self.store, self.loop
+        report = check_config_dir(store.config_dir, os.environ)
+        if not report.ok:
+            for finding in report.of(Severity.ERROR):
+                log.error("config.invalid", error=finding.format())
+            self.notifier.send("STATUS=invalid configuration; see the journal")
+            return 2
+        event_loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            event_loop.add_signal_handler(signum, self._stop.set)
+        loop.spawn(loop.run(), name="state")
+        await loop.call(lambda: store.adopt_config(report))
+        systemd = await Systemd.connect(self.bus_address)
+        self._build(systemd)
+        owned_units = [r.unit for r in store.records.values() if r.unit]
+        await systemd.watch(owned_units, self.supervisor.on_systemd_change)
+        await self.supervisor.refresh_snapshots()
+        unit_dir = self.rollout.unit_dir
+        inotify = Inotify(self.rollout.on_unit_dir_event)
+        inotify.watch_directory(unit_dir, create=True)
+        inotify.start(event_loop)
+        loop.spawn(self.rollout.restore_loop(), name="restore")
+        self.models.start(event_loop)
+        await self.models.watch_all()
+        # Units are written once the models are resolved and the GPU planned: a daemon
+        # restart renders the same bytes, writes nothing and restarts nothing.
+        await self.rollout.refresh_units("start-up")
+        control = ControlInterface(self.commands.handlers())
+        self.jobs.on_progress = lambda job_id, p: control.JobProgress(job_id, json.dumps(p))
+        self.jobs.on_finished = lambda job_id, p: control.JobFinished(job_id, json.dumps(p))
+        await export_interface(systemd.bus, control)
+        self.supervisor.ensure_probe_tasks()
+        loop.spawn(self._watchdog(), name="watchdog")
+        loop.spawn(self.planner.watch(), name="gpus")
+        loop.spawn(self._start_then_mark_ready(), name="start-up")
+        if self.gateway is not None:
+            loop.spawn(self.gateway.supervise(self._startup_done), name="gateway")
+        log.info("daemon.ready", path=str(store.config_dir), unit=str(unit_dir), pid=os.getpid())
+        self.notifier.ready(f"watching {len(store.records)} providers")
+        lost_bus = asyncio.ensure_future(systemd.bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+        stopped = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({lost_bus, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        if lost_bus.done() and not stopped.done():
+            # Blind without the bus (no unit events, no control): let systemd restart us.
+            log.error("daemon.bus_lost", error="the user bus connection closed")
+            code = 1
+        stopped.cancel()
+        lost_bus.cancel()
+        self.notifier.stopping()
+        log.info("daemon.stopping", pid=os.getpid())
+        inotify.close()
+        self.models.close()
+        with contextlib.suppress(Exception):
+            await loop.cancel_tasks()
+        with contextlib.suppress(Exception):
+            systemd.disconnect()
+        return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="diversityd",
+        description="Keep the local LLM servers and their LiteLLM gateway alive "
+        "(runs as a systemd user service; see `diversityctl install`).",
+    )
+    parser.add_argument(
+        "--config-dir",
+        type=Path,
+        default=os.environ.get("DIVERSITYD_CONFIG_DIR") or None,
+        help="directory holding providers.yaml, model-mappings.yaml and diversityd.yaml "
+        "[default: $XDG_CONFIG_HOME/diversityd]",
+    )
+    parser.add_argument("--unit-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument("--version", action="version", version=f"diversityd {__version__}")
+    args = parser.parse_args(argv)
+    configure_logging(level=args.log_level)
+    daemon = Daemon(args.config_dir or default_config_dir(), unit_dir=args.unit_dir)
+    try:
+        code = asyncio.run(daemon.run())
+    except DiversitydError as exc:
+        log.error("daemon.failed", error=str(exc))
+        code = exc.exit_code
+    sys.exit(code)

@@ -1,0 +1,153 @@
+"""The GPU plan: read NVML and the accepted GGUFs, plan every card (gpuplan.plan_gpus), and
+watch the cards for moves that warrant a new plan (with hysteresis: no restart storms)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable
+
+import psutil
+
+from diversityd.adapters.nvml import NvmlError, read_gpus
+from diversityd.cardplan import GpuSnapshot
+from diversityd.daemon.loop import StateLoop
+from diversityd.daemon.store import MIB, Store
+from diversityd.gguf import GGUFError, read_model
+from diversityd.gpuplan import plan_gpus, replan_needed, vram_check_due
+from diversityd.log import get_logger
+from diversityd.state import ProviderState
+from diversityd.vram import ModelSpec, describe_model
+
+log = get_logger()
+
+NVML_POLL_S = 10.0  # how often free VRAM is read for re-planning
+
+
+class GpuPlanner:
+    def __init__(
+        self,
+        loop: StateLoop,
+        store: Store,
+        *,
+        restarting: Callable[[], bool],
+        refresh_units: Callable[[str], Awaitable[object]],
+    ) -> None:
+        self.loop = loop
+        self.store = store
+        self._restarting = restarting  # a rolling restart or a drill is under way
+        self._refresh_units = refresh_units  # re-plan, render and roll (rollout's)
+
+    def _plan_inputs(self) -> tuple[dict[str, str | None], dict[str, int]]:
+        """(In the state loop.) Each owned llama server's accepted GGUF (or why there is
+        none) and each running owned unit's main pid: plain data for a worker thread."""
+        records = self.store.records
+        models: dict[str, str | None] = {}
+        for names in self.store.model_paths().values():
+            target = records[names[0]].model
+            for name in names:
+                models[name] = target.target if target is not None and target.ok else None
+        pids = {
+            record.name: record.observed.pid
+            for record in self.store.owned_records()
+            if record.observed.pid
+        }
+        return models, pids
+
+    @staticmethod
+    def _read_plan_inputs(
+        models: dict[str, str | None], main_pids: dict[str, int]
+    ) -> tuple[dict[str, ModelSpec | str], dict[str, list[int]]]:
+        """(In a worker thread.) Describe the GGUFs; find every pid of each owned unit:
+        NVML lists Ollama's runners and vLLM's engine core (children), and those are ours."""
+        described: dict[str, ModelSpec | str] = {}
+        cache: dict[str, ModelSpec | str] = {}
+        for name, path in models.items():
+            if path is None:
+                described[name] = "no accepted model file"
+                continue
+            if path not in cache:
+                try:
+                    cache[path] = describe_model(read_model(path))
+                except (GGUFError, OSError) as exc:
+                    cache[path] = str(exc)
+            described[name] = cache[path]
+        pids: dict[str, list[int]] = {}
+        for name, main in main_pids.items():
+            try:
+                children = psutil.Process(main).children(recursive=True)
+            except psutil.Error:
+                children = []
+            pids[name] = [main, *(child.pid for child in children)]
+        return described, pids
+
+    async def _read_gpus(self) -> GpuSnapshot | None:
+        """One NVML reading; None when NVML fails (the plan in force stays, the error is
+        shown by its NVML name and logged once)."""
+        try:
+            return await asyncio.to_thread(read_gpus)
+        except NvmlError as exc:
+            failure = f"{exc.name}: {exc}"
+            if failure != self.store.gpu.error:
+                log.error("gpu.nvml_failed", error=failure, state="keeping the last plan")
+            await self.loop.call(functools.partial(setattr, self.store.gpu, "error", failure))
+            return None
+
+    async def plan(self, reason: str) -> None:
+        """Read NVML and the models, plan every card. An NVML failure keeps the plan in
+        force (and is reported by its NVML name)."""
+        config = self.store.config
+        assert config is not None
+        snapshot = await self._read_gpus()
+        if snapshot is None:
+            return
+        models, main_pids = await self.loop.call(self._plan_inputs)
+        described, pids = await asyncio.to_thread(self._read_plan_inputs, models, main_pids)
+        gpu = self.store.gpu
+        plan = plan_gpus(config, described, snapshot, pids, previous=gpu.plan)
+
+        def adopt() -> None:
+            if self.store.config is not config:
+                return  # a reload came in meanwhile: its own plan follows
+            if gpu.plan is None and plan.cpu_only_reason:
+                log.info("gpu.cpu_only", error=plan.cpu_only_reason)
+            gpu.plan, gpu.plan_at = plan, time.monotonic()
+            gpu.reading, gpu.error = snapshot, None
+
+        await self.loop.call(adopt)
+        for name, settings in plan.settings.items():
+            log.info(
+                "gpu.planned",
+                provider=name,
+                state=reason,
+                n_gpu_layers=settings.n_gpu_layers,
+                vram_mib=settings.vram_bytes // MIB if settings.vram_bytes else None,
+                error="; ".join(settings.warnings) or None,
+            )
+
+    async def watch(self) -> None:
+        """Re-plan when the VRAM used by others moves enough to matter."""
+        while True:
+            await asyncio.sleep(NVML_POLL_S)
+            try:
+                await self._check_vram()
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive one bad look
+                log.error("gpu.check_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _check_vram(self) -> None:
+        gpu = self.store.gpu
+        starting = any(r.state is ProviderState.STARTING for r in self.store.owned_records())
+        if not vram_check_due(gpu.plan, restarting=self._restarting(), gpu_unit_starting=starting):
+            return
+        plan = gpu.plan
+        assert plan is not None
+        snapshot = await self._read_gpus()
+        if snapshot is None:
+            return
+        _models, main_pids = await self.loop.call(self._plan_inputs)
+        _described, pids = await asyncio.to_thread(self._read_plan_inputs, {}, main_pids)
+        decision = replan_needed(plan, snapshot, pids, time.monotonic() - gpu.plan_at)
+        await self.loop.call(functools.partial(setattr, gpu, "reading", snapshot))
+        if decision.replan:
+            await self._refresh_units(decision.reason)

@@ -1,0 +1,181 @@
+"""Provider supervision: systemd's unit events and HTTP probes become provider states.
+
+The event handlers run in the state loop (they write records); the probe loops and the
+snapshot reads are tasks that post events or call into the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+from diversityd.adapters import probes
+from diversityd.adapters.systemd import Systemd
+from diversityd.daemon.loop import ProbeDone, StateLoop, UnitChanged
+from diversityd.daemon.store import ProviderRecord, Store
+from diversityd.log import get_logger
+from diversityd.state import (
+    ProviderState,
+    UnitSnapshot,
+    adopt_snapshot,
+    apply_probe,
+    apply_unit_change,
+    probe_interval,
+    state_of,
+)
+
+log = get_logger()
+
+PROBED_TYPES = ("ollama", "llama_cpp", "vllm")  # local servers; clouds are not probed
+
+
+class ProviderSupervisor:
+    def __init__(
+        self,
+        loop: StateLoop,
+        store: Store,
+        systemd: Systemd,
+        *,
+        on_state_change: Callable[[], None],
+        on_models_change: Callable[[], None],
+    ) -> None:
+        self.loop = loop
+        self.store = store
+        self.systemd = systemd
+        self._on_state_change = on_state_change  # the gateway may render differently now
+        self._on_models_change = on_models_change
+
+    # -- events (in the state loop) -------------------------------------------------------
+
+    def on_unit_changed(self, event: UnitChanged) -> None:
+        record = self.store.record_of_unit(event.unit)
+        if record is None:
+            return
+        if record.snapshot is None:
+            # Arrived before the first snapshot was adopted: the newer ones go on top of it.
+            record.early_changes.append((event.at, event.changed))
+            return
+        before_pid = record.observed.pid
+        record.observed, exited_pid = apply_unit_change(record.observed, event.changed)
+        record.last_unit_event = event.at
+        if exited_pid:
+            record.last_exit_seen = event.at
+            log.warning(
+                "unit.exited",
+                provider=record.name,
+                unit=record.unit,
+                pid=before_pid,
+                result=record.observed.unit.result if record.observed.unit else None,
+            )
+        self.update_state(record, event.at)
+
+    def on_probe(self, event: ProbeDone) -> None:
+        record = self.store.records.get(event.provider)
+        if record is None:
+            return
+        result = event.result
+        previous = record.probe
+        record.observed = apply_probe(record.observed, result, event.pid)
+        record.error = None if result.ok else result.error
+        if previous is not None and result.ok and previous.models != result.models:
+            self._on_models_change()  # a model appeared or went away: routing may change
+        if previous is None or previous.outcome is not result.outcome:
+            log.info(
+                "probe.changed",
+                provider=record.name,
+                state=result.outcome.value,
+                elapsed_ms=round(result.latency_ms, 1),
+                error=result.error,
+            )
+        self.update_state(record, result.at)
+
+    def update_state(self, record: ProviderRecord, at: float) -> None:
+        state = state_of(record.observed, owned=record.owned is not None)
+        if state is record.state:
+            return
+        previous, record.state = record.state, state
+        record.state_since = time.time()
+        record.last_state_change = at
+        if previous is ProviderState.READY:
+            record.left_ready_at = at
+        if state is ProviderState.FAILED and record.snapshot is not None:
+            record.error = f"unit failed ({record.snapshot.result})"
+        log_method = (
+            log.info if state in (ProviderState.READY, ProviderState.STARTING) else log.warning
+        )
+        log_method(
+            "provider.state",
+            provider=record.name,
+            unit=record.unit,
+            state=state.value,
+            previous=previous.value,
+            pid=record.snapshot.main_pid if record.snapshot else None,
+            error=record.error if state is not ProviderState.READY else None,
+        )
+        self._on_state_change()
+
+    def on_systemd_change(self, unit: str, changed: dict[str, Any]) -> None:
+        """From the bus reader: every property change of a watched unit, as an event."""
+        self.loop.post(UnitChanged(unit, changed, time.monotonic()))
+
+    # -- reading systemd --------------------------------------------------------------------
+
+    async def refresh_snapshots(
+        self, *, only_missing: bool = False, only: list[str] | None = None
+    ) -> None:
+        """Read each owned unit's state from systemd (all, those without one yet, or the
+        providers in `only`): the truth after a daemon restart or a unit file written."""
+        for record in list(self.store.records.values()):
+            if record.unit is None or (only_missing and record.snapshot is not None):
+                continue
+            if only is not None and record.name not in only:
+                continue
+            snapshot = await self.systemd.snapshot(record.unit)
+            taken_at = time.monotonic()
+
+            def adopt(
+                r: ProviderRecord = record, s: UnitSnapshot = snapshot, t: float = taken_at
+            ) -> None:
+                unit = adopt_snapshot(s, r.early_changes, t)
+                r.early_changes.clear()
+                r.observed = dataclasses.replace(r.observed, unit=unit)
+                self.update_state(r, time.monotonic())
+
+            await self.loop.call(adopt)
+
+    # -- probes -------------------------------------------------------------------------------
+
+    def ensure_probe_tasks(self) -> None:
+        for name, record in self.store.records.items():
+            if record.provider.type in PROBED_TYPES and not self.loop.has_task(f"probe:{name}"):
+                self.loop.spawn(self._probe_loop(name), name=f"probe:{name}")
+
+    async def _probe_loop(self, name: str) -> None:
+        client = probes.new_client(5.0)
+        try:
+            while True:
+                assert self.store.config is not None
+                settings = self.store.config.settings  # read each round: a reload may change it
+                record = self.store.records.get(name)
+                if record is None:
+                    return
+                if record.owned is not None and record.state is ProviderState.STOPPED:
+                    await asyncio.sleep(settings.probe_interval_s)
+                    continue
+                pid = record.observed.pid
+                try:
+                    result = await probes.probe(client, record.provider, settings.probe_timeout_s)
+                except Exception as exc:  # noqa: BLE001 - one odd answer must not end probing
+                    log.error("probe.failed", provider=name, error=f"{type(exc).__name__}: {exc}")
+                else:
+                    self.loop.post(ProbeDone(name, result, pid))
+                await asyncio.sleep(
+                    probe_interval(
+                        record.state, record.observed.failures, settings.probe_interval_s
+                    )
+                )
+        finally:
+            await client.aclose()

@@ -1,0 +1,98 @@
+"""What the daemon should do, decided from configuration and observations. Pure.
+
+- `start_order`: which owned providers to start, and in which order;
+- `units_to_roll`: which units a change of their files must restart;
+- `judge_model_target`: accept or refuse where a model link now leads;
+- `is_ready_since`: whether a restart really finished.
+
+The daemon's services gather the inputs (systemd, the link, probes) and carry the answers
+out; these functions do no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+from diversityd.state import ProviderState, UnitSnapshot
+
+
+@dataclass(frozen=True)
+class StartCandidate:
+    """An owned provider as start-up sees it."""
+
+    name: str
+    priority: int  # vram_priority: who gets VRAM first also starts first
+    unit: UnitSnapshot | None  # None: not read from systemd yet
+
+
+@dataclass(frozen=True)
+class StartStep:
+    name: str
+    reset_failed: bool  # systemd gave up on it before: clear that first
+
+
+def start_order(
+    candidates: Iterable[StartCandidate], *, port_taken: Collection[str] = ()
+) -> list[StartStep]:
+    """The owned providers to start, highest vram_priority first (ties by name).
+
+    A unit that is active, activating or waiting for systemd's Restart= is left alone:
+    after a daemon restart, state comes from systemd and nothing is started twice. A
+    provider whose port another process holds is not started (it could not bind); one
+    whose unit was never read is not either (it is unknown)."""
+    ordered = sorted(candidates, key=lambda c: (-c.priority, c.name))
+    return [
+        StartStep(c.name, reset_failed=c.unit.active_state == "failed")
+        for c in ordered
+        if c.unit is not None and c.name not in port_taken and not c.unit.running
+    ]
+
+
+def units_to_roll(written: Iterable[str], units: dict[str, UnitSnapshot | None]) -> list[str]:
+    """Of the providers whose unit file changed, those running: they restart one at a time.
+    A stopped one picks its new file up when it next starts."""
+    return [
+        name
+        for name in written
+        if (unit := units.get(name)) is not None and unit.active_state in ("active", "activating")
+    ]
+
+
+def is_ready_since(state: ProviderState, last_change: float | None, since: float) -> bool:
+    """Ready, and became so after `since` (a monotonic time; 0: any time)."""
+    return state is ProviderState.READY and (since == 0.0 or (last_change or 0.0) > since)
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """Where a configured model path leads, and whether the file there can be served."""
+
+    path: str  # as configured (usually the active symlink)
+    hops: tuple[str, ...]  # every path visited, the configured one first
+    target: str | None  # the final file (absolute), None when the chain is broken
+    identity: tuple[int, int, int, int] | None  # (device, inode, size, mtime_ns) of the target
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class TargetVerdict(enum.StrEnum):
+    REFUSE = "refuse"  # the servers keep the model they run
+    KEEP = "keep"  # the same file as accepted: nothing to roll
+    ACCEPT = "accept"  # a new, whole file: the units change and roll
+
+
+def judge_model_target(accepted: ModelTarget | None, seen: ModelTarget) -> TargetVerdict:
+    """What to do with where the link leads now, given the target accepted last."""
+    if not seen.ok:
+        return TargetVerdict.REFUSE
+    if accepted is not None and (accepted.target, accepted.identity) == (
+        seen.target,
+        seen.identity,
+    ):
+        return TargetVerdict.KEEP
+    return TargetVerdict.ACCEPT
