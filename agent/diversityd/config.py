@@ -162,6 +162,16 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True)
+class SupervisionSettings:
+    """How patient the daemon is with its servers (short values make the tests quick)."""
+
+    start_grace_s: float = 300.0  # a process not answering yet is loading this long
+    ready_wait_s: float = 300.0  # a start or restart waits this long for an answer
+    revive_initial_s: float = 10.0  # a unit systemd gave up on is started again after this,
+    revive_max_s: float = 300.0  # doubling each time up to this
+
+
+@dataclass(frozen=True)
 class Settings:
     host: str  # this machine's name in failure-domain reports
     gpus: int  # GPUs on this machine (domain report only; the planner reads NVML)
@@ -171,6 +181,7 @@ class Settings:
     probe_timeout_s: float
     owned: Mapping[str, OwnedServer]
     gateway: GatewaySettings
+    supervision: SupervisionSettings = field(default_factory=SupervisionSettings)
 
 
 @dataclass(frozen=True)
@@ -615,8 +626,18 @@ def _parse_chain(reader: _Reader, path: KeyPath, name: str, raw: Any) -> Chain |
 
 # diversityd.yaml -----------------------------------------------------------------------
 
-_SETTINGS_KEYS = ("host", "gpus", "unit_dir", "state_dir", "probes", "gateway", "providers")
+_SETTINGS_KEYS = (
+    "host",
+    "gpus",
+    "unit_dir",
+    "state_dir",
+    "probes",
+    "supervision",
+    "gateway",
+    "providers",
+)
 _PROBE_KEYS = ("interval_s", "timeout_s")
+_SUPERVISION_KEYS = ("start_grace_s", "ready_wait_s", "revive_initial_s", "revive_max_s")
 _GATEWAY_KEYS = (
     "owned",
     "host",
@@ -701,6 +722,7 @@ def _parse_settings(
                     or timeout
                 )
     gateway = _parse_gateway(reader, top.get("gateway"))
+    supervision = _parse_supervision(reader, top.get("supervision"))
     owned: dict[str, OwnedServer] = {}
     if "providers" in top:
         raw_owned = reader.mapping(
@@ -719,7 +741,36 @@ def _parse_settings(
         probe_timeout_s=timeout,
         owned=owned,
         gateway=gateway,
+        supervision=supervision,
     )
+
+
+def _parse_supervision(reader: _Reader, raw: Any) -> SupervisionSettings:
+    if raw is None:
+        return SupervisionSettings()
+    body = reader.mapping(("supervision",), raw, "write `supervision: {revive_initial_s: 10}`")
+    if body is None:
+        return SupervisionSettings()
+    reader.unknown_keys(("supervision",), body, _SUPERVISION_KEYS)
+    values: dict[str, float] = {}
+    for key in _SUPERVISION_KEYS:
+        if key not in body:
+            continue
+        number = reader.number(("supervision", key), body[key], "seconds")
+        if number is not None and number <= 0:
+            reader.error(("supervision", key), "out-of-range", "must be above 0", "e.g. 10")
+        elif number is not None:
+            values[key] = number
+    settings = SupervisionSettings(**values)
+    if settings.revive_max_s < settings.revive_initial_s:
+        reader.error(
+            ("supervision", "revive_max_s"),
+            "out-of-range",
+            "revive_max_s is below revive_initial_s",
+            f"use at least {settings.revive_initial_s:g}",
+        )
+        return SupervisionSettings()
+    return settings
 
 
 def _parse_gateway(reader: _Reader, raw: Any) -> GatewaySettings:

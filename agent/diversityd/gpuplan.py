@@ -514,13 +514,23 @@ def plan_gpus(
     )
 
 
-def unit_gpu_settings(config: Config, plan: GpuPlan | None, provider: str) -> GpuSettings:
+def unit_gpu_settings(
+    config: Config,
+    plan: GpuPlan | None,
+    provider: str,
+    kept: Mapping[str, GpuSettings] | None = None,
+) -> GpuSettings:
     """What one owned unit says about the GPU: the plan's word when it has one for it.
-    Before the first plan (or without a GPU): the user's own layer count, else the CPU with
-    the GPU hidden, which always fits."""
+    Before the first plan: the last plan's word, `kept` across a daemon restart (NVML may
+    fail at start: the servers keep what they run), when it is for the same server on the
+    same card. Else the user's own layer count, else the CPU with the GPU hidden, which
+    always fits."""
     if plan is not None and provider in plan.settings:
         return plan.settings_for(provider)
     owned = config.settings.owned[provider]
+    last = (kept or {}).get(provider)
+    if plan is None and last is not None and (last.server, last.gpu) == (owned.server, owned.gpu):
+        return last
     user_layers = owned.n_gpu_layers
     if user_layers is None:
         user_layers = config.providers[provider].n_gpu_layers
@@ -538,13 +548,30 @@ def unit_gpu_settings(config: Config, plan: GpuPlan | None, provider: str) -> Gp
 # When to plan again
 
 
-def vram_check_due(plan: GpuPlan | None, *, restarting: bool, gpu_unit_starting: bool) -> bool:
-    """Whether to look at the cards for a re-plan now: only with a plan on a GPU in force,
-    never while a restart rolls or an owned server starts (a process on its way in or out is
-    nobody's, and its memory would read as others')."""
-    if plan is None or plan.cpu_only_reason:
-        return False
+def vram_check_due(*, restarting: bool, gpu_unit_starting: bool) -> bool:
+    """Whether to look at the cards for a re-plan now: never while a restart rolls or an
+    owned server starts (a process on its way in or out is nobody's, and its memory would
+    read as others')."""
     return not restarting and not gpu_unit_starting
+
+
+def gpu_recheck(
+    plan: GpuPlan | None,
+    snapshot: GpuSnapshot,
+    owned_pids: Mapping[str, int | Collection[int]],
+    plan_age_s: float,
+    hysteresis: Hysteresis = DEFAULT_HYSTERESIS,
+) -> Replan:
+    """Whether a new NVML reading warrants a new plan: there is none in force yet (NVML
+    failed until now), a CPU-only plan now has cards to use, or (replan_needed) a card
+    changed or others' use moved past the hysteresis."""
+    if plan is None:
+        return Replan(True, "NVML answers: planning the cards (none was planned yet)")
+    if plan.cpu_only_reason:
+        if snapshot.cpu_only_reason is None and snapshot.gpus:
+            return Replan(True, "NVML shows GPUs now; the plan in force is CPU only")
+        return Replan(False, f"still CPU only: {snapshot.cpu_only_reason or 'no GPU'}")
+    return replan_needed(plan, snapshot, owned_pids, plan_age_s, hysteresis)
 
 
 def replan_needed(
@@ -588,6 +615,7 @@ __all__ = [
     "GpuSettings",
     "MemoryArgs",
     "apply_memory_args",
+    "gpu_recheck",
     "gpu_server_for",
     "plan_gpus",
     "read_memory_args",

@@ -96,3 +96,30 @@ def judge_model_target(accepted: ModelTarget | None, seen: ModelTarget) -> Targe
     ):
         return TargetVerdict.KEEP
     return TargetVerdict.ACCEPT
+
+
+def choose_accepted(seen: ModelTarget, remembered: ModelTarget | None) -> ModelTarget | None:
+    """The model a server may run, when the daemon (re)reads its configuration: where the
+    link leads when that file is whole, else the one accepted before (remembered across
+    restarts, or read back from the unit file): never a file that was not checked."""
+    return seen if seen.ok else remembered
+
+
+def units_to_retire(on_disk: Iterable[str], wanted: Collection[str]) -> list[str]:
+    """Owned unit files no longer configured (a provider removed or renamed): their units
+    are stopped before the files go, or they would hold their ports and VRAM for ever."""
+    return sorted(name for name in on_disk if name not in wanted)
+
+
+def stopped_on_purpose(
+    previous: ProviderState, state: ProviderState, *, ours: bool, busy: bool
+) -> bool:
+    """A unit went from running to stopped and neither diversityd (a reload, a drill, a
+    `diversityctl stop`) nor one of its jobs did it: someone ran `systemctl --user stop`."""
+    running = previous in (ProviderState.READY, ProviderState.STARTING, ProviderState.HUNG)
+    return running and state is ProviderState.STOPPED and not ours and not busy
+
+
+def revival_delay_s(attempts: int, initial_s: float, max_s: float) -> float:
+    """Backoff before the next revival: initial_s, doubling per attempt, at most max_s."""
+    return float(min(max_s, initial_s * 2 ** min(attempts, 30)))

@@ -175,21 +175,38 @@ def unit_state(unit: UnitSnapshot | None) -> ProviderState | None:
     return ProviderState.UNKNOWN
 
 
+def start_overdue(unit: UnitSnapshot | None, now: float, grace_s: float) -> bool:
+    """The process has run longer than a start may take (`now`: time.time()) without
+    answering: it is no longer loading, it is hung or dead (a SIGSTOPped server a restarted
+    daemon finds, a server stuck at start)."""
+    if unit is None or not unit.active_enter_us:
+        return False
+    return now - unit.active_enter_us / 1e6 > grace_s
+
+
 def derive_state(
     *,
     owned: bool,
     unit: UnitSnapshot | None,
     probe: ProbeResult | None,
     answered_since_start: bool,
+    overdue: bool = False,
 ) -> ProviderState:
     """One provider's state. `answered_since_start`: a probe succeeded since the current
-    process started (until then a silent server is loading, not hung)."""
+    process started (until then a silent server is loading, not hung, unless `overdue`:
+    it has been silent for longer than a start may take)."""
     if owned:
         from_unit = unit_state(unit)
         if from_unit is not None:
             return from_unit
-        if probe is None or not answered_since_start:
+        if probe is None:
             return ProviderState.STARTING
+        if not answered_since_start:
+            if not overdue or probe.outcome is ProbeOutcome.OK:
+                return ProviderState.STARTING
+            return (
+                ProviderState.HUNG if probe.outcome is ProbeOutcome.TIMEOUT else ProviderState.DOWN
+            )
     elif probe is None:
         return ProviderState.UNKNOWN
     if probe.outcome is ProbeOutcome.OK:
@@ -199,12 +216,13 @@ def derive_state(
     return ProviderState.DOWN
 
 
-def state_of(observed: Observed, *, owned: bool) -> ProviderState:
+def state_of(observed: Observed, *, owned: bool, overdue: bool = False) -> ProviderState:
     return derive_state(
         owned=owned,
         unit=observed.unit,
         probe=observed.probe,
         answered_since_start=observed.answered_since_start,
+        overdue=overdue,
     )
 
 

@@ -27,6 +27,14 @@ class ModelFileStatus(TypedDict):
     error: str | None  # a refused re-point (the accepted file keeps serving)
 
 
+class RevivalStatus(TypedDict):
+    """A unit systemd gave up on, being started again with backoff."""
+
+    attempts: int
+    next_try: str | None  # when (None: stopped by the user, or waiting for a job)
+    last_failure: str | None
+
+
 class ProviderStatus(TypedDict):
     name: str
     owned: bool
@@ -51,6 +59,8 @@ class ProviderStatus(TypedDict):
     models_missing: list[str]
     models_extra: list[str]
     model_file: ModelFileStatus | None
+    stopped_by_user: bool  # stopped on purpose: stays stopped, never revived
+    revival: RevivalStatus | None
 
 
 class ReloadOutcome(TypedDict):
@@ -217,6 +227,14 @@ def format_status(document: StatusDocument) -> str:
     for p in document["providers"]:
         if p["error"]:
             lines.append(f"  {p['name']}: {p['error']}")
+        if p["stopped_by_user"]:
+            lines.append(f"  {p['name']}: stopped on purpose (`diversityctl start {p['name']}`)")
+        revival = p["revival"]
+        if revival is not None:
+            lines.append(
+                f"  {p['name']}: reviving: {revival['attempts']} tries, next at "
+                f"{revival['next_try'] or '-'}; failed last: {revival['last_failure'] or '-'}"
+            )
         model_file = p["model_file"]
         if model_file is not None and model_file["error"]:
             lines.append(

@@ -7,7 +7,9 @@ syntax never collides with ours. Every value is escaped for systemd: `%` (specif
 
 from __future__ import annotations
 
+import itertools
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -235,6 +237,33 @@ def render_daemon_unit(
 
 def is_owned_text(text: str) -> bool:
     return text.startswith(MARKER)
+
+
+def exec_start_args(text: str) -> list[str] | None:
+    """The command line of a unit's ExecStart= (as `command_line` quoted it), or None."""
+    for line in text.splitlines():
+        if line.startswith("ExecStart="):
+            try:
+                words = shlex.split(line.removeprefix("ExecStart="))
+            except ValueError:
+                return None
+            return [
+                word.replace("%%", "%")
+                if index == 0
+                else word.replace("%%", "%").replace("$$", "$")
+                for index, word in enumerate(words)
+            ]
+    return None
+
+
+def model_file_of(text: str) -> str | None:
+    """The GGUF a llama server's unit loads (`--model`): what its process runs now, when the
+    daemon's own record of it is lost."""
+    args = exec_start_args(text) or []
+    for flag, value in itertools.pairwise(args):
+        if flag == "--model":
+            return value
+    return None
 
 
 def gateway_instance(color: str) -> str:

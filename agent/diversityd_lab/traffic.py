@@ -10,7 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from typing import Self
 
 from diversityd.adapters.gatewayclient import ask, new_client
 from diversityd.drill import Answer
@@ -33,15 +33,37 @@ def chat(base_url: str, model: str, timeout: float = 10) -> dict[str, object]:
         return dict(json.load(response))
 
 
-@dataclass
-class RequestStream:
+class _InBackground:
+    """Runs `run()` in a thread between `with` and its end; `_stop` asks it to end."""
+
+    join_s = 30.0
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._thread = threading.Thread(target=self.run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(timeout=self.join_s)
+
+
+class RequestStream(_InBackground):
     """A steady stream of requests; each tries one server and, if refused, the other."""
 
-    servers: list[tuple[str, str]]  # (base URL, model)
-    answered: int = 0
-    unanswered: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    def __init__(self, servers: list[tuple[str, str]]) -> None:  # (base URL, model)
+        super().__init__()
+        self.servers = servers
+        self.answered = 0
+        self.unanswered: list[str] = []
 
     def run(self) -> None:
         turn = 0
@@ -61,30 +83,30 @@ class RequestStream:
                 self.unanswered.append("; ".join(errors))
             time.sleep(0.02)
 
-    def __enter__(self) -> RequestStream:
-        self._thread = threading.Thread(target=self.run, daemon=True)
-        self._thread.start()
-        return self
 
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join(timeout=30)
-
-
-@dataclass
-class GatewayStream:
+class GatewayStream(_InBackground):
     """Requests through the gateway, one model after another, plain and streamed in turn,
     a new connection each; every answer is kept."""
 
-    url: str
-    key: str
-    models: Sequence[str]
-    timeout_s: float = 60.0
-    pause_s: float = 0.05
-    answers: list[Answer] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    join_s = 120.0
+
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        models: Sequence[str],
+        *,
+        timeout_s: float = 60.0,
+        pause_s: float = 0.05,
+    ) -> None:
+        super().__init__()
+        self.url, self.key, self.models = url, key, models
+        self.timeout_s, self.pause_s = timeout_s, pause_s
+        self.answers: list[Answer] = []
+
+    @property
+    def failed(self) -> list[Answer]:
+        return [a for a in self.answers if not a.ok]
 
     def run(self) -> None:
         async def loop() -> None:
@@ -98,13 +120,3 @@ class GatewayStream:
                     await asyncio.sleep(self.pause_s)
 
         asyncio.run(loop())
-
-    def __enter__(self) -> GatewayStream:
-        self._thread = threading.Thread(target=self.run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join(timeout=120)

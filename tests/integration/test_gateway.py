@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from diversityd.drill import Answer
 from diversityd_lab.embedded import LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM, StackSpec
 from diversityd_lab.privatemanager import PrivateManager
 from diversityd_lab.stack import RunningStack, free_port, start_stack
+from diversityd_lab.traffic import GatewayStream
 
 pytestmark = pytest.mark.integration
 
@@ -79,44 +78,9 @@ def ask_once(running: RunningStack, model: str, stream: bool) -> Answer:
     return asyncio.run(go())
 
 
-@dataclass
-class Stream:
-    """A steady stream of requests through the gateway, from a thread of its own."""
-
-    running: RunningStack
-    model: str
-    answers: list[Answer] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def _run(self) -> None:
-        key = master_key(self.running)
-
-        async def loop() -> None:
-            async with new_client(60) as client:
-                flip = False
-                while not self._stop.is_set():
-                    flip = not flip
-                    self.answers.append(
-                        await ask(client, gateway_url(self.running), key, self.model, stream=flip)
-                    )
-                    await asyncio.sleep(0.05)
-
-        asyncio.run(loop())
-
-    def __enter__(self) -> Stream:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join(timeout=120)
-
-    @property
-    def failed(self) -> list[Answer]:
-        return [a for a in self.answers if not a.ok]
+def gateway_stream(running: RunningStack, model: str) -> GatewayStream:
+    """Requests for one model through the gateway, plain and streamed in turn."""
+    return GatewayStream(gateway_url(running), master_key(running), [model])
 
 
 def test_gateway_serves_what_the_daemon_says_is_served(gateway_stack: RunningStack) -> None:
@@ -159,7 +123,7 @@ def test_a_reload_under_a_steady_stream_refuses_and_fails_nothing(
 ) -> None:
     before = wait_gateway_ready(gateway_stack)["gateway"]
     vllm_unit = f"diversityd-{VLLM}.service"
-    with Stream(gateway_stack, "llama-cpp-native") as stream:
+    with gateway_stream(gateway_stack, "llama-cpp-native") as stream:
         time.sleep(1)
         gateway_stack.manager.systemctl("stop", vllm_unit)  # the rendered config changes
         after = gateway_stack.wait_for(
@@ -198,7 +162,7 @@ def test_a_broken_new_config_leaves_the_old_gateway_serving(gateway_stack: Runni
     old_config = Path(before["config"]).read_text()
     try:
         settings_file.write_text(yaml.safe_dump(settings))
-        with Stream(gateway_stack, "llama-cpp-default") as stream:
+        with gateway_stream(gateway_stack, "llama-cpp-default") as stream:
             result = gateway_stack.ctl("reload")
             assert result.returncode == 0, result.stderr  # diversityd accepts it; LiteLLM won't
             failed = gateway_stack.wait_for(

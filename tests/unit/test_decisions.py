@@ -9,10 +9,16 @@ from typing import Any
 
 import pytest
 
-from diversityd.cardplan import CardPlan
+from diversityd.cardplan import CardPlan, GpuReading, GpuSnapshot
 from diversityd.config import Config, parse_config
 from diversityd.drill import Answer, DrillMode, drill_settled
-from diversityd.gpuplan import GpuPlan, GpuSettings, unit_gpu_settings, vram_check_due
+from diversityd.gpuplan import (
+    GpuPlan,
+    GpuSettings,
+    gpu_recheck,
+    unit_gpu_settings,
+    vram_check_due,
+)
 from diversityd.reconcile import (
     ModelTarget,
     StartCandidate,
@@ -225,14 +231,28 @@ def gpu_plan(cpu_only_reason: str | None = None) -> GpuPlan:
     return GpuPlan(settings={}, cards=(card,), cpu_only_reason=cpu_only_reason)
 
 
-def test_vram_is_looked_at_only_with_a_gpu_plan_and_nothing_moving() -> None:
-    plan = gpu_plan()
-    assert vram_check_due(plan, restarting=False, gpu_unit_starting=False)
-    assert not vram_check_due(plan, restarting=True, gpu_unit_starting=False)
-    assert not vram_check_due(plan, restarting=False, gpu_unit_starting=True)
-    assert not vram_check_due(None, restarting=False, gpu_unit_starting=False)
-    cpu_only = gpu_plan("NVML: no GPU")
-    assert not vram_check_due(cpu_only, restarting=False, gpu_unit_starting=False)
+def test_vram_is_not_looked_at_while_something_moves() -> None:
+    assert vram_check_due(restarting=False, gpu_unit_starting=False)
+    assert not vram_check_due(restarting=True, gpu_unit_starting=False)
+    assert not vram_check_due(restarting=False, gpu_unit_starting=True)
+
+
+def reading(*gpus: GpuReading, reason: str | None = None) -> GpuSnapshot:
+    return GpuSnapshot(gpus, reason)
+
+
+CARD = GpuReading(0, "H200", "GPU-0", total_bytes=1 << 34, free_bytes=1 << 34, used_bytes=0)
+
+
+def test_nvml_answering_again_or_a_card_appearing_brings_a_new_plan() -> None:
+    # NVML failed at start: no plan in force (issue 10, scenario 6)
+    assert gpu_recheck(None, reading(CARD), {}, 1.0).replan
+    # a first plan made CPU only (no card then) is planned again once a card shows
+    cpu_only = gpu_plan("NVML sees no GPU: planning CPU only")
+    assert gpu_recheck(cpu_only, reading(CARD), {}, 1.0).replan
+    assert not gpu_recheck(cpu_only, reading(reason="NVML sees no GPU"), {}, 1.0).replan
+    # a plan on the card: the hysteresis decides
+    assert not gpu_recheck(gpu_plan(), reading(CARD), {}, 1.0).replan
 
 
 def small_config(tmp_path: Path, layers: int | None) -> Config:
@@ -260,3 +280,16 @@ def test_before_a_plan_a_unit_gets_the_users_layers_or_the_cpu(tmp_path: Path) -
     planned = GpuSettings("native", n_gpu_layers=33, hide_gpu=False, server="llama-server", gpu=0)
     plan = dataclasses.replace(gpu_plan(), settings={"native": planned})
     assert unit_gpu_settings(small_config(tmp_path, None), plan, "native") == planned
+
+
+def test_the_last_plans_word_is_kept_when_nvml_fails_at_start(tmp_path: Path) -> None:
+    config = small_config(tmp_path, None)
+    last = GpuSettings("native", n_gpu_layers=33, hide_gpu=False, server="llama-server", gpu=0)
+    assert unit_gpu_settings(config, None, "native", {"native": last}) == last
+    # not for another server kind or another card
+    other_card = dataclasses.replace(last, gpu=1)
+    assert unit_gpu_settings(config, None, "native", {"native": other_card}).hide_gpu
+    # a plan in force wins
+    planned = dataclasses.replace(last, n_gpu_layers=7)
+    plan = dataclasses.replace(gpu_plan(), settings={"native": planned})
+    assert unit_gpu_settings(config, plan, "native", {"native": last}) == planned

@@ -42,6 +42,8 @@ def provider(name: str, **more: object) -> ProviderStatus:
         "models_missing": [],
         "models_extra": [],
         "model_file": None,
+        "stopped_by_user": False,
+        "revival": None,
     }
     entry.update(more)  # type: ignore[typeddict-item]
     return entry

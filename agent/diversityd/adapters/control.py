@@ -7,6 +7,7 @@ once and report through the `JobProgress` and `JobFinished` signals, so no call 
 D-Bus's method timeout; `Job(id)` answers a job's latest report at any time.
 
 Methods: Status() -> s; Reload() -> s; Restart(s provider) -> s job_id;
+Stop(s provider) -> s job_id; Start(s provider) -> s job_id (on purpose: kept across restarts);
 Job(s job_id) -> s; History() -> s (the gateway's recent configs); Rollback(s id) -> s job_id;
 FailoverTest(s provider, s mode, b force) -> s job_id (a live drill through the gateway).
 Later issues extend this interface; they never rename.
@@ -81,6 +82,14 @@ class ControlInterface(ServiceInterface):
     @method()
     async def Restart(self, provider: "s") -> "s":  # type: ignore[name-defined] # noqa: F821, N802
         return await self._answer("restart", provider)
+
+    @method()
+    async def Stop(self, provider: "s") -> "s":  # type: ignore[name-defined] # noqa: F821, N802
+        return await self._answer("stop", provider)
+
+    @method()
+    async def Start(self, provider: "s") -> "s":  # type: ignore[name-defined] # noqa: F821, N802
+        return await self._answer("start", provider)
 
     @method()
     async def Job(self, job_id: "s") -> "s":  # type: ignore[name-defined] # noqa: F821, N802

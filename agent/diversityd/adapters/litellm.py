@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import subprocess
 from collections.abc import Mapping
@@ -75,10 +76,14 @@ def read_master_key(path: Path) -> str:
 
 @dataclass(frozen=True)
 class HistoryEntry:
-    id: str  # <UTC time>-<sha256 prefix>
+    id: str  # <sequence>-<UTC time>-<sha256 prefix>
     path: Path
     sha256: str
     created: str
+    sequence: int  # the order entries were written in (the clock may step back)
+
+
+_ENTRY = re.compile(r"^(?:(?P<seq>\d{6,})-)?(?P<stamp>\d{8}T\d{12}Z)-[0-9a-f]{8}$")
 
 
 class GatewayFiles:
@@ -96,30 +101,38 @@ class GatewayFiles:
         return path
 
     def archive(self, text: str) -> HistoryEntry:
-        """Keep a timestamped copy (the last `keep`), for `diversityctl history`/`rollback`."""
+        """Keep a copy (the last `keep`), for `diversityctl history`/`rollback`. Entries are
+        numbered: pruning goes by that order, not by the clock, which may step back."""
         digest = hashlib.sha256(text.encode()).hexdigest()
         now = datetime.now(UTC)
-        entry_id = f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{digest[:8]}"
+        entries = self.history()
+        sequence = max((e.sequence for e in entries), default=0) + 1
+        entry_id = f"{sequence:06d}-{now.strftime('%Y%m%dT%H%M%S%fZ')}-{digest[:8]}"
         path = self.history_dir / f"{entry_id}.yaml"
         write_atomic(path, text, mode=0o600)
         for old in self.history()[self.keep :]:
             old.path.unlink(missing_ok=True)
-        return HistoryEntry(entry_id, path, digest, now.isoformat(timespec="seconds"))
+        return HistoryEntry(entry_id, path, digest, now.isoformat(timespec="seconds"), sequence)
 
     def history(self) -> list[HistoryEntry]:
-        """Newest first."""
+        """Newest first (by sequence; entries of older versions, unnumbered, by time)."""
         entries = []
-        for path in sorted(self.history_dir.glob("*.yaml"), reverse=True):
-            stamp = path.stem.partition("-")[0]
-            try:
-                created = datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC)
-            except ValueError:
+        for path in self.history_dir.glob("*.yaml"):
+            match = _ENTRY.match(path.stem)
+            if match is None:
                 continue
+            created = datetime.strptime(match["stamp"], "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC)
             full = hashlib.sha256(path.read_bytes()).hexdigest()
             entries.append(
-                HistoryEntry(path.stem, path, full, created.isoformat(timespec="seconds"))
+                HistoryEntry(
+                    path.stem,
+                    path,
+                    full,
+                    created.isoformat(timespec="seconds"),
+                    int(match["seq"] or 0),
+                )
             )
-        return entries
+        return sorted(entries, key=lambda e: (e.sequence, e.id), reverse=True)
 
     def find(self, entry_id: str) -> HistoryEntry | None:
         """An entry by its id, or by a prefix of its id or sha256 that names only one."""

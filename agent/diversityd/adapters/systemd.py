@@ -210,6 +210,35 @@ class Systemd:
         """`systemctl --user enable`: the [Install] section's symlinks."""
         await self._call_manager("EnableUnitFiles", "asbb", [names, False, True])
 
+    async def disable(self, names: list[str]) -> list[tuple[str, str, str]]:
+        """`systemctl --user disable`: removes the units' enabling symlinks. Returns
+        systemd's changes: (type, file, destination)."""
+        (changes,) = await self._call_manager("DisableUnitFiles", "asb", [names, False])
+        return [(str(kind), str(path), str(dest)) for kind, path, dest in changes]
+
+    async def unit_file_state(self, name: str) -> str:
+        """enabled, disabled, static, linked, masked, ... ("" when no such file)."""
+        try:
+            (state,) = await self._call_manager("GetUnitFileState", "s", [name])
+        except SystemdError as exc:
+            if exc.dbus_name in (
+                "org.freedesktop.DBus.Error.FileNotFound",
+                "org.freedesktop.systemd1.NoSuchUnit",
+            ):
+                return ""
+            raise
+        return str(state)
+
+    async def list_units(self, patterns: list[str]) -> list[tuple[str, str, str, str]]:
+        """Loaded units matching the glob patterns: (name, load, active, sub state)."""
+        (units,) = await self._call_manager("ListUnitsByPatterns", "asas", [[], patterns])
+        return [(str(u[0]), str(u[2]), str(u[3]), str(u[4])) for u in units]
+
+    async def list_unit_files(self, patterns: list[str]) -> list[tuple[str, str]]:
+        """Unit files the manager knows matching the patterns: (path, state)."""
+        (files,) = await self._call_manager("ListUnitFilesByPatterns", "asas", [[], patterns])
+        return [(str(path), str(state)) for path, state in files]
+
     async def reload_manager(self) -> None:
         """daemon-reload: systemd re-reads every unit file."""
         await self._call_manager("Reload", "", [])

@@ -73,12 +73,23 @@ def sync_units(
             result.restored.append(unit.name)
         else:
             result.written.append(unit.name)
-    if remove_stale and unit_dir.is_dir():
-        for path in sorted(unit_dir.glob(f"{UNIT_PREFIX}*.service")):
-            if path.name in wanted or "@" in path.name:
-                continue
-            text = read_text_or_none(path)
-            if text is not None and is_owned_text(text):
-                path.unlink()
-                result.removed.append(path.name)
+    if remove_stale:
+        for name in owned_provider_units(unit_dir):
+            if name not in wanted:
+                (unit_dir / name).unlink()
+                result.removed.append(name)
     return result
+
+
+def owned_provider_units(unit_dir: Path) -> list[str]:
+    """The providers' unit files in `unit_dir` that diversityd wrote (its marker first)."""
+    if not unit_dir.is_dir():
+        return []
+    names = []
+    for path in sorted(unit_dir.glob(f"{UNIT_PREFIX}*.service")):
+        if "@" in path.name:
+            continue
+        text = read_text_or_none(path)
+        if text is not None and is_owned_text(text):
+            names.append(path.name)
+    return names

@@ -23,8 +23,13 @@ class LazyGroup(click.Group):
         "render": ("diversityd.cli.configcmds", "render"),
         "plan": ("diversityd.cli.plan", "plan"),
         "install": ("diversityd.cli.install", "install"),
+        "uninstall": ("diversityd.cli.uninstall", "uninstall"),
+        "env": ("diversityd.cli.env", "env"),
+        "completion": ("diversityd.cli.completion", "completion"),
         "status": ("diversityd.cli.status", "status"),
         "restart": ("diversityd.cli.control", "restart"),
+        "stop": ("diversityd.cli.control", "stop"),
+        "start": ("diversityd.cli.control", "start"),
         "reload": ("diversityd.cli.control", "reload"),
         "failover-test": ("diversityd.cli.control", "failover_test"),
         "history": ("diversityd.cli.control", "history"),
@@ -49,9 +54,9 @@ class LazyGroup(click.Group):
 def cli(ctx: click.Context, debug: bool) -> None:
     """Keep the local LLM servers and their LiteLLM gateway alive.
 
-    diversityctl talks to the diversityd daemon over the user bus (status, restart, reload,
-    failover-test, history, rollback), works on the configuration alone (validate, render,
-    plan) and installs the daemon as a systemd user service (install).
+    diversityctl talks to the diversityd daemon over the user bus (status, restart, stop,
+    start, reload, failover-test, history, rollback), works on the configuration alone
+    (validate, render, plan) and installs the daemon as a systemd user service (install).
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug

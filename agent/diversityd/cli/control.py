@@ -45,11 +45,21 @@ async def _connect_daemon(config_dir: str | None = None) -> Any:
     return client
 
 
+def show_progress(payload: dict[str, Any]) -> str | None:
+    """A job's step as a line for stderr: what it does, and what it waits for."""
+    step, provider = payload.get("step"), payload.get("provider", "")
+    if step == "waiting":
+        return f"{provider}: waiting for {payload.get('for')} ..."
+    if step in ("restarting", "taking down", "restoring", "starting", "stopping"):
+        return f"{step} {provider} ..."
+    return None
+
+
 def run_job(
     config_dir: str | None,
     member: str,
     args: tuple[str | bool, ...],
-    show: Callable[[dict[str, Any]], str | None],
+    show: Callable[[dict[str, Any]], str | None] | None,
     timeout_s: float,
 ) -> dict[str, Any]:
     """Start a daemon job and follow it to its end; `show(progress)` may return a line
@@ -63,7 +73,7 @@ def run_job(
             started = await client.call(member, *args)
 
             def progress(payload: dict[str, Any]) -> None:
-                line = show(payload)
+                line = show(payload) if show is not None else None
                 if line:
                     click.echo(line, err=True)
 
@@ -86,11 +96,7 @@ def restart(provider: str, config_dir: Path | None, as_json: bool, timeout_s: fl
     Reports how long each took; exit 1 if one did not come back.
     """
 
-    def show(payload: dict[str, Any]) -> str | None:
-        if not as_json and payload.get("step") == "restarting":
-            return f"restarting {payload['provider']} ..."
-        return None
-
+    show = None if as_json else show_progress
     result = run_job(real_dir(config_dir), "Restart", (provider,), show, timeout_s)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -194,11 +200,7 @@ def failover_test(
     restored; 2 (refused) when a model would have no live fallback, unless --force.
     """
 
-    def show(payload: dict[str, Any]) -> str | None:
-        if not as_json and payload.get("step") in ("taking down", "restoring"):
-            return f"{payload['step']} {payload.get('provider', '')} ..."
-        return None
-
+    show = None if as_json else show_progress
     result = run_job(real_dir(config_dir), "FailoverTest", (provider, mode, force), show, timeout_s)
     click.echo(json.dumps(result, indent=2) if as_json else format_drills(result))
     sys.exit(EXIT_OK if result.get("ok") else EXIT_FAILURE)
@@ -239,11 +241,48 @@ def rollback(entry_id: str, config_dir: Path | None, as_json: bool) -> None:
     """Serve the gateway config ID again (blue/green, like any reload) and pin it: automatic
     reloads pause until `diversityctl reload`. Exit 1 if the proxy would not start."""
 
-    result = run_job(real_dir(config_dir), "Rollback", (entry_id,), lambda _: None, 600)
+    result = run_job(real_dir(config_dir), "Rollback", (entry_id,), None, 600)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     elif result.get("ok"):
         click.echo(f"serving {result['history_id']} ({result['instance']}), pinned")
     else:
         click.echo(f"rollback failed: {result.get('error')}", err=True)
+    sys.exit(EXIT_OK if result.get("ok") else EXIT_FAILURE)
+
+
+@click.command()
+@click.argument("provider")
+@config_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--timeout", "timeout_s", default=900.0, show_default=True, help="Seconds to wait.")
+def stop(provider: str, config_dir: Path | None, as_json: bool, timeout_s: float) -> None:
+    """Stop PROVIDER on purpose (to free its VRAM, say). It stays stopped, across daemon
+    restarts too, and is never revived, until `diversityctl start PROVIDER`.
+    (`systemctl --user stop` of its unit counts the same while diversityd runs.)"""
+    _start_or_stop("Stop", provider, config_dir, as_json, timeout_s)
+
+
+@click.command()
+@click.argument("provider")
+@config_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--timeout", "timeout_s", default=900.0, show_default=True, help="Seconds to wait.")
+def start(provider: str, config_dir: Path | None, as_json: bool, timeout_s: float) -> None:
+    """Start PROVIDER (stopped on purpose, or failed) and wait until it answers."""
+    _start_or_stop("Start", provider, config_dir, as_json, timeout_s)
+
+
+def _start_or_stop(
+    member: str, provider: str, config_dir: Path | None, as_json: bool, timeout_s: float
+) -> None:
+    show = None if as_json else show_progress
+    result = run_job(real_dir(config_dir), member, (provider,), show, timeout_s)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        verdict = "ok" if result.get("ok") else "FAILED"
+        click.echo(f"{result.get('provider', provider)}: {result.get('state')} ({verdict})")
+        if result.get("error"):
+            click.echo(f"error: {result['error']}", err=True)
     sys.exit(EXIT_OK if result.get("ok") else EXIT_FAILURE)

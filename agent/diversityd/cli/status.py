@@ -77,6 +77,8 @@ async def _status_from_systemd(config_dir: Path, reason: str) -> StatusDocument:
                         "models_missing": [],
                         "models_extra": [],
                         "model_file": None,
+                        "stopped_by_user": False,
+                        "revival": None,
                     }
                 )
         finally:

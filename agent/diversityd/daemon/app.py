@@ -30,14 +30,16 @@ from diversityd.daemon.drills import Drills
 from diversityd.daemon.gateway import GatewayManager
 from diversityd.daemon.gpus import GpuPlanner
 from diversityd.daemon.jobs import Jobs
-from diversityd.daemon.loop import ProbeDone, StateLoop, UnitChanged
+from diversityd.daemon.loop import ProbeDone, ProviderLocks, StateLoop, UnitChanged
 from diversityd.daemon.models import ModelLinks
 from diversityd.daemon.providers import ProviderSupervisor
 from diversityd.daemon.rollout import Rollout
+from diversityd.daemon.starts import Starter
+from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import Store
 from diversityd.errors import DiversitydError, Severity
 from diversityd.log import get_logger
-from diversityd.parts import default_config_dir, default_unit_dir
+from diversityd.parts import default_config_dir, default_state_dir, default_unit_dir
 from diversityd.state import ProviderState
 from diversityd.validation import check_config_dir
 
@@ -85,29 +87,45 @@ class Daemon:
         if self.gateway is not None:
             self.gateway.mark_dirty()  # it reloads only if the rendered bytes changed
 
+    def _state_dir(self) -> Path:
+        config = self.store.config
+        assert config is not None
+        if config.settings.state_dir:
+            return Path(os.path.expanduser(config.settings.state_dir))
+        return default_state_dir()
+
     def _build(self, systemd: Systemd) -> None:
         """The services, each given what it needs and nothing more."""
         loop, store = self.loop, self.store
+        locks = ProviderLocks()
         self.supervisor = ProviderSupervisor(
             loop,
             store,
             systemd,
+            locks=locks,
+            statefile=self.statefile,
             on_state_change=self._after_state_change,
             on_models_change=self._gateway_may_change,
         )
         assert store.config is not None
         if store.config.settings.gateway.owned:
             self.gateway = GatewayManager(
-                loop, store, systemd, on_unit_change=self.supervisor.on_systemd_change
+                loop,
+                store,
+                systemd,
+                self.statefile,
+                on_unit_change=self.supervisor.on_systemd_change,
             )
         self.jobs = Jobs(loop, store)
         self.planner = GpuPlanner(
             loop,
             store,
+            self.statefile,
+            restarting=locks.any_locked,
             # The rollout is built next, on this planner: reach it when called.
-            restarting=lambda: self.rollout.rolling.locked(),  # noqa: PLW0108
             refresh_units=lambda reason: self.rollout.refresh_units(reason),  # noqa: PLW0108
         )
+        self.starter = Starter(loop, store, systemd, locks=locks, statefile=self.statefile)
         gateway = self.gateway
         self.rollout = Rollout(
             loop,
@@ -115,34 +133,40 @@ class Daemon:
             systemd,
             supervisor=self.supervisor,
             planner=self.planner,
+            starter=self.starter,
             jobs=self.jobs,
+            locks=locks,
+            statefile=self.statefile,
             unit_dir=self._unit_dir(),
             own_units=gateway.units if gateway is not None else list,
         )
-        self.models = ModelLinks(loop, store, refresh_units=self.rollout.refresh_units)
+        self.models = ModelLinks(
+            loop, store, self.rollout.unit_dir, refresh_units=self.rollout.refresh_units
+        )
         self.commands = Commands(
             loop,
             store,
             systemd,
             supervisor=self.supervisor,
             rollout=self.rollout,
+            starter=self.starter,
             models=self.models,
             jobs=self.jobs,
             gateway=gateway,
         )
         self.jobs.register("restart", self.rollout.run_restart_job)
+        self.jobs.register("start", self.starter.run_start_job)
+        self.jobs.register("stop", self.starter.run_stop_job)
         self.jobs.register("rollback", self.commands.run_rollback_job)
         if gateway is not None:
-            drills = Drills(
-                loop, store, systemd, jobs=self.jobs, rollout=self.rollout, gateway=gateway
-            )
+            drills = Drills(loop, store, systemd, jobs=self.jobs, locks=locks, gateway=gateway)
             self.jobs.register("failover", drills.run_job)
         loop.on(UnitChanged, self._on_unit_changed)
         loop.on(ProbeDone, self.supervisor.on_probe)
 
     async def _start_then_mark_ready(self) -> None:
         try:
-            await self.rollout.start_owned()
+            await self.starter.start_owned()
         except Exception as exc:  # noqa: BLE001 - the gateway must still come up
             log.error("daemon.start_failed", error=f"{type(exc).__name__}: {exc}")
         await self.loop.wait_until(
@@ -174,18 +198,23 @@ class Daemon:
             event_loop.add_signal_handler(signum, self._stop.set)
         loop.spawn(loop.run(), name="state")
         await loop.call(lambda: store.adopt_config(report))
+        self.statefile = StateFile(loop, store, self._state_dir())
+        persisted = self.statefile.load()
+        await loop.call(lambda: store.adopt_persisted(persisted))
         systemd = await Systemd.connect(self.bus_address)
         self._build(systemd)
         owned_units = [r.unit for r in store.records.values() if r.unit]
         await systemd.watch(owned_units, self.supervisor.on_systemd_change)
         await self.supervisor.refresh_snapshots()
+        await self.supervisor.thaw_frozen()
         unit_dir = self.rollout.unit_dir
         inotify = Inotify(self.rollout.on_unit_dir_event)
         inotify.watch_directory(unit_dir, create=True)
         inotify.start(event_loop)
         loop.spawn(self.rollout.restore_loop(), name="restore")
+        loop.spawn(self.rollout.retry_loop(), name="retry")
         self.models.start(event_loop)
-        await self.models.watch_all()
+        await self.models.watch_all(persisted.accepted_models)
         # Units are written once the models are resolved and the GPU planned: a daemon
         # restart renders the same bytes, writes nothing and restarts nothing.
         await self.rollout.refresh_units("start-up")
@@ -196,6 +225,7 @@ class Daemon:
         self.supervisor.ensure_probe_tasks()
         loop.spawn(self._watchdog(), name="watchdog")
         loop.spawn(self.planner.watch(), name="gpus")
+        loop.spawn(self.starter.revival_loop(), name="revival")
         loop.spawn(self._start_then_mark_ready(), name="start-up")
         if self.gateway is not None:
             loop.spawn(self.gateway.supervise(self._startup_done), name="gateway")

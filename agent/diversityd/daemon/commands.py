@@ -3,6 +3,7 @@ history, rollback, failover-test. Long ones start a job and answer its id at onc
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -16,6 +17,7 @@ from diversityd.daemon.loop import StateLoop
 from diversityd.daemon.models import ModelLinks
 from diversityd.daemon.providers import ProviderSupervisor
 from diversityd.daemon.rollout import Rollout
+from diversityd.daemon.starts import Starter
 from diversityd.daemon.store import Job, Store, sha256_text
 from diversityd.drill import DrillMode, unprotected_models
 from diversityd.errors import Severity, UsageError
@@ -36,6 +38,7 @@ class Commands:
         *,
         supervisor: ProviderSupervisor,
         rollout: Rollout,
+        starter: Starter,
         models: ModelLinks,
         jobs: Jobs,
         gateway: GatewayManager | None,
@@ -45,6 +48,7 @@ class Commands:
         self.systemd = systemd
         self.supervisor = supervisor
         self.rollout = rollout
+        self.starter = starter
         self.models = models
         self.jobs = jobs
         self.gateway = gateway
@@ -59,6 +63,8 @@ class Commands:
             "history": self.history,
             "rollback": self.rollback,
             "failover_test": self.failover_test,
+            "stop": self.stop,
+            "start": self.start,
         }
 
     async def status(self) -> StatusDocument:
@@ -107,6 +113,7 @@ class Commands:
             if after.get(name) != unit:
                 # No longer ours to run: stop it before its file goes.
                 log.info("unit.stopping", provider=name, unit=unit, state="no longer owned")
+                await self.loop.call(functools.partial(store.expected_stops.add, unit))
                 await self.systemd.stop(unit)
         await self.systemd.watch(list(after.values()), self.supervisor.on_systemd_change)
         await self.supervisor.refresh_snapshots(only_missing=True)
@@ -117,7 +124,7 @@ class Commands:
         self.supervisor.ensure_probe_tasks()
         added = [name for name in after if name not in before]
         if added:
-            self.loop.spawn(self.rollout.start_owned(only=added))
+            self.loop.spawn(self.starter.start_owned(only=added))
         adopted: ReloadOutcome = {
             "ok": True,
             "at": iso_time(time.time()),
@@ -160,6 +167,21 @@ class Commands:
         names = self._owned_names(provider, "restart")
         job_id = await self.jobs.submit("restart", {"providers": names})
         return {"job": job_id, "providers": names}
+
+    async def stop(self, provider: str) -> dict[str, Any]:
+        """Stop on purpose: it stays stopped (across daemon restarts) until `start`."""
+        if not provider:
+            raise UsageError("name the provider to stop", hint="diversityctl stop PROVIDER")
+        (name,) = self._owned_names(provider, "stop")
+        job_id = await self.jobs.submit("stop", {"provider": name})
+        return {"job": job_id, "providers": [name]}
+
+    async def start(self, provider: str) -> dict[str, Any]:
+        if not provider:
+            raise UsageError("name the provider to start", hint="diversityctl start PROVIDER")
+        (name,) = self._owned_names(provider, "start")
+        job_id = await self.jobs.submit("start", {"provider": name})
+        return {"job": job_id, "providers": [name]}
 
     def _owned_gateway(self) -> GatewayManager:
         if self.gateway is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import time
 from typing import Any
@@ -15,8 +16,7 @@ from diversityd.adapters.litellm import read_master_key
 from diversityd.adapters.systemd import Systemd, SystemdError
 from diversityd.daemon.gateway import GatewayManager
 from diversityd.daemon.jobs import Jobs
-from diversityd.daemon.loop import StateLoop
-from diversityd.daemon.rollout import Rollout
+from diversityd.daemon.loop import ProviderLocks, StateLoop
 from diversityd.daemon.store import Job, ProviderRecord, Store
 from diversityd.drill import Answer, DrillMode, DrillReport, drill_settled, overall_ok
 from diversityd.log import get_logger
@@ -38,21 +38,23 @@ class Drills:
         systemd: Systemd,
         *,
         jobs: Jobs,
-        rollout: Rollout,
+        locks: ProviderLocks,
         gateway: GatewayManager,
     ) -> None:
         self.loop = loop
         self.store = store
         self.systemd = systemd
         self.jobs = jobs
-        self.rollout = rollout
+        self.locks = locks
         self.gateway = gateway
 
     async def run_job(self, job: Job) -> dict[str, Any]:
-        """One drill per provider, in turn; units are not restarted by anything else meanwhile."""
+        """One drill per provider, in turn. It holds every owned provider: the drilled one
+        and those its models fall back to are not restarted by anything else meanwhile."""
         mode = DrillMode(job.params["mode"])
         reports: list[DrillReport] = []
-        async with self.rollout.rolling:
+        owned = [r.name for r in self.store.owned_records()]
+        async with self.locks.holding(owned, job.id):
             for name in job.params["providers"]:
                 report = await self._drill(job, name, mode)
                 reports.append(report)
@@ -98,6 +100,7 @@ class Drills:
             if mode is DrillMode.KILL:
                 await self.systemd.kill(unit, int(signal.SIGKILL))
             elif mode is DrillMode.STOP:
+                await self.loop.call(functools.partial(self.store.expected_stops.add, unit))
                 await self.systemd.stop(unit)
             else:
                 await self.systemd.kill(unit, int(signal.SIGSTOP))

@@ -28,7 +28,8 @@ from diversityd.adapters.files import read_text_or_none
 from diversityd.adapters.gatewaylauncher import key_file_is_environment
 from diversityd.adapters.litellm import GatewayFiles, ensure_master_key, key_file_problem
 from diversityd.adapters.systemd import Systemd, SystemdError
-from diversityd.daemon.loop import StateLoop
+from diversityd.daemon.loop import StateLoop, checkpoint
+from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import GatewayRecord, Store, sha256_text
 from diversityd.gateway import TIMINGS, GatewayPlan, render_gateway, timing_for
 from diversityd.log import get_logger
@@ -59,12 +60,14 @@ class GatewayManager:
         loop: StateLoop,
         store: Store,
         systemd: Systemd,
+        statefile: StateFile,
         *,
         on_unit_change: Callable[[str, dict[str, Any]], None],
     ) -> None:
         self.loop = loop
         self.store = store
         self.systemd = systemd
+        self.statefile = statefile
         self._on_unit_change = on_unit_change  # the bus callback every watched unit shares
         config = store.config
         assert config is not None
@@ -97,6 +100,7 @@ class GatewayManager:
             url=f"http://{listen_address(gateway.host, gateway.port)}",
             key_file=str(self.key_file),
             config_dir=str(self.files.config_dir),
+            pinned=store.gateway_pin,  # a rollback outlives a daemon restart
         )
         # Wakes the reload loop: the providers' state (so the render) may have changed.
         self._dirty = asyncio.Event()
@@ -271,6 +275,7 @@ class GatewayManager:
         new_unit = gateway_instance(new_color)
         self.files.write_config(new_color, text)
         entry = self.files.archive(text)
+        checkpoint("gateway.config_written")
         log.info("gateway.reloading", unit=new_unit, path=str(entry.path), state=reason)
         await systemd.reset_failed(new_unit)
         try:
@@ -289,6 +294,7 @@ class GatewayManager:
         if result["ok"]:
             assert snapshot is not None
             serving = snapshot
+            checkpoint("gateway.instance_ready")
 
             def switch() -> None:
                 record = self.record
@@ -300,10 +306,13 @@ class GatewayManager:
                 record.reloads += 1
                 record.in_sync = plan is not None
                 record.pinned = pin
+                self.store.gateway_pin = pin
                 if plan is not None:
                     record.plan = plan
+                self.statefile.save_in_loop()
 
             await self.loop.call(switch)
+            checkpoint("gateway.switched")
             log.info(
                 "gateway.reloaded", unit=new_unit, elapsed_ms=result["elapsed_ms"], job=entry.id
             )
@@ -339,4 +348,7 @@ class GatewayManager:
         """Called from the state loop on a configuration reload: automatic reloads resume."""
         self.record.pinned = None
         self.record.failed_sha = None
+        if self.store.gateway_pin is not None:
+            self.store.gateway_pin = None
+            self.statefile.save_in_loop()
         self._dirty.set()

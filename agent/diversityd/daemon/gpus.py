@@ -1,5 +1,11 @@
 """The GPU plan: read NVML and the accepted GGUFs, plan every card (gpuplan.plan_gpus), and
-watch the cards for moves that warrant a new plan (with hysteresis: no restart storms)."""
+watch the cards for moves that warrant a new plan (with hysteresis: no restart storms).
+
+NVML is called in a worker thread with a timeout, one call at a time and never under a
+lock: a GPU fallen off the bus can hang the driver's call, and must not stall anything
+else. When NVML fails the plan in force stays (after a daemon restart: the last plan's
+word per unit, from the state file), and the cards are looked at again every poll.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +19,10 @@ import psutil
 from diversityd.adapters.nvml import NvmlError, read_gpus
 from diversityd.cardplan import GpuSnapshot
 from diversityd.daemon.loop import StateLoop
+from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import MIB, Store
 from diversityd.gguf import GGUFError, read_model
-from diversityd.gpuplan import plan_gpus, replan_needed, vram_check_due
+from diversityd.gpuplan import gpu_recheck, plan_gpus, vram_check_due
 from diversityd.log import get_logger
 from diversityd.state import ProviderState
 from diversityd.vram import ModelSpec, describe_model
@@ -23,6 +30,7 @@ from diversityd.vram import ModelSpec, describe_model
 log = get_logger()
 
 NVML_POLL_S = 10.0  # how often free VRAM is read for re-planning
+NVML_TIMEOUT_S = 10.0  # a reading that takes longer counts as failed (a hung driver call)
 
 
 class GpuPlanner:
@@ -30,14 +38,18 @@ class GpuPlanner:
         self,
         loop: StateLoop,
         store: Store,
+        statefile: StateFile,
         *,
         restarting: Callable[[], bool],
         refresh_units: Callable[[str], Awaitable[object]],
     ) -> None:
         self.loop = loop
         self.store = store
-        self._restarting = restarting  # a rolling restart or a drill is under way
+        self.statefile = statefile
+        self._restarting = restarting  # a job acts on a provider
         self._refresh_units = refresh_units  # re-plan, render and roll (rollout's)
+        self._nvml_call: asyncio.Future[GpuSnapshot] | None = None  # the one call in flight
+        self.nvml_errors = 0
 
     def _plan_inputs(self) -> tuple[dict[str, str | None], dict[str, int]]:
         """(In the state loop.) Each owned llama server's accepted GGUF (or why there is
@@ -82,24 +94,28 @@ class GpuPlanner:
             pids[name] = [main, *(child.pid for child in children)]
         return described, pids
 
-    async def _read_gpus(self) -> GpuSnapshot | None:
-        """One NVML reading; None when NVML fails (the plan in force stays, the error is
-        shown by its NVML name and logged once)."""
+    async def read(self) -> GpuSnapshot | None:
+        """One NVML reading; None when NVML fails or hangs (the plan in force stays, the
+        error is shown by its NVML name and logged once)."""
+        if self._nvml_call is None or self._nvml_call.done():
+            self._nvml_call = asyncio.ensure_future(asyncio.to_thread(read_gpus))
         try:
-            return await asyncio.to_thread(read_gpus)
+            return await asyncio.wait_for(asyncio.shield(self._nvml_call), NVML_TIMEOUT_S)
         except NvmlError as exc:
             failure = f"{exc.name}: {exc}"
-            if failure != self.store.gpu.error:
-                log.error("gpu.nvml_failed", error=failure, state="keeping the last plan")
-            await self.loop.call(functools.partial(setattr, self.store.gpu, "error", failure))
-            return None
+        except TimeoutError:
+            failure = f"NVML did not answer in {NVML_TIMEOUT_S:g} s (a GPU off the bus?)"
+        self.nvml_errors += 1
+        if failure != self.store.gpu.error:
+            log.error("gpu.nvml_failed", error=failure, state="keeping the last plan")
+        await self.loop.call(functools.partial(setattr, self.store.gpu, "error", failure))
+        return None
 
-    async def plan(self, reason: str) -> None:
-        """Read NVML and the models, plan every card. An NVML failure keeps the plan in
-        force (and is reported by its NVML name)."""
+    async def plan(self, snapshot: GpuSnapshot | None, reason: str) -> None:
+        """Plan every card from a reading and the models; without one (NVML failed), the
+        plan in force stays."""
         config = self.store.config
         assert config is not None
-        snapshot = await self._read_gpus()
         if snapshot is None:
             return
         models, main_pids = await self.loop.call(self._plan_inputs)
@@ -114,6 +130,7 @@ class GpuPlanner:
                 log.info("gpu.cpu_only", error=plan.cpu_only_reason)
             gpu.plan, gpu.plan_at = plan, time.monotonic()
             gpu.reading, gpu.error = snapshot, None
+            self.statefile.save_in_loop()  # the last plan's word outlives the daemon
 
         await self.loop.call(adopt)
         for name, settings in plan.settings.items():
@@ -127,27 +144,30 @@ class GpuPlanner:
             )
 
     async def watch(self) -> None:
-        """Re-plan when the VRAM used by others moves enough to matter."""
+        """Re-plan when the cards or the VRAM used by others move enough to matter, or when
+        NVML answers again after failing."""
         while True:
             await asyncio.sleep(NVML_POLL_S)
             try:
-                await self._check_vram()
+                await self._check()
             except Exception as exc:  # noqa: BLE001 - the loop must outlive one bad look
                 log.error("gpu.check_failed", error=f"{type(exc).__name__}: {exc}")
 
-    async def _check_vram(self) -> None:
-        gpu = self.store.gpu
+    async def _check(self) -> None:
         starting = any(r.state is ProviderState.STARTING for r in self.store.owned_records())
-        if not vram_check_due(gpu.plan, restarting=self._restarting(), gpu_unit_starting=starting):
+        if not vram_check_due(restarting=self._restarting(), gpu_unit_starting=starting):
             return
-        plan = gpu.plan
-        assert plan is not None
-        snapshot = await self._read_gpus()
+        gpu = self.store.gpu
+        snapshot = await self.read()
         if snapshot is None:
             return
         _models, main_pids = await self.loop.call(self._plan_inputs)
         _described, pids = await asyncio.to_thread(self._read_plan_inputs, {}, main_pids)
-        decision = replan_needed(plan, snapshot, pids, time.monotonic() - gpu.plan_at)
-        await self.loop.call(functools.partial(setattr, gpu, "reading", snapshot))
+        decision = gpu_recheck(gpu.plan, snapshot, pids, time.monotonic() - gpu.plan_at)
+
+        def observe() -> None:
+            gpu.reading, gpu.error = snapshot, None
+
+        await self.loop.call(observe)
         if decision.replan:
             await self._refresh_units(decision.reason)

@@ -12,8 +12,12 @@ task alone.) After every event, tasks blocked in `wait_until` look again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from diversityd.log import get_logger
@@ -119,3 +123,59 @@ class StateLoop:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class ProviderLocks:
+    """One lock per provider: a job (restart, start, drill, revival) holds the providers it
+    acts on, so two never act on one provider at once while jobs for others go on."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.holders: dict[str, str] = {}  # provider -> what holds it (a job id, "revival")
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    @contextlib.asynccontextmanager
+    async def holding(self, names: Iterable[str], holder: str) -> AsyncIterator[None]:
+        """Hold every named provider (taken in sorted order: no deadlock between jobs)."""
+        taken: list[str] = []
+        try:
+            for name in sorted(set(names)):
+                await self._lock(name).acquire()
+                taken.append(name)
+                self.holders[name] = holder
+            yield
+        finally:
+            for name in taken:
+                self.holders.pop(name, None)
+                self._lock(name).release()
+
+    def locked(self, name: str) -> bool:
+        return self._lock(name).locked()
+
+    def any_locked(self) -> bool:
+        return any(lock.locked() for lock in self._locks.values())
+
+
+# The daemon's named steps, where the fault drills of the test suite kill it (kill -9): the
+# step named in the file `$DIVERSITYD_FAULT_FILE` (read at each step, removed when it fires,
+# so the restarted daemon goes on). Unset in production: one environment lookup per step.
+FAULT_FILE_ENV = "DIVERSITYD_FAULT_FILE"
+
+
+def checkpoint(step: str) -> None:
+    """A named step of a rollout or a gateway reload (see FAULT_FILE_ENV)."""
+    fault_file = os.environ.get(FAULT_FILE_ENV)
+    if not fault_file:
+        return
+    path = Path(fault_file)
+    try:
+        wanted = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return
+    if wanted != step:
+        return
+    path.unlink(missing_ok=True)
+    log.warning("daemon.fault_injected", state=step, error="killed at this step (a fault drill)")
+    os.kill(os.getpid(), signal.SIGKILL)

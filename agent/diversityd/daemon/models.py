@@ -1,17 +1,25 @@
 """The active model link: resolve each configured GGUF path, watch every hop of its chain,
 and when it is re-pointed, accept a whole new file (the units change and roll) or refuse a
-bad one (the servers keep the model they run)."""
+bad one (the servers keep the model they run).
+
+A server moves only to a target that was checked and accepted, across daemon restarts and
+reloads too: when the link is bad at such a time, the target accepted before stays (from
+the state file, else read back from the unit file the server runs)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import dataclasses
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 
+from diversityd.adapters.files import read_text_or_none
 from diversityd.adapters.modellink import LinkWatcher, resolve
 from diversityd.daemon.loop import StateLoop
 from diversityd.daemon.store import Store
 from diversityd.log import get_logger
-from diversityd.reconcile import ModelTarget, TargetVerdict, judge_model_target
+from diversityd.reconcile import ModelTarget, TargetVerdict, choose_accepted, judge_model_target
+from diversityd.units import model_file_of
 
 log = get_logger()
 
@@ -19,9 +27,12 @@ RefreshUnits = Callable[[str], Awaitable[tuple[list[str], str | None]]]
 
 
 class ModelLinks:
-    def __init__(self, loop: StateLoop, store: Store, *, refresh_units: RefreshUnits) -> None:
+    def __init__(
+        self, loop: StateLoop, store: Store, unit_dir: Path, *, refresh_units: RefreshUnits
+    ) -> None:
         self.loop = loop
         self.store = store
+        self.unit_dir = unit_dir
         self._refresh_units = refresh_units  # rollout's: plan, render, write, roll
         self.watcher = LinkWatcher(self._on_link_changed)
 
@@ -31,20 +42,41 @@ class ModelLinks:
     def close(self) -> None:
         self.watcher.close()
 
-    async def watch_all(self) -> None:
-        """Resolve each model path (the model in force) and watch every hop of its chain."""
+    async def watch_all(self, remembered: Mapping[str, ModelTarget] | None = None) -> None:
+        """Resolve each model path and watch every hop of its chain. At start `remembered`
+        holds the targets accepted before (the state file); on a reload, the ones in force."""
         for path, names in self.store.model_paths().items():
-            target = await asyncio.to_thread(resolve, path)
+            seen = await asyncio.to_thread(resolve, path)
+            before = (remembered or {}).get(path) or self.store.records[names[0]].model
+            if before is None and not seen.ok:
+                before = await asyncio.to_thread(self._from_unit_file, path, names[0])
+            accepted = choose_accepted(seen, before)
 
-            def adopt(t: ModelTarget = target, providers: list[str] = names) -> None:
+            def adopt(
+                providers: list[str] = names,
+                model: ModelTarget | None = accepted,
+                error: str | None = seen.error,
+            ) -> None:
                 for name in providers:
-                    self.store.records[name].model = t
-                    self.store.records[name].model_error = t.error
+                    self.store.records[name].model = model
+                    self.store.records[name].model_error = error
 
             await self.loop.call(adopt)
-            self.watcher.watch(target)
-            if not target.ok:
-                log.error("model.invalid", path=path, error=target.error)
+            self.watcher.watch(seen)
+            if not seen.ok:
+                kept = accepted.target if accepted else None
+                log.error("model.invalid", path=path, model=kept, error=seen.error)
+
+    def _from_unit_file(self, path: str, provider: str) -> ModelTarget | None:
+        """(In a worker thread.) The GGUF the provider's unit file names, if it is whole:
+        what its server runs, when no record of the accepted target survived."""
+        unit = self.store.records[provider].unit
+        text = read_text_or_none(self.unit_dir / unit) if unit else None
+        file = model_file_of(text) if text else None
+        if file is None or file == path:
+            return None
+        found = resolve(file)
+        return dataclasses.replace(found, path=path) if found.ok else None
 
     def _on_link_changed(self, path: str) -> None:
         self.loop.spawn(self._check(path))
@@ -83,7 +115,8 @@ class ModelLinks:
         if verdict is TargetVerdict.KEEP:
             return
         # The units name the accepted file, so they change; the new model's size moves the
-        # card's budget, so plan again first. Then the servers roll one at a time.
+        # card's budget, so plan again first. Then the servers roll one at a time (the
+        # state file keeps the accepted target and the pending restarts first).
         _, job_id = await self._refresh_units("model link re-pointed")
         log.info(
             "model.changed",

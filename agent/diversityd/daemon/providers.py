@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
+import psutil
+
 from diversityd.adapters import probes
-from diversityd.adapters.systemd import Systemd
-from diversityd.daemon.loop import ProbeDone, StateLoop, UnitChanged
+from diversityd.adapters.systemd import Systemd, SystemdError
+from diversityd.daemon.loop import ProbeDone, ProviderLocks, StateLoop, UnitChanged
+from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import ProviderRecord, Store
 from diversityd.log import get_logger
+from diversityd.reconcile import stopped_on_purpose
 from diversityd.state import (
     ProviderState,
     UnitSnapshot,
@@ -24,6 +29,7 @@ from diversityd.state import (
     apply_probe,
     apply_unit_change,
     probe_interval,
+    start_overdue,
     state_of,
 )
 
@@ -39,12 +45,16 @@ class ProviderSupervisor:
         store: Store,
         systemd: Systemd,
         *,
+        locks: ProviderLocks,
+        statefile: StateFile,
         on_state_change: Callable[[], None],
         on_models_change: Callable[[], None],
     ) -> None:
         self.loop = loop
         self.store = store
         self.systemd = systemd
+        self.locks = locks
+        self.statefile = statefile
         self._on_state_change = on_state_change  # the gateway may render differently now
         self._on_models_change = on_models_change
 
@@ -93,7 +103,12 @@ class ProviderSupervisor:
         self.update_state(record, result.at)
 
     def update_state(self, record: ProviderRecord, at: float) -> None:
-        state = state_of(record.observed, owned=record.owned is not None)
+        store = self.store
+        assert store.config is not None
+        overdue = start_overdue(
+            record.observed.unit, time.time(), store.config.settings.supervision.start_grace_s
+        )
+        state = state_of(record.observed, owned=record.owned is not None, overdue=overdue)
         if state is record.state:
             return
         previous, record.state = record.state, state
@@ -115,7 +130,33 @@ class ProviderSupervisor:
             pid=record.snapshot.main_pid if record.snapshot else None,
             error=record.error if state is not ProviderState.READY else None,
         )
+        self._note_intent(record, previous, state)
         self._on_state_change()
+
+    def _note_intent(
+        self, record: ProviderRecord, previous: ProviderState, state: ProviderState
+    ) -> None:
+        """`systemctl --user stop` of an owned unit is the user's word, as `diversityctl
+        stop` is: it stays stopped (across daemon restarts too) until started again."""
+        unit = record.unit
+        if unit is None:
+            return
+        ours = unit in self.store.expected_stops
+        if state in (ProviderState.STOPPED, ProviderState.FAILED):
+            self.store.expected_stops.discard(unit)
+        if stopped_on_purpose(previous, state, ours=ours, busy=self.locks.locked(record.name)):
+            record.stopped_by_user = True
+            record.revival = None
+            log.warning(
+                "provider.stopped_by_user",
+                provider=record.name,
+                unit=unit,
+                error="stopped outside diversityd: left stopped until started again",
+            )
+            self.statefile.save_in_loop()
+        elif record.stopped_by_user and state in (ProviderState.STARTING, ProviderState.READY):
+            record.stopped_by_user = False  # started again (systemctl --user start)
+            self.statefile.save_in_loop()
 
     def on_systemd_change(self, unit: str, changed: dict[str, Any]) -> None:
         """From the bus reader: every property change of a watched unit, as an event."""
@@ -145,6 +186,31 @@ class ProviderSupervisor:
                 self.update_state(r, time.monotonic())
 
             await self.loop.call(adopt)
+
+    async def thaw_frozen(self) -> list[str]:
+        """Owned servers whose main process is stopped (SIGSTOP: a hang drill cut short by
+        the daemon's death) get SIGCONT: nothing else would ever wake them."""
+        thawed = []
+        for record in self.store.owned_records():
+            pid = record.observed.pid
+            if not pid or record.unit is None:
+                continue
+            try:
+                frozen = psutil.Process(pid).status() == psutil.STATUS_STOPPED
+            except psutil.Error:
+                continue
+            if not frozen:
+                continue
+            try:
+                await self.systemd.kill(record.unit, int(signal.SIGCONT), whom="all")
+            except SystemdError as exc:
+                log.error(
+                    "unit.thaw_failed", provider=record.name, unit=record.unit, error=str(exc)
+                )
+                continue
+            log.warning("unit.thawed", provider=record.name, unit=record.unit, pid=pid)
+            thawed.append(record.name)
+        return thawed
 
     # -- probes -------------------------------------------------------------------------------
 

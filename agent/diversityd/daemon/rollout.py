@@ -1,6 +1,12 @@
 """Unit files and rollout: render every owned unit, write the files that changed (putting
 hand edits back), start what should run, and roll changed units one at a time, each until
-it answers again, so the others keep serving."""
+it answers again, so the others keep serving.
+
+A rollout survives the daemon's death: the units that must restart are written to the
+state file (`pending_rolls`) BEFORE their files, and leave it only once restarted, so a
+daemon killed at any step rolls them when it is back. A write that fails (a full disk) is
+retried with backoff; nothing is accepted that was not written.
+"""
 
 from __future__ import annotations
 
@@ -11,25 +17,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
-
+from diversityd.adapters.files import read_text_or_none
 from diversityd.adapters.inotify import InotifyEvent
 from diversityd.adapters.systemd import Systemd, SystemdError
-from diversityd.adapters.unitfiles import sync_units
+from diversityd.adapters.unitfiles import owned_provider_units, sync_units
 from diversityd.daemon.gpus import GpuPlanner
 from diversityd.daemon.jobs import Jobs
-from diversityd.daemon.loop import StateLoop
+from diversityd.daemon.loop import ProviderLocks, StateLoop, checkpoint
 from diversityd.daemon.providers import ProviderSupervisor
-from diversityd.daemon.store import MIB, Job, ProviderRecord, Store
+from diversityd.daemon.starts import Starter
+from diversityd.daemon.statefile import StateFile
+from diversityd.daemon.store import MIB, Job, Store, sha256_text
 from diversityd.gpuplan import unit_gpu_settings
 from diversityd.log import get_logger
-from diversityd.reconcile import StartCandidate, is_ready_since, start_order, units_to_roll
+from diversityd.reconcile import units_to_retire, units_to_roll
 from diversityd.units import RenderedUnit, render_provider_unit
 
 log = get_logger()
 
-READY_WAIT_S = 300.0  # how long a start or restart waits for a provider to answer
 RESTORE_SETTLE_S = 0.05  # let a burst of writes to the unit folder settle
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0  # after a failed write of the unit files
 
 
 class Rollout:
@@ -41,7 +48,10 @@ class Rollout:
         *,
         supervisor: ProviderSupervisor,
         planner: GpuPlanner,
+        starter: Starter,
         jobs: Jobs,
+        locks: ProviderLocks,
+        statefile: StateFile,
         unit_dir: Path,
         own_units: Callable[[], list[RenderedUnit]],
     ) -> None:
@@ -50,14 +60,16 @@ class Rollout:
         self.systemd = systemd
         self.supervisor = supervisor
         self.planner = planner
+        self.starter = starter
         self.jobs = jobs
+        self.locks = locks
+        self.statefile = statefile
         self.unit_dir = unit_dir
         self._own_units = own_units  # diversityd's own (the gateway's), beside the providers'
-        # Restart jobs and drills never overlap: a drill's take-down must not meet a restart.
-        self.rolling = asyncio.Lock()
         # Unit files are planned, rendered and written by one task at a time.
         self._files = asyncio.Lock()
         self._restore_wanted = asyncio.Event()
+        self._retry_wanted = asyncio.Event()  # a write failed: try the whole refresh again
 
     # -- rendering and writing --------------------------------------------------------------
 
@@ -72,7 +84,7 @@ class Rollout:
         for name, owned in config.settings.owned.items():
             if not config.providers[name].active:
                 continue
-            gpu = unit_gpu_settings(config, store.gpu.plan, name)
+            gpu = unit_gpu_settings(config, store.gpu.plan, name, store.kept_gpu_settings)
             record = store.records[name]
             record.n_gpu_layers = gpu.n_gpu_layers
             record.vram_mib = gpu.vram_bytes // MIB if gpu.vram_bytes is not None else None
@@ -90,11 +102,37 @@ class Rollout:
             )
         store.rendered_units = units + self._own_units()
 
+    def _note_pending(self) -> list[str]:
+        """(In the state loop, after render_all.) Running providers whose rendered unit is
+        not the file on disk: they must restart once it is written."""
+        changed = {}
+        for unit in self.store.rendered_units:
+            if unit.provider is None:
+                continue
+            if read_text_or_none(self.unit_dir / unit.name) != unit.text:
+                changed[unit.provider] = sha256_text(unit.text)
+        snapshots = {n: r.snapshot for n, r in self.store.records.items()}
+        for name in units_to_roll(changed, snapshots):
+            self.store.pending_rolls[name] = changed[name]
+        return list(changed)
+
+    async def _retire_stale(self) -> None:
+        """Stop the units of providers no longer configured before their files go."""
+        wanted = {u.name for u in self.store.rendered_units}
+        for name in units_to_retire(owned_provider_units(self.unit_dir), wanted):
+            log.info("unit.stopping", unit=name, state="no longer configured")
+            self.store.expected_stops.add(name)
+            try:
+                await self.systemd.stop(name)
+            except SystemdError as exc:
+                log.error("unit.stop_failed", unit=name, error=str(exc))
+
     async def sync_unit_files(self) -> list[str]:
         """Write our unit files where they differ; daemon-reload only when one changed.
         Returns the providers whose file diversityd rewrote (a hand edit put back is not
         one: whatever runs was started from our file or by the user on purpose)."""
         rendered = list(self.store.rendered_units)
+        await self._retire_stale()
         result = sync_units(
             self.unit_dir, rendered, previous=self.store.written_units or None, remove_stale=True
         )
@@ -113,9 +151,11 @@ class Rollout:
             log.info("unit.written", unit=name, path=str(self.unit_dir / name))
         for name in result.removed:
             log.info("unit.removed", unit=name)
+        checkpoint("rollout.files_written")
         if result.changed:
             await self.systemd.reload_manager()
             log.info("systemd.reloaded")
+            checkpoint("rollout.manager_reloaded")
         providers = {u.name: u.provider for u in rendered if u.provider}
         return [providers[name] for name in result.written if name in providers]
 
@@ -123,23 +163,57 @@ class Rollout:
         self, reason: str, *, replan: bool = True
     ) -> tuple[list[str], str | None]:
         """The one path by which a configuration, model or VRAM change reaches the servers:
-        plan (when asked), render every unit, write the files that changed, and roll the
-        running units whose file diversityd rewrote, one at a time. Returns the providers
-        whose unit file was written and the restart job, if any."""
-        async with self._files:
-            if replan:
-                await self.planner.plan(reason)
-            await self.loop.call(self.render_all)
-            written = await self.sync_unit_files()
-            if written:
-                # A unit file that did not exist (or changed) is (re)loaded by systemd:
-                # read its state afresh, signals do not carry LoadState.
-                await self.supervisor.refresh_snapshots(only=written)
-        running = units_to_roll(written, {n: r.snapshot for n, r in self.store.records.items()})
+        plan (when asked), render every unit, note which running ones must roll, write the
+        files that changed, then roll those one at a time. Returns the providers whose unit
+        file changed and the restart job, if any. A failed write is retried later."""
+        reading = await self.planner.read() if replan else None  # NVML: outside the lock
+        try:
+            async with self._files:
+                if replan:
+                    await self.planner.plan(reading, reason)
+                changed = await self.loop.call(self._render_and_note)
+                await self.statefile.must_save()  # the intent first: a crash must not lose it
+                checkpoint("rollout.intent_saved")
+                written = await self.sync_unit_files()
+                if written:
+                    # A unit file that did not exist (or changed) is (re)loaded by systemd:
+                    # read its state afresh, signals do not carry LoadState.
+                    await self.supervisor.refresh_snapshots(only=written)
+        except OSError as exc:
+            await self._write_failed(exc)
+            return [], None
+        await self.loop.call(lambda: setattr(self.store, "unit_errors", None))
+        await self.starter.revive_now(written)  # failed ones whose inputs changed
+        return changed, await self.roll_pending(reason)
+
+    def _render_and_note(self) -> list[str]:
+        self.render_all()
+        return self._note_pending()
+
+    async def _write_failed(self, exc: OSError) -> None:
+        error = f"{exc.filename or self.unit_dir}: {exc.strerror or exc}"
+        log.error("unit.write_failed", path=str(self.unit_dir), error=f"{error}; retrying")
+        await self.loop.call(lambda: setattr(self.store, "unit_errors", error))
+        self._retry_wanted.set()
+
+    async def retry_loop(self) -> None:
+        """A refresh that could not write (a full disk) is tried again, with backoff."""
+        delay = RETRY_FIRST_S
+        while True:
+            await self._retry_wanted.wait()
+            await asyncio.sleep(delay)
+            self._retry_wanted.clear()
+            await self.refresh_units("retrying a failed write")
+            failed_again = self._retry_wanted.is_set()
+            delay = min(RETRY_MAX_S, delay * 2) if failed_again else RETRY_FIRST_S
+
+    async def roll_pending(self, reason: str) -> str | None:
+        """A restart job for the providers whose written unit they do not run yet."""
+        snapshots = {n: r.snapshot for n, r in self.store.records.items()}
+        running = units_to_roll(sorted(self.store.pending_rolls), snapshots)
         if not running:
-            return written, None
-        job_id = await self.jobs.submit("restart", {"providers": running, "reason": reason})
-        return written, job_id
+            return None
+        return await self.jobs.submit("restart", {"providers": running, "reason": reason})
 
     # -- hand edits put back ------------------------------------------------------------------
 
@@ -153,128 +227,68 @@ class Rollout:
             await self._restore_wanted.wait()
             await asyncio.sleep(RESTORE_SETTLE_S)
             self._restore_wanted.clear()
-            async with self._files:
-                await self.sync_unit_files()
-
-    # -- starting -------------------------------------------------------------------------------
-
-    async def find_port_holders(self) -> set[str]:
-        """A unit of another name (or a stray process) holding an owned provider's port is
-        reported, not touched; diversityd then does not start its own unit there."""
-        records = self.store.owned_records()
-        ports = {r.provider.address[1]: r for r in records}
-        conflicts: set[str] = set()
-        try:
-            connections = psutil.net_connections(kind="tcp")
-        except (psutil.AccessDenied, OSError):
-            return conflicts
-        for conn in connections:
-            if conn.status != psutil.CONN_LISTEN or not conn.laddr:
-                continue
-            record = ports.get(conn.laddr.port)
-            if record is None:
-                continue
-            if conn.pid is None:  # another user's process (a system-wide ollama.service)
-                holder: str | None = "another user's process"
-            else:
-                holder = await self.systemd.unit_of_pid(conn.pid)
-            if holder != record.unit:
-                conflicts.add(record.name)
-                message = (
-                    f"port {conn.laddr.port} of {record.name} is held by "
-                    f"{holder or 'a process outside any unit'} (pid {conn.pid or 'unknown'}), "
-                    "which diversityd does not own"
-                )
-                await self.loop.call(functools.partial(setattr, record, "error", message))
-                log.warning(
-                    "unit.port_conflict",
-                    provider=record.name,
-                    unit=holder,
-                    pid=conn.pid,
-                    error=f"{message}; stop and disable it, or set owned: false",
-                )
-        return conflicts
-
-    async def start_owned(self, only: list[str] | None = None) -> None:
-        """Start owned units that are not running (or just `only`), one at a time, each
-        until ready (reconcile.start_order says which and in which order)."""
-        conflicts = await self.find_port_holders()
-        candidates = [
-            StartCandidate(r.name, r.owned.vram_priority if r.owned else 0, r.snapshot)
-            for r in self.store.owned_records()
-            if only is None or r.name in only
-        ]
-        for step in start_order(candidates, port_taken=conflicts):
-            record = self.store.records[step.name]
-            assert record.unit is not None
-            if step.reset_failed:
-                await self.systemd.reset_failed(record.unit)
-            log.info("unit.starting", provider=record.name, unit=record.unit)
             try:
-                result = await self.systemd.start(record.unit)
-            except SystemdError as exc:
-                result = str(exc)
-            if result != "done":
-                log.error("unit.start_failed", provider=record.name, unit=record.unit, error=result)
-                continue
-            ready = await self.loop.wait_until(
-                functools.partial(_ready_since, record, 0.0), READY_WAIT_S
-            )
-            log.info(
-                "unit.started",
-                provider=record.name,
-                unit=record.unit,
-                state=record.state.value,
-                error=None if ready else "not ready in time",
-            )
+                async with self._files:
+                    await self.sync_unit_files()
+            except OSError as exc:
+                await self._write_failed(exc)
 
     # -- rolling restarts ------------------------------------------------------------------------
 
     async def run_restart_job(self, job: Job) -> dict[str, Any]:
-        async with self.rolling:
-            return await self._rolling_restart(job)
-
-    async def _rolling_restart(self, job: Job) -> dict[str, Any]:
         """Restart providers one at a time, each until it answers again, so the others keep
-        serving; stop at the first one that does not come back."""
+        serving; stop at the first one that does not come back. A step ends as soon as
+        systemd gives up on its unit."""
         results: list[dict[str, Any]] = []
         for name in job.params["providers"]:
             record = self.store.records.get(name)
             if record is None or record.unit is None:
                 continue
-            self.jobs.report(job, {"provider": name, "step": "restarting"})
-            started = time.monotonic()
-            log.info("unit.restarting", provider=name, unit=record.unit, job=job.id)
-            try:
-                outcome = await self.systemd.restart(record.unit)
-            except SystemdError as exc:
-                outcome = str(exc)
-            ready = outcome == "done" and await self.loop.wait_until(
-                functools.partial(_ready_since, record, started), READY_WAIT_S
-            )
-            elapsed_ms = round((time.monotonic() - started) * 1000, 1)
-            entry = {
-                "provider": name,
-                "unit": record.unit,
-                "ok": ready,
-                "elapsed_ms": elapsed_ms,
-                "state": record.state.value,
-                "systemd_job": outcome,
-            }
+            holder = self.locks.holders.get(name)
+            if holder is not None:
+                self.jobs.report(job, {"provider": name, "step": "waiting", "for": holder})
+            async with self.locks.holding([name], job.id):
+                entry = await self._restart_one(job, name)
             results.append(entry)
             self.jobs.report(job, {"step": "done", **entry})
-            log.info(
-                "unit.restarted" if ready else "unit.restart_failed",
-                provider=name,
-                unit=record.unit,
-                elapsed_ms=elapsed_ms,
-                state=record.state.value,
-                job=job.id,
-            )
-            if not ready:
+            if not entry["ok"]:
                 break
         return {"ok": bool(results) and all(r["ok"] for r in results), "providers": results}
 
+    async def _restart_one(self, job: Job, name: str) -> dict[str, Any]:
+        record = self.store.records[name]
+        assert record.unit is not None
+        self.jobs.report(job, {"provider": name, "step": "restarting"})
+        started = time.monotonic()
+        log.info("unit.restarting", provider=name, unit=record.unit, job=job.id)
+        try:
+            outcome = await self.systemd.restart(record.unit)
+        except SystemdError as exc:
+            outcome = str(exc)
+        if outcome == "done":
+            await self.loop.call(functools.partial(self._rolled, name))
+            checkpoint("rollout.provider_restarted")
+            self.jobs.report(job, {"provider": name, "step": "waiting", "for": "its answer"})
+        ready = outcome == "done" and await self.starter.wait_serving(record, started)
+        elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+        log.info(
+            "unit.restarted" if ready else "unit.restart_failed",
+            provider=name,
+            unit=record.unit,
+            elapsed_ms=elapsed_ms,
+            state=record.state.value,
+            job=job.id,
+        )
+        return {
+            "provider": name,
+            "unit": record.unit,
+            "ok": ready,
+            "elapsed_ms": elapsed_ms,
+            "state": record.state.value,
+            "systemd_job": outcome,
+        }
 
-def _ready_since(record: ProviderRecord, since: float) -> bool:
-    return is_ready_since(record.state, record.last_state_change, since)
+    def _rolled(self, name: str) -> None:
+        """(In the state loop.) Its process now runs the unit file on disk."""
+        if self.store.pending_rolls.pop(name, None) is not None:
+            self.statefile.save_in_loop()

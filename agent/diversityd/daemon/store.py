@@ -17,7 +17,8 @@ from diversityd.cardplan import GpuSnapshot
 from diversityd.catalog import Catalog
 from diversityd.config import Config, OwnedServer, Provider
 from diversityd.gateway import Availability, GatewayPlan, normalize_model_id
-from diversityd.gpuplan import GpuPlan
+from diversityd.gpuplan import GpuPlan, GpuSettings
+from diversityd.persisted import Persisted, Revival
 from diversityd.reconcile import ModelTarget
 from diversityd.state import Observed, ProbeResult, ProviderState, UnitSnapshot
 from diversityd.statusdoc import (
@@ -27,6 +28,7 @@ from diversityd.statusdoc import (
     GpuStatus,
     ProviderStatus,
     ReloadOutcome,
+    RevivalStatus,
     probe_status,
 )
 from diversityd.timefmt import iso_time
@@ -60,6 +62,8 @@ class ProviderRecord:
     gpu_warnings: tuple[str, ...] = ()
     model: ModelTarget | None = None  # where model_path led when last accepted
     model_error: str | None = None  # a rejected re-point (the old model keeps serving)
+    stopped_by_user: bool = False  # stays stopped, never revived, until started again
+    revival: Revival | None = None  # systemd gave up on it: when it is started again
 
     @property
     def snapshot(self) -> UnitSnapshot | None:
@@ -106,6 +110,18 @@ class ProviderRecord:
             "model_file": None
             if self.model is None
             else {"path": self.model.path, "target": self.model.target, "error": self.model_error},
+            "stopped_by_user": self.stopped_by_user,
+            "revival": self._revival_status(),
+        }
+
+    def _revival_status(self) -> RevivalStatus | None:
+        revival = self.revival
+        if revival is None:
+            return None
+        return {
+            "attempts": revival.attempts,
+            "next_try": iso_time(revival.next_at) if self.state is ProviderState.FAILED else None,
+            "last_failure": revival.last_failure,
         }
 
     def _served_ids(self) -> frozenset[str] | None:
@@ -272,6 +288,13 @@ class Store:
     rendered_units: list[RenderedUnit] = field(default_factory=list)
     last_reload: ReloadOutcome | None = None
     gpu: GpuState = field(default_factory=GpuState)
+    # Providers whose new unit file is written, and the sha256 of that text, until their
+    # process runs it: a crash between the write and the restart must not lose the restart.
+    pending_rolls: dict[str, str] = field(default_factory=dict)
+    expected_stops: set[str] = field(default_factory=set)  # units diversityd itself stops
+    kept_gpu_settings: dict[str, GpuSettings] = field(default_factory=dict)  # the last plan's
+    gateway_pin: str | None = None  # a rollback's pin, read back at start
+    unit_errors: str | None = None  # why the unit files could not be written (retried)
 
     @property
     def catalog(self) -> Catalog:
@@ -306,6 +329,35 @@ class Store:
                 record = ProviderRecord(name, provider, owned, unit, models, backends)
             records[name] = record
         self.records = records
+
+    def adopt_persisted(self, state: Persisted) -> None:
+        """(After `adopt_config`.) What an earlier daemon decided, for providers that still
+        exist; accepted models are used by the link's owner (daemon/models.py)."""
+        for name, record in self.records.items():
+            record.stopped_by_user = name in state.stopped_by_user
+            record.revival = state.revivals.get(name)
+        self.pending_rolls = {n: sha for n, sha in state.pending_rolls.items() if n in self.records}
+        self.kept_gpu_settings = dict(state.gpu_settings)
+        self.gateway_pin = state.gateway_pin
+
+    def persisted(self) -> Persisted:
+        """What must outlive this daemon (persisted.py), as the state says now."""
+        accepted: dict[str, ModelTarget] = {}
+        for path, names in self.model_paths().items():
+            model = self.records[names[0]].model
+            if model is not None and model.ok:
+                accepted[path] = model
+        gpu_settings = dict(self.kept_gpu_settings)
+        if self.gpu.plan is not None:
+            gpu_settings.update(self.gpu.plan.settings)
+        return Persisted(
+            accepted_models=accepted,
+            pending_rolls=dict(self.pending_rolls),
+            stopped_by_user=frozenset(n for n, r in self.records.items() if r.stopped_by_user),
+            revivals={n: r.revival for n, r in self.records.items() if r.revival is not None},
+            gpu_settings=gpu_settings,
+            gateway_pin=self.gateway_pin,
+        )
 
     def record_of_unit(self, unit: str) -> ProviderRecord | None:
         return next((r for r in self.records.values() if r.unit == unit), None)

@@ -1,0 +1,325 @@
+"""diversityctl uninstall: stop and remove every unit install wrote (and those the daemon
+wrote: no `diversityd*` unit is left, as a file or loaded), put back the files install
+changed, and the hand-made units it adopted as they were: the same bytes, enabled and
+running as before, on their ports again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from diversityd.cli.common import config_dir_option, resolve_config_dir
+from diversityd.cli.install import (
+    expand,
+    file_sha,
+    install_dir,
+    manifest_path,
+    read_manifest,
+    wait_for_ports,
+)
+from diversityd.errors import DiversitydError
+
+if TYPE_CHECKING:
+    from diversityd.adapters.systemd import Systemd
+    from diversityd.installation import FileAction, Manifest, StateCheck
+
+
+@dataclass
+class UninstallPlan:
+    unit_dir: Path
+    state_dir: Path
+    manifest: Manifest | None
+    unit_files: list[Path]  # ours in unit_dir: unit files, drop-ins, enabling links
+    foreign: list[Path]  # our names without our marker: left alone
+    written: list[FileAction] = field(default_factory=list)
+    adopted: list[FileAction] = field(default_factory=list)
+
+
+def _dirs(config_dir: Path | None, unit_dir: Path | None) -> tuple[Path, Path]:
+    """unit_dir and state_dir from the configuration, or the defaults when it is broken
+    (uninstall must work on a configuration that no longer validates)."""
+    from diversityd import parts
+    from diversityd.config import load_config
+    from diversityd.errors import ConfigError
+
+    directory = resolve_config_dir(config_dir)
+    settings = None
+    try:
+        config, _findings = load_config(directory)
+        settings = config.settings if config is not None else None
+    except ConfigError:
+        settings = None
+    units = unit_dir or (
+        expand(settings.unit_dir) if settings and settings.unit_dir else parts.default_unit_dir()
+    )
+    state = (
+        expand(settings.state_dir) if settings and settings.state_dir else parts.default_state_dir()
+    )
+    return units, state
+
+
+def our_unit_files(unit_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(diversityd's files in unit_dir, files of its names that are not its own)."""
+    from diversityd.adapters.files import read_text_or_none
+    from diversityd.installation import is_ours
+    from diversityd.units import is_owned_text
+
+    ours: list[Path] = []
+    foreign: list[Path] = []
+    if not unit_dir.is_dir():
+        return ours, foreign
+    for path in sorted(unit_dir.iterdir()):
+        if not is_ours(path.name):
+            continue
+        if path.is_symlink():
+            ours.append(path)
+        elif path.is_dir():
+            ours.append(path)  # a drop-in folder: its files are looked at one by one
+        else:
+            text = read_text_or_none(path)
+            (ours if text is not None and is_owned_text(text) else foreign).append(path)
+    for folder in sorted(unit_dir.glob("*.wants")) + sorted(unit_dir.glob("*.requires")):
+        ours += [link for link in sorted(folder.iterdir()) if is_ours(link.name)]
+    return ours, foreign
+
+
+def make_plan(config_dir: Path | None, unit_dir_option: Path | None) -> UninstallPlan:
+    from diversityd.installation import plan_adopted_files, plan_written_files
+
+    unit_dir, state_dir = _dirs(config_dir, unit_dir_option)
+    manifest = read_manifest(state_dir)
+    if manifest is not None and unit_dir_option is None:
+        unit_dir = Path(manifest.unit_dir)
+    unit_files, foreign = our_unit_files(unit_dir)
+    plan = UninstallPlan(unit_dir, state_dir, manifest, unit_files, foreign)
+    if manifest is not None:
+        current = {w.path: file_sha(Path(w.path)) for w in manifest.written}
+        plan.written = plan_written_files(manifest, current)
+        adopted = {a.path: file_sha(Path(a.path)) for a in manifest.adopted}
+        plan.adopted = plan_adopted_files(manifest, adopted)
+    return plan
+
+
+def describe(plan: UninstallPlan) -> list[str]:
+    from diversityd.installation import NOTHING
+
+    lines = [f"Stop and remove diversityd's units in {plan.unit_dir}:"]
+    lines += [f"  {path.name}" for path in plan.unit_files] or ["  (no unit file left)"]
+    lines += [f"  {p}: not diversityd's (no marker): left alone" for p in plan.foreign]
+    if plan.manifest is None:
+        lines.append(f"No manifest at {manifest_path(plan.state_dir)}: nothing to put back.")
+        return lines
+    lines.append("Files install wrote:")
+    lines += [f"  {a.path}: {a.action} ({a.reason})" for a in plan.written]
+    lines.append("Adopted units to put back:")
+    for unit, action in zip(plan.manifest.adopted, plan.adopted, strict=True):
+        file_part = "file unchanged" if action.action == NOTHING else action.reason
+        lines.append(
+            f"  {unit.unit}: {file_part}; {unit.unit_file_state or 'unit file state unknown'}, "
+            f"{unit.active_state or 'state unknown'} again; port(s) "
+            f"{', '.join(map(str, unit.ports))}"
+        )
+    return lines
+
+
+async def stop_ours(systemd: Systemd, plan: UninstallPlan) -> list[str]:
+    """Stop and disable every diversityd unit the manager has loaded or finds on disk."""
+    from diversityd.adapters.systemd import SystemdError
+    from diversityd.installation import is_ours, stop_order
+
+    loaded = [name for name, *_ in await systemd.list_units(["diversityd*"]) if is_ours(name)]
+    files = [p.name for p in plan.unit_files if p.is_file() and not p.is_symlink()]
+    stopped = []
+    for name in stop_order(loaded):
+        result = await systemd.stop(name, timeout_s=120)
+        stopped.append(f"{name} ({result})")
+    enableable = [name for name in files if not name.endswith("@.service")]
+    if enableable:
+        try:
+            await systemd.disable(enableable)
+        except SystemdError as exc:
+            click.echo(f"note: disabling {', '.join(enableable)}: {exc}", err=True)
+    return stopped
+
+
+def remove_files(plan: UninstallPlan) -> None:
+    """The files install wrote, then our unit files, drop-in folders and links."""
+    from diversityd.adapters.files import write_atomic
+    from diversityd.installation import REMOVE, RESTORE
+
+    for action in plan.written:
+        path = Path(action.path)
+        if action.action == REMOVE:
+            path.unlink(missing_ok=True)
+        elif action.action == RESTORE and action.backup:
+            mode = action.mode if action.mode is not None else 0o600
+            write_atomic(path, Path(action.backup).read_bytes(), mode=mode)
+    for path in plan.unit_files:
+        if path.is_symlink() or path.is_file():
+            path.unlink(missing_ok=True)
+        elif path.is_dir():
+            if any(path.iterdir()):
+                click.echo(f"note: {path} holds drop-ins of your own: left there", err=True)
+            else:
+                _rmdir(path)
+    if plan.manifest is not None:
+        for folder in plan.manifest.drop_in_dirs:
+            _rmdir(Path(folder))
+        for action in plan.written:
+            _rmdir(Path(action.path).parent)  # e.g. the env/ folder, when now empty
+
+
+def _rmdir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        return
+
+
+def restore_adopted_files(plan: UninstallPlan) -> None:
+    from diversityd.adapters.files import write_atomic
+    from diversityd.installation import RESTORE, missing_links
+
+    manifest = plan.manifest
+    assert manifest is not None
+    for unit, action in zip(manifest.adopted, plan.adopted, strict=True):
+        if action.action == RESTORE:
+            path = Path(unit.path)
+            if path.exists():
+                # Changed since: kept beside the backups, never lost.
+                keep = install_dir(plan.state_dir) / f"{path.name}.changed-after-install"
+                write_atomic(keep, path.read_bytes(), mode=0o600)
+                click.echo(f"note: {path} had changed; that version is kept at {keep}", err=True)
+            write_atomic(path, Path(unit.backup).read_bytes(), mode=unit.mode)
+    links = {
+        link: (os.readlink(link) if os.path.islink(link) else None)
+        for unit in manifest.adopted
+        for link, _ in unit.links
+    }
+    for todo in missing_links(manifest, links):
+        link = Path(todo.link)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(todo.target)
+
+
+async def restore_adopted_units(systemd: Systemd, plan: UninstallPlan) -> None:
+    manifest = plan.manifest
+    assert manifest is not None
+    await systemd.reload_manager()
+    for unit in manifest.adopted:
+        state = await systemd.unit_file_state(unit.unit)
+        if unit.was_enabled and state not in ("enabled", "enabled-runtime", "linked", "alias"):
+            await systemd.enable([unit.unit])
+    for unit in manifest.adopted:
+        if unit.was_running:
+            await systemd.reset_failed(unit.unit)
+            result = await systemd.start(unit.unit, timeout_s=120)
+            if result != "done":
+                click.echo(f"note: starting {unit.unit}: {result}", err=True)
+
+
+async def check_after(systemd: Systemd, plan: UninstallPlan) -> tuple[list[StateCheck], list[str]]:
+    from diversityd.installation import check_restored, is_ours
+
+    checks = []
+    if plan.manifest is not None:
+        for unit in plan.manifest.adopted:
+            file_state = await systemd.unit_file_state(unit.unit)
+            active = (await systemd.snapshot(unit.unit)).active_state
+            checks.append(check_restored(unit, file_state, active))
+    left = [name for name, *_ in await systemd.list_units(["diversityd*"]) if is_ours(name)]
+    return checks, left
+
+
+async def apply(plan: UninstallPlan) -> tuple[list[StateCheck], list[str]]:
+    from diversityd.adapters.systemd import Systemd
+
+    systemd = await Systemd.connect()
+    try:
+        for line in await stop_ours(systemd, plan):
+            click.echo(f"stopped {line}")
+        remove_files(plan)
+        await systemd.reload_manager()
+        for name, *_ in await systemd.list_units(["diversityd*"]):
+            await systemd.reset_failed(name)
+        if plan.manifest is not None and plan.manifest.adopted:
+            restore_adopted_files(plan)
+            await restore_adopted_units(systemd, plan)
+        return await check_after(systemd, plan)
+    finally:
+        systemd.disconnect()
+
+
+def wait_ports_back(plan: UninstallPlan, timeout_s: float) -> list[str]:
+    if plan.manifest is None:
+        return []
+    want: dict[int, str | None] = {
+        port: unit.unit for unit in plan.manifest.adopted if unit.was_running for port in unit.ports
+    }
+    missing = wait_for_ports(want, timeout_s)
+    return [f":{port} is not served by {want[port]} again" for port in missing]
+
+
+def forget(plan: UninstallPlan) -> None:
+    import shutil
+
+    from diversityd.installation import BACKUP_DIR
+
+    manifest_path(plan.state_dir).unlink(missing_ok=True)
+    shutil.rmtree(install_dir(plan.state_dir) / BACKUP_DIR, ignore_errors=True)
+    _rmdir(install_dir(plan.state_dir))
+
+
+@click.command()
+@config_dir_option
+@click.option(
+    "--unit-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where diversityd's units are [default: the one install recorded].",
+)
+@click.option("--dry-run", is_flag=True, help="Print what uninstall would do; change nothing.")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Seconds to wait for adopted units to serve their ports again.",
+)
+def uninstall(config_dir: Path | None, unit_dir: Path | None, dry_run: bool, wait_s: float) -> None:
+    """Stop and remove diversityd's units; put back what install changed and adopted.
+
+    Every unit install (or the daemon) wrote is stopped, disabled and removed; files install
+    wrote are removed, or put back as they were; adopted hand-made units get their files
+    back byte for byte, their enabled and active state, and their ports.
+    """
+    plan = make_plan(config_dir, unit_dir)
+    if dry_run:
+        click.echo("diversityctl uninstall --dry-run: nothing is stopped or removed.\n")
+        click.echo("\n".join(describe(plan)))
+        return
+    checks, left = asyncio.run(apply(plan))
+    problems = [f"{c.unit}: {'; '.join(c.problems)}" for c in checks if not c.ok]
+    problems += wait_ports_back(plan, wait_s)
+    problems += [f"{name} is still loaded" for name in left]
+    remaining, _foreign = our_unit_files(plan.unit_dir)
+    problems += [f"{path} is still there" for path in remaining]
+    for check in checks:
+        click.echo(f"restored {check.unit}: {check.now[0]}, {check.now[1]}")
+    if problems:
+        for problem in problems:
+            click.echo(f"diversityctl: {problem}", err=True)
+        raise DiversitydError(
+            "uninstall did not put everything back",
+            hint=f"the manifest and backups are kept in {install_dir(plan.state_dir)}",
+        )
+    forget(plan)
+    click.echo(f"uninstalled: no diversityd unit left in {plan.unit_dir}")
