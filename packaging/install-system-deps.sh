@@ -27,6 +27,7 @@ requirements=(
     "systemd|command -v systemd-analyze && command -v journalctl && command -v systemctl && systemd_binaries"
     "dbus|command -v dbus-daemon"
     "dbus-user-session|test -e /usr/lib/systemd/user/dbus.socket"  # the user manager's session bus
+    "prometheus|command -v promtool && command -v prometheus"  # promtool (also enables a system Prometheus, :9090)
 )
 
 mode=install
