@@ -21,7 +21,7 @@ import os
 import signal
 import time
 
-from diversityd_lab.embedded import LLAMA_NATIVE, SERVED_NAMES
+from diversityd_lab.embedded import LLAMA_NATIVE, SERVED_NAMES, point_link
 from diversityd_lab.measure import emit, summary
 from diversityd_lab.stack import RunningStack, temporary_stack
 from diversityd_lab.traffic import RequestStream
@@ -42,11 +42,8 @@ def left_ready_after(running: RunningStack, since: float) -> float:
 def repoint(running: RunningStack, target: str) -> float:
     document = running.wait_all_ready()
     pids = {name: running.provider(name, document)["pid"] for name in ALIASES}
-    link = running.stack.active_link
-    temporary = link.with_name("current.gguf.new")
-    temporary.symlink_to(f"../{target}")
     started = time.monotonic()
-    os.replace(temporary, link)
+    point_link(running.stack.active_link, f"../{target}")
     running.wait_for(
         lambda d: all(
             running.provider(n, d)["pid"] not in (None, pids[n])

@@ -383,7 +383,8 @@ def _adopt_gateway(
     if values:
         path = adopted_env_path(inputs.config_dir, server.unit)
         files.append(SecretFile(path, tuple(sorted(values)), environment_file_text(values)))
-        env_files.append(path)
+        if path not in env_files:
+            env_files.append(path)
     env_files += [p.lstrip("-") for p in server.environment_files if p.lstrip("-") not in env_files]
     if env_files and env_files != list(existing_gateway.get("environment_files") or []):
         gateway["environment_files"] = env_files

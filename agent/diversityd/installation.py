@@ -15,7 +15,6 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from diversityd.errors import DiversitydError
 from diversityd.units import DAEMON_UNIT, GATEWAY_SOCKET, UNIT_PREFIX
@@ -296,10 +295,3 @@ def check_restored(unit: AdoptedUnit, unit_file_state: str, active_state: str) -
         (unit_file_state, active_state),
         tuple(problems),
     )
-
-
-def summary_of(manifest: Manifest) -> dict[str, Any]:
-    return {
-        "written": [w.path for w in manifest.written],
-        "adopted": [a.unit for a in manifest.adopted],
-    }

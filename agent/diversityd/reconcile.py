@@ -112,12 +112,37 @@ def units_to_retire(on_disk: Iterable[str], wanted: Collection[str]) -> list[str
 
 
 def stopped_on_purpose(
-    previous: ProviderState, state: ProviderState, *, ours: bool, busy: bool
+    previous: ProviderState,
+    state: ProviderState,
+    *,
+    ours: bool,
+    busy: bool,
+    clean: bool,
 ) -> bool:
-    """A unit went from running to stopped and neither diversityd (a reload, a drill, a
-    `diversityctl stop`) nor one of its jobs did it: someone ran `systemctl --user stop`."""
-    running = previous in (ProviderState.READY, ProviderState.STARTING, ProviderState.HUNG)
-    return running and state is ProviderState.STOPPED and not ours and not busy
+    """A unit went from running to stopped, cleanly (systemd's Result `success`: not the
+    inactive step of its own Restart= after a crash), and neither diversityd (a reload, a
+    drill, `diversityctl stop`) nor one of its jobs did it: someone ran `systemctl stop`."""
+    # (a stop passes through `down` while the unit deactivates)
+    running = previous in (
+        ProviderState.READY,
+        ProviderState.STARTING,
+        ProviderState.HUNG,
+        ProviderState.DOWN,
+    )
+    return running and state is ProviderState.STOPPED and clean and not ours and not busy
+
+
+FAILED_SETTLE_S = 1.5  # systemd shows `failed` for an instant before each Restart=
+
+
+def gave_up(state: ProviderState, changed_at: float | None, now: float) -> bool:
+    """systemd gave up on the unit: `failed`, and still so after an instant (before each
+    of its own restarts a unit is `failed` for milliseconds). Monotonic times."""
+    return (
+        state is ProviderState.FAILED
+        and changed_at is not None
+        and now - changed_at >= FAILED_SETTLE_S
+    )
 
 
 def revival_delay_s(attempts: int, initial_s: float, max_s: float) -> float:

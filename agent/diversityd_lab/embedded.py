@@ -9,6 +9,7 @@ Ollama and vLLM stand-ins and the gateway. Ports are parameters, so tests run si
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -77,6 +78,24 @@ def write_tiny_models(models_dir: Path) -> tuple[Path, Path]:
         link.unlink()
     link.symlink_to(Path("..") / first.name)
     return first, second
+
+
+def point_link(link: Path, target: str) -> None:
+    """Re-point the active link as `ln -sfn` does: a new link renamed over the old one, so
+    a reader sees the old target or the new, never none. `target` is relative to the link's
+    folder (e.g. `../tiny-b.gguf`) or absolute."""
+    temporary = link.with_name(f"{link.name}.new")
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(target)
+    os.replace(temporary, link)
+
+
+def write_truncated_model(models_dir: Path, name: str = "truncated.gguf") -> Path:
+    """Half of a good GGUF: the header promises tensors the file does not hold."""
+    data = (models_dir / "tiny-b.gguf").read_bytes()
+    path = models_dir / name
+    path.write_bytes(data[: len(data) // 2])
+    return path
 
 
 def providers_document(spec: StackSpec) -> dict[str, Any]:

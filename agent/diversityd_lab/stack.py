@@ -45,6 +45,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def mapped_models(pid: int) -> set[str]:
+    """The GGUF files a server process has mapped: what it really serves."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return {Path(line.split()[-1]).name for line in maps.splitlines() if line.endswith(".gguf")}
+
+
 def ctl_env(manager: UserManager) -> dict[str, str]:
     """The manager's world, plus where the parts really are (its XDG cache is private)."""
     return {

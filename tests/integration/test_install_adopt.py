@@ -253,11 +253,35 @@ def test_adopt_hand_made_units_and_give_them_back(
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     assert HF_TOKEN in env_file.read_text()
 
+    # Clients keep the key they had, and find it with `diversityctl env`.
+    exports = ctl(manager, "env", "--show-key", "--config-dir", str(config_dir))
+    assert f"export OPENAI_BASE_URL=http://127.0.0.1:{ports['gateway']}/v1" in exports
+    assert f"export OPENAI_API_KEY={MASTER_KEY}" in exports
+
     # Idempotent: a second install changes nothing it wrote.
     again = ctl(manager, "install", "--config-dir", str(config_dir))
-    assert "unchanged" in again
+    assert "diversityd.service (unchanged)" in again
+
+    # After an upgrade that changed the daemon's template, install re-renders its unit and
+    # restarts the running daemon on it (the servers keep serving).
+    daemon_unit = manager.unit_dir / "diversityd.service"
+    rendered = daemon_unit.read_bytes()
+    daemon_unit.write_bytes(rendered.replace(b"WatchdogSec=10", b"WatchdogSec=20"))
+    manager.systemctl("daemon-reload")
+    pid = manager.systemctl("show", "-p", "MainPID", "--value", "diversityd.service").stdout
+    upgraded = ctl(manager, "install", "--config-dir", str(config_dir))
+    assert "diversityd.service (changed); diversityd.service restarted" in upgraded
+    assert daemon_unit.read_bytes() == rendered
+    assert manager.systemctl("show", "-p", "MainPID", "--value", "diversityd.service").stdout != pid
+    wait_serving(ports, 60)
 
     # Given back: the same files, enabled, running, on their ports; no diversityd unit.
+    install_dir = state_dir / "diversityd" / "install"  # beside the running daemon's state
+    adopted = tree(manager.unit_dir, config_dir, install_dir)
+    dry = ctl(manager, "uninstall", "--dry-run", "--config-dir", str(config_dir))
+    for name in HAND_MADE:
+        assert f"{name}: file unchanged; enabled, active again" in dry
+    assert tree(manager.unit_dir, config_dir, install_dir) == adopted
     ctl(manager, "uninstall", "--config-dir", str(config_dir), timeout=600)
     for name in HAND_MADE:
         assert (manager.unit_dir / name).read_bytes() == originals[name]

@@ -60,9 +60,15 @@ def source_copy(target: Path) -> Path:
 
 def run(*args: str | Path, timeout: float = 600, cwd: Path | None = None) -> str:
     result = subprocess.run(
-        [str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False
+        [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
     )
-    assert result.returncode == 0, f"{args}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    output = f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, f"{args}:\n{output}"
     return result.stdout
 
 

@@ -16,22 +16,18 @@ from diversityd_lab.embedded import (
     OLLAMA,
     SERVED_NAMES,
     StackSpec,
+    point_link,
     write_stack,
+    write_truncated_model,
 )
 from diversityd_lab.privatemanager import PrivateManager
-from diversityd_lab.stack import RunningStack, free_port
+from diversityd_lab.stack import RunningStack, free_port, mapped_models
 from diversityd_lab.standins.binaries import MODELS_ENV
 from diversityd_lab.traffic import RequestStream, chat
 
 pytestmark = pytest.mark.integration
 
 ALIASES = SERVED_NAMES
-
-
-def mapped_models(pid: int) -> set[str]:
-    """The GGUF files a server process has mapped: what it really serves."""
-    maps = Path(f"/proc/{pid}/maps").read_text()
-    return {Path(line.split()[-1]).name for line in maps.splitlines() if line.endswith(".gguf")}
 
 
 def test_both_llama_servers_answer_a_chat_from_their_rendered_units(
@@ -53,9 +49,7 @@ def test_repointing_the_link_under_load_answers_every_request(running_stack: Run
     assert all(mapped_models(pid) == {"tiny-a.gguf"} for pid in pids.values())
     with RequestStream(running_stack.stack.llama_endpoints()) as stream:
         time.sleep(0.5)
-        temporary = stack.active_link.with_name("current.gguf.new")
-        temporary.symlink_to("../tiny-b.gguf")
-        os.replace(temporary, stack.active_link)  # what `ln -sfn` does: atomic
+        point_link(stack.active_link, "../tiny-b.gguf")  # what `ln -sfn` does: atomic
         final = running_stack.wait_for(
             lambda d: all(
                 running_stack.provider(name, d)["pid"] not in (None, pids[name])
@@ -97,12 +91,9 @@ def test_a_bad_repoint_changes_nothing(running_stack: RunningStack, kind: str) -
     elif kind == "not-gguf":
         bad.write_bytes(b"this is not a model\n" * 100)
     elif kind == "truncated":
-        data = (stack.models_dir / "tiny-b.gguf").read_bytes()
-        bad.write_bytes(data[: len(data) // 2])
-    temporary = stack.active_link.with_name("current.gguf.new")
+        write_truncated_model(stack.models_dir, bad.name)
     try:
-        temporary.symlink_to(f"../{bad.name}")
-        os.replace(temporary, stack.active_link)
+        point_link(stack.active_link, f"../{bad.name}")
         rejected = running_stack.wait_for(
             lambda d: all(
                 (running_stack.provider(name, d)["model_file"] or {}).get("error")
@@ -123,10 +114,7 @@ def test_a_bad_repoint_changes_nothing(running_stack: RunningStack, kind: str) -
         assert f"{LLAMA_NATIVE}: model file refused:" in table
         assert running_stack.journal_events("model.rejected")
     finally:
-        temporary = stack.active_link.with_name("current.gguf.new")
-        temporary.unlink(missing_ok=True)
-        temporary.symlink_to(good_target)
-        os.replace(temporary, stack.active_link)
+        point_link(stack.active_link, good_target)
         running_stack.wait_for(
             lambda d: all(
                 not (running_stack.provider(name, d)["model_file"] or {}).get("error")

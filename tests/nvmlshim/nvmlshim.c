@@ -8,6 +8,8 @@
  *                                                              '_' in NAME reads as a space)
  *   process DEVICE_INDEX pid=1234 used_mib=512                  (used_mib=na: not available)
  *   error CALL CODE                                             (make CALL return CODE)
+ *   hang SECONDS                                                (the memory call blocks: a
+ *                                                                GPU fallen off the bus)
  *
  * CALL is one of init, count, handle, name, uuid, memory, processes; CODE an NVML return
  * code such as 9 (NVML_ERROR_DRIVER_NOT_LOADED) or 15 (NVML_ERROR_GPU_IS_LOST). Without the
@@ -16,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef int nvmlReturn_t;
 #define NVML_SUCCESS 0
@@ -76,6 +79,7 @@ static const char *call_names[E_CALLS] = {
     "init", "count", "handle", "name", "uuid", "memory", "processes",
 };
 static nvmlReturn_t errors[E_CALLS];
+static unsigned int hang_seconds;
 
 static unsigned long long parse_mib(const char *text) {
     if (strcmp(text, "na") == 0) {
@@ -126,6 +130,9 @@ static void parse_line(char *line) {
             }
         }
         n_processes++;
+    } else if (strcmp(word, "hang") == 0) {
+        char *seconds = strtok_r(NULL, " \t\r\n", &save);
+        hang_seconds = seconds ? (unsigned int)strtoul(seconds, NULL, 10) : 0;
     } else if (strcmp(word, "error") == 0) {
         char *call = strtok_r(NULL, " \t\r\n", &save);
         char *code = strtok_r(NULL, " \t\r\n", &save);
@@ -141,6 +148,7 @@ static void load_config(void) {
     n_devices = 0;
     n_processes = 0;
     memset(errors, 0, sizeof(errors));
+    hang_seconds = 0;
     const char *path = getenv("NVMLSHIM_CONFIG");
     if (path == NULL || path[0] == '\0') {
         return;
@@ -269,6 +277,9 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t handle, nvmlMemory_t *memory) 
     }
     if (errors[E_MEMORY]) {
         return errors[E_MEMORY];
+    }
+    if (hang_seconds) {
+        sleep(hang_seconds);
     }
     memory->total = dev->total;
     memory->used = dev->used;

@@ -537,3 +537,21 @@ def test_a_hugging_face_model_cannot_be_owned_as_it_is() -> None:
     (adoption,) = propose([hf], PROVIDERS, inputs()).adoptions
     assert adoption.action == SKIP
     assert "Hugging Face" in (adoption.reason or "")
+
+
+def test_proposing_again_over_its_own_result_changes_nothing() -> None:
+    first = propose(seeds_found(), PROVIDERS, inputs())
+    again = propose(
+        seeds_found(),
+        PROVIDERS,
+        inputs(
+            existing_settings=yaml.safe_load(render_settings(first.settings)),
+            present_files=frozenset({f"{CONFIG_DIR}/master.key"}),
+        ),
+    )
+    assert not again.changed
+    assert all(a.kept_existing for a in again.adoptions if a.action == OWN)
+    assert {s.path for s in again.secret_files} == {
+        f"{CONFIG_DIR}/env/litellm.env",
+        f"{CONFIG_DIR}/env/llamacpp-python.env",
+    }

@@ -20,6 +20,7 @@ from diversityd.persisted import (
 from diversityd.reconcile import (
     ModelTarget,
     choose_accepted,
+    gave_up,
     revival_delay_s,
     stopped_on_purpose,
     units_to_retire,
@@ -115,11 +116,22 @@ def test_removed_providers_are_stopped_before_their_files_go() -> None:
 
 def test_only_an_outside_stop_of_a_running_unit_is_the_users_word() -> None:
     ready, stopped = ProviderState.READY, ProviderState.STOPPED
-    assert stopped_on_purpose(ready, stopped, ours=False, busy=False)
-    assert not stopped_on_purpose(ready, stopped, ours=True, busy=False)  # a reload, a drill
-    assert not stopped_on_purpose(ready, stopped, ours=False, busy=True)  # a job's restart
-    assert not stopped_on_purpose(ProviderState.FAILED, stopped, ours=False, busy=False)
-    assert not stopped_on_purpose(ready, ProviderState.FAILED, ours=False, busy=False)
+    assert stopped_on_purpose(ready, stopped, ours=False, busy=False, clean=True)
+    assert stopped_on_purpose(ProviderState.DOWN, stopped, ours=False, busy=False, clean=True)
+    # a reload or a drill; a job's restart; the inactive step of systemd's own Restart=
+    assert not stopped_on_purpose(ready, stopped, ours=True, busy=False, clean=True)
+    assert not stopped_on_purpose(ready, stopped, ours=False, busy=True, clean=True)
+    assert not stopped_on_purpose(ProviderState.DOWN, stopped, ours=False, busy=False, clean=False)
+    failed = ProviderState.FAILED
+    assert not stopped_on_purpose(failed, stopped, ours=False, busy=False, clean=True)
+    assert not stopped_on_purpose(ready, failed, ours=False, busy=False, clean=True)
+
+
+def test_systemd_gave_up_only_when_failed_stays() -> None:
+    assert not gave_up(ProviderState.FAILED, 10.0, 10.2)  # the instant before a Restart=
+    assert gave_up(ProviderState.FAILED, 10.0, 12.0)
+    assert not gave_up(ProviderState.DOWN, 10.0, 20.0)
+    assert not gave_up(ProviderState.FAILED, None, 20.0)
 
 
 def test_revivals_back_off_from_the_initial_delay_to_the_cap() -> None:

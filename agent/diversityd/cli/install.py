@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import stat
 import sys
 import time
@@ -96,6 +95,17 @@ def symlinks_to(unit_dir: Path, unit: str) -> list[tuple[str, str]]:
         link = folder / unit
         if link.is_symlink():
             links.append((str(link), os.readlink(link)))
+    return links
+
+
+def enabling_links(unit_dir: Path, unit_file: Path, unit: str) -> list[tuple[str, str]]:
+    """Where `systemctl --user enable` put links (the user's config dir), and beside the
+    unit file and diversityd's unit dir, when those differ."""
+    from diversityd import parts
+
+    links: list[tuple[str, str]] = []
+    for folder in dict.fromkeys([parts.default_unit_dir(), unit_file.parent, unit_dir]):
+        links += [link for link in symlinks_to(folder, unit) if link not in links]
     return links
 
 
@@ -410,6 +420,7 @@ def describe_machine(plan: InstallPlan) -> list[str]:
             lines.append(f"  llama-server (for providers without `executable`): {used}")
         else:
             lines.append(f"  {name}: {path or 'not on PATH'}")
+    lines += _executable_notes(plan)
     for unit, found in machine.litellm.items():
         source = "on PATH" if unit == "PATH" else f"{unit}'s"
         if found.version:
@@ -445,6 +456,36 @@ def describe_machine(plan: InstallPlan) -> list[str]:
             "  lingering: OFF: your user services stop when you log out; "
             f"fix: sudo loginctl enable-linger {machine.user}"
         )
+    return lines
+
+
+def _executable_notes(plan: InstallPlan) -> list[str]:
+    """Owned servers without `executable`: what they run, and a binary on PATH to prefer."""
+    config = plan.report.config
+    if config is None:
+        return []
+    machine = plan.machine
+    defaults = {
+        "llama-server": machine.cached_llama_server,
+        "ollama": "/usr/local/bin/ollama",
+        "vllm": None,
+    }
+    lines = []
+    for name, owned in config.settings.owned.items():
+        if owned.executable or owned.server not in defaults:
+            continue
+        on_path = machine.binaries.get(owned.server)
+        default = defaults[owned.server]
+        if on_path and on_path != default:
+            lines.append(
+                f"  providers.{name} names no executable: set `executable: {on_path}` to run "
+                f"the {owned.server} on PATH" + (f" rather than {default}" if default else "")
+            )
+        elif not on_path and not (default and Path(default).exists()):
+            lines.append(
+                f"  providers.{name} names no executable and no {owned.server} is found: put "
+                "it on PATH (or run packaging/setup.sh) and set `executable:`"
+            )
     return lines
 
 
@@ -581,7 +622,7 @@ def record_adopted(plan: InstallPlan, adoptions: Sequence[Adoption]) -> list[Ado
                 backup=_backup(plan.state_dir, path, data, 0o600),
                 unit_file_state=state[0],
                 active_state=state[1],
-                links=tuple(symlinks_to(plan.unit_dir, found.unit)),
+                links=tuple(enabling_links(plan.unit_dir, path, found.unit)),
                 ports=(found.port,),
                 replaced_by=adoption.new_unit,
                 mode=path.stat().st_mode & 0o7777,
@@ -754,10 +795,15 @@ def install(  # noqa: PLR0917 - click passes every option as an argument
         return
     if not plan.report.ok:
         print_findings(plan.report.of(Severity.ERROR))
-        what = (
-            "the proposed configuration" if adopt and plan.proposal.changed else "the configuration"
+        proposed = adopt and plan.proposal.changed
+        raise UsageError(
+            ("the proposed configuration" if proposed else "the configuration")
+            + " is invalid; nothing installed",
+            hint="the lines above are those of the proposed diversityd.yaml: see it with "
+            "--dry-run --adopt"
+            if proposed
+            else None,
         )
-        raise UsageError(f"{what} is invalid; nothing installed")
     taking = plan.taking_over if adopt else []
     if adopt and plan.states_problem and taking:
         raise DiversitydError(
@@ -806,16 +852,3 @@ def _warn_conflicts(plan: InstallPlan) -> None:
                 "--dry-run), or stop it",
                 err=True,
             )
-
-
-def remove_tree_if_empty(path: Path) -> bool:
-    try:
-        path.rmdir()
-    except OSError:
-        return False
-    return True
-
-
-def copy_mode(source: str, target: Path, mode: int) -> None:
-    shutil.copyfile(source, target)
-    target.chmod(mode)

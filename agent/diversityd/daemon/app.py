@@ -33,7 +33,7 @@ from diversityd.daemon.jobs import Jobs
 from diversityd.daemon.loop import ProbeDone, ProviderLocks, StateLoop, UnitChanged
 from diversityd.daemon.models import ModelLinks
 from diversityd.daemon.providers import ProviderSupervisor
-from diversityd.daemon.rollout import Rollout
+from diversityd.daemon.rollout import STARTUP, Rollout
 from diversityd.daemon.starts import Starter
 from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import Store
@@ -217,7 +217,7 @@ class Daemon:
         await self.models.watch_all(persisted.accepted_models)
         # Units are written once the models are resolved and the GPU planned: a daemon
         # restart renders the same bytes, writes nothing and restarts nothing.
-        await self.rollout.refresh_units("start-up")
+        await self.rollout.refresh_units(STARTUP)
         control = ControlInterface(self.commands.handlers())
         self.jobs.on_progress = lambda job_id, p: control.JobProgress(job_id, json.dumps(p))
         self.jobs.on_finished = lambda job_id, p: control.JobFinished(job_id, json.dumps(p))

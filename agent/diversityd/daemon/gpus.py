@@ -10,7 +10,9 @@ word per unit, from the state file), and the cards are looked at again every pol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
@@ -96,15 +98,19 @@ class GpuPlanner:
 
     async def read(self) -> GpuSnapshot | None:
         """One NVML reading; None when NVML fails or hangs (the plan in force stays, the
-        error is shown by its NVML name and logged once)."""
-        if self._nvml_call is None or self._nvml_call.done():
-            self._nvml_call = asyncio.ensure_future(asyncio.to_thread(read_gpus))
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._nvml_call), NVML_TIMEOUT_S)
-        except NvmlError as exc:
-            failure = f"{exc.name}: {exc}"
-        except TimeoutError:
-            failure = f"NVML did not answer in {NVML_TIMEOUT_S:g} s (a GPU off the bus?)"
+        error is shown by its NVML name and logged once). While a call hangs no other is
+        made, and nobody waits for it."""
+        call = self._nvml_call
+        if call is not None and not call.done():
+            failure = "NVML has not answered its last call yet (a GPU off the bus?)"
+        else:
+            call = self._nvml_call = _in_daemon_thread(read_gpus)
+            try:
+                return await asyncio.wait_for(asyncio.shield(call), NVML_TIMEOUT_S)
+            except NvmlError as exc:
+                failure = f"{exc.name}: {exc}"
+            except TimeoutError:
+                failure = f"NVML did not answer in {NVML_TIMEOUT_S:g} s (a GPU off the bus?)"
         self.nvml_errors += 1
         if failure != self.store.gpu.error:
             log.error("gpu.nvml_failed", error=failure, state="keeping the last plan")
@@ -171,3 +177,30 @@ class GpuPlanner:
         await self.loop.call(observe)
         if decision.replan:
             await self._refresh_units(decision.reason)
+
+
+def _in_daemon_thread(function: Callable[[], GpuSnapshot]) -> asyncio.Future[GpuSnapshot]:
+    """Run a blocking call in a thread of its own that never holds the daemon's exit: a hung
+    driver call cannot be cancelled, and the executor's threads are waited for at exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[GpuSnapshot] = loop.create_future()
+
+    def settle(result: GpuSnapshot | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            assert result is not None
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = function(), None
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting task
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="nvml", daemon=True).start()
+    return future

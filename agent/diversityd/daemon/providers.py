@@ -144,7 +144,9 @@ class ProviderSupervisor:
         ours = unit in self.store.expected_stops
         if state in (ProviderState.STOPPED, ProviderState.FAILED):
             self.store.expected_stops.discard(unit)
-        if stopped_on_purpose(previous, state, ours=ours, busy=self.locks.locked(record.name)):
+        clean = record.snapshot is not None and record.snapshot.result == "success"
+        busy = self.locks.locked(record.name)
+        if stopped_on_purpose(previous, state, ours=ours, busy=busy, clean=clean):
             record.stopped_by_user = True
             record.revival = None
             log.warning(
@@ -156,6 +158,9 @@ class ProviderSupervisor:
             self.statefile.save_in_loop()
         elif record.stopped_by_user and state in (ProviderState.STARTING, ProviderState.READY):
             record.stopped_by_user = False  # started again (systemctl --user start)
+            self.statefile.save_in_loop()
+        if state is ProviderState.READY and record.revival is not None:
+            record.revival = None  # revived: the next failure starts the backoff afresh
             self.statefile.save_in_loop()
 
     def on_systemd_change(self, unit: str, changed: dict[str, Any]) -> None:

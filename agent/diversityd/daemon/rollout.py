@@ -35,6 +35,7 @@ from diversityd.units import RenderedUnit, render_provider_unit
 
 log = get_logger()
 
+STARTUP = "start-up"  # the reason of the first refresh
 RESTORE_SETTLE_S = 0.05  # let a burst of writes to the unit folder settle
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0  # after a failed write of the unit files
 
@@ -127,10 +128,12 @@ class Rollout:
             except SystemdError as exc:
                 log.error("unit.stop_failed", unit=name, error=str(exc))
 
-    async def sync_unit_files(self) -> list[str]:
-        """Write our unit files where they differ; daemon-reload only when one changed.
-        Returns the providers whose file diversityd rewrote (a hand edit put back is not
-        one: whatever runs was started from our file or by the user on purpose)."""
+    async def sync_unit_files(self, *, reload_manager: bool = False) -> list[str]:
+        """Write our unit files where they differ; daemon-reload when one changed (or when
+        asked: at start-up, a daemon killed between writing and reloading left systemd
+        with the old definitions). Returns the providers whose file diversityd rewrote (a
+        hand edit put back is not one: whatever runs was started from our file or by the
+        user on purpose)."""
         rendered = list(self.store.rendered_units)
         await self._retire_stale()
         result = sync_units(
@@ -152,7 +155,7 @@ class Rollout:
         for name in result.removed:
             log.info("unit.removed", unit=name)
         checkpoint("rollout.files_written")
-        if result.changed:
+        if result.changed or reload_manager:
             await self.systemd.reload_manager()
             log.info("systemd.reloaded")
             checkpoint("rollout.manager_reloaded")
@@ -174,7 +177,7 @@ class Rollout:
                 changed = await self.loop.call(self._render_and_note)
                 await self.statefile.must_save()  # the intent first: a crash must not lose it
                 checkpoint("rollout.intent_saved")
-                written = await self.sync_unit_files()
+                written = await self.sync_unit_files(reload_manager=reason == STARTUP)
                 if written:
                     # A unit file that did not exist (or changed) is (re)loaded by systemd:
                     # read its state afresh, signals do not carry LoadState.
@@ -261,6 +264,9 @@ class Rollout:
         self.jobs.report(job, {"provider": name, "step": "restarting"})
         started = time.monotonic()
         log.info("unit.restarting", provider=name, unit=record.unit, job=job.id)
+        # An asked-for restart is a fresh start: systemd's start limit (from earlier
+        # crashes) must not refuse it.
+        await self.systemd.reset_failed(record.unit)
         try:
             outcome = await self.systemd.restart(record.unit)
         except SystemdError as exc:

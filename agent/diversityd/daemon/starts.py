@@ -19,7 +19,13 @@ from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import Job, ProviderRecord, Store
 from diversityd.log import get_logger
 from diversityd.persisted import Revival
-from diversityd.reconcile import StartCandidate, is_ready_since, revival_delay_s, start_order
+from diversityd.reconcile import (
+    StartCandidate,
+    gave_up,
+    is_ready_since,
+    revival_delay_s,
+    start_order,
+)
 from diversityd.state import ProviderState
 from diversityd.units import exec_start_args
 
@@ -53,15 +59,22 @@ class Starter:
     async def wait_serving(self, record: ProviderRecord, since: float) -> bool:
         """Until the provider answers (True), systemd gives up on it, or ready_wait_s: a
         step waits no longer than its unit can still come back."""
+        deadline = time.monotonic() + self._supervision().ready_wait_s
 
-        def settled() -> bool:
-            failed = (
-                record.state is ProviderState.FAILED and (record.last_state_change or 0) > since
-            )
-            return failed or is_ready_since(record.state, record.last_state_change, since)
+        def ready() -> bool:
+            return is_ready_since(record.state, record.last_state_change, since)
 
-        await self.loop.wait_until(settled, self._supervision().ready_wait_s)
-        return is_ready_since(record.state, record.last_state_change, since)
+        def given_up() -> bool:
+            changed = record.last_state_change
+            return (changed or 0.0) > since and gave_up(record.state, changed, time.monotonic())
+
+        while not ready() and not given_up():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            # events wake it at once; the poll sees a `failed` that has stayed
+            await self.loop.wait_until(lambda: ready() or given_up(), min(remaining, 0.5))
+        return ready()
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -112,8 +125,11 @@ class Starter:
             if (only is None or r.name in only) and not r.stopped_by_user
         ]
         for step in start_order(candidates, port_taken=conflicts):
+            record = self.store.records[step.name]
             async with self.locks.holding([step.name], "start-up"):
-                await self._start(self.store.records[step.name], step.reset_failed, "start-up")
+                if record.snapshot is not None and record.snapshot.running:
+                    continue  # a job started it while this one waited for it
+                await self._start(record, step.reset_failed, "start-up")
 
     async def _start(self, record: ProviderRecord, reset_failed: bool, why: str) -> bool:
         assert record.unit is not None
@@ -213,9 +229,8 @@ class Starter:
     async def _revive_due(self) -> None:
         settings = self._supervision()
         for record in self.store.owned_records():
-            if record.revival is not None and record.state is ProviderState.READY:
-                await self.loop.call(functools.partial(self._served_again, record))
-            if record.state is not ProviderState.FAILED or record.stopped_by_user:
+            failed = gave_up(record.state, record.last_state_change, time.monotonic())
+            if not failed or record.stopped_by_user:
                 continue
             if self.locks.locked(record.name):
                 continue  # a job acts on it; its own wait ends on failure
@@ -242,10 +257,6 @@ class Starter:
             unit=record.unit,
             error=f"{failure}; starting it again in {delay:g} s",
         )
-
-    def _served_again(self, record: ProviderRecord) -> None:
-        record.revival = None
-        self.statefile.save_in_loop()
 
     async def _revive(self, record: ProviderRecord, attempt: int, settings: Any) -> None:
         async with self.locks.holding([record.name], "revival"):

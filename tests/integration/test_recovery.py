@@ -1,0 +1,344 @@
+"""Decisions that survive (issue 10): the daemon killed at each named step, a bad model
+link across a restart, a unit systemd gave up on, the user's stop, a frozen provider, a
+provider removed while the daemon was down, the bus lost. Real servers, a real manager."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+from diversityd.units import DAEMON_UNIT, unit_name
+from diversityd_lab.embedded import (
+    LLAMA_NATIVE,
+    LLAMA_PYTHON,
+    StackSpec,
+    point_link,
+    write_truncated_model,
+)
+from diversityd_lab.privatemanager import PrivateManager
+from diversityd_lab.stack import RunningStack, ctl_env, free_port, mapped_models, start_stack
+from diversityd_lab.traffic import RequestStream
+
+pytestmark = pytest.mark.integration
+
+NATIVE_UNIT = unit_name(LLAMA_NATIVE)
+PYTHON_UNIT = unit_name(LLAMA_PYTHON)
+SUPERVISION = {"start_grace_s": 20, "ready_wait_s": 90, "revive_initial_s": 2, "revive_max_s": 8}
+
+
+@pytest.fixture(scope="module")
+def recovery_stack(
+    shared_private_manager: PrivateManager,
+    tmp_path_factory: pytest.TempPathFactory,
+    llama_server_bin: Path,
+    llama_cpp_python_interpreter: Path,
+) -> Iterator[RunningStack]:
+    """The two llama servers; llama-server behind a wrapper that fails while a flag file
+    exists (a cause the test can take away); the daemon reads a fault file."""
+    root = tmp_path_factory.mktemp("recovery")
+    wrapper = root / "llama-server-wrapper"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        # it dies after its start job is done: as a server dies loading a broken model
+        f'if [ -e "{root}/broken" ]; then sleep 0.5; echo "broken on purpose" >&2; exit 3; fi\n'
+        f'exec "{llama_server_bin}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    manager = shared_private_manager
+    drop_in = manager.unit_dir / f"{DAEMON_UNIT}.d" / "fault.conf"
+    drop_in.parent.mkdir(parents=True, exist_ok=True)
+    drop_in.write_text(f'[Service]\nEnvironment="DIVERSITYD_FAULT_FILE={root}/fault"\n')
+    spec = StackSpec(
+        ports={LLAMA_NATIVE: free_port(), LLAMA_PYTHON: free_port()},
+        unit_dir=manager.unit_dir,
+        llama_server=wrapper,
+        extra_settings={"supervision": SUPERVISION},
+    )
+    running = start_stack(manager, root / "stack", spec)
+    try:
+        running.wait_all_ready(timeout_s=90)
+        yield running
+    finally:
+        manager.systemctl("stop", DAEMON_UNIT, check=False)
+        drop_in.unlink(missing_ok=True)
+
+
+def pids_of(running: RunningStack, document: dict[str, Any] | None = None) -> dict[str, int]:
+    document = document or running.status()
+    return {p["name"]: p["pid"] for p in document["providers"]}
+
+
+def kill_daemon(running: RunningStack) -> int:
+    pid = running.daemon_pid()
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def wait_daemon_back(running: RunningStack, old_pid: int) -> dict[str, Any]:
+    return running.wait_for(
+        lambda d: d["daemon"].get("running") is True and d["daemon"]["pid"] != old_pid,
+        timeout_s=60,
+    )
+
+
+def settled(running: RunningStack, target: str) -> dict[str, Any]:
+    """Every provider ready and serving `target` (a GGUF file name)."""
+    return running.wait_for(
+        lambda d: (
+            d["daemon"].get("running") is True
+            and all(p["state"] == "ready" for p in d["providers"])
+            and all(mapped_models(p["pid"]) == {target} for p in d["providers"])
+        ),
+        timeout_s=120,
+    )
+
+
+def other_model(running: RunningStack) -> str:
+    current = os.readlink(running.stack.active_link)
+    return "tiny-b.gguf" if current.endswith("tiny-a.gguf") else "tiny-a.gguf"
+
+
+def fault_file(running: RunningStack) -> Path:
+    """Where the daemon of `recovery_stack` reads the step to die at."""
+    return running.stack.root.parent / "fault"
+
+
+def test_a_bad_link_is_never_rolled_out_by_a_restarted_daemon_or_a_reload(
+    recovery_stack: RunningStack,
+) -> None:
+    """Issue 10, scenario 1: the new daemon used to write the link's path into the units
+    and restart healthy servers onto the bad file."""
+    running = recovery_stack
+    serving = os.readlink(running.stack.active_link)
+    document = settled(running, Path(serving).name)
+    pids = pids_of(running, document)
+    bad = write_truncated_model(running.stack.models_dir)
+    try:
+        point_link(running.stack.active_link, f"../{bad.name}")
+        running.wait_for(
+            lambda d: all((p["model_file"] or {}).get("error") for p in d["providers"]), 15
+        )
+        wait_daemon_back(running, kill_daemon(running))
+        time.sleep(3)  # every chance for a wrong restart
+        reloaded = running.ctl("reload")
+        assert reloaded.returncode == 0, reloaded.stderr
+        time.sleep(3)
+        after = running.wait_all_ready()
+        assert pids_of(running, after) == pids
+        for name in (LLAMA_NATIVE, LLAMA_PYTHON):
+            entry = running.provider(name, after)
+            assert mapped_models(entry["pid"]) == {Path(serving).name}
+            assert entry["model_file"]["target"].endswith(Path(serving).name)
+            assert entry["model_file"]["error"]
+        unit_text = (running.manager.unit_dir / NATIVE_UNIT).read_text()
+        assert bad.name not in unit_text
+        assert Path(serving).name in unit_text
+    finally:
+        point_link(running.stack.active_link, serving)
+    back = running.wait_for(
+        lambda d: not any((p["model_file"] or {}).get("error") for p in d["providers"]), 15
+    )
+    assert pids_of(running, back) == pids  # the same file again: nothing rolls
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        "rollout.intent_saved",
+        "rollout.files_written",
+        "rollout.manager_reloaded",
+        "rollout.provider_restarted",
+    ],
+)
+def test_a_daemon_killed_at_a_rollout_step_finishes_the_rollout(
+    recovery_stack: RunningStack, step: str
+) -> None:
+    """kill -9 of the daemon in the middle of a re-point's rollout: when systemd has
+    restarted it, both servers run the new file, and no request went unanswered."""
+    running = recovery_stack
+    document = settled(running, Path(os.readlink(running.stack.active_link)).name)
+    target = other_model(running)
+    daemon = document["daemon"]["pid"]
+    fault_file(running).write_text(step)
+    with RequestStream(running.stack.llama_endpoints()) as stream:
+        point_link(running.stack.active_link, f"../{target}")
+        wait_daemon_back(running, daemon)
+        settled(running, target)
+    assert not fault_file(running).exists(), "the daemon never reached the step"
+    assert running.journal_events("daemon.fault_injected", state=step)
+    assert stream.unanswered == []
+    assert stream.answered > 0
+
+
+def test_a_failed_unit_ends_its_job_at_once_and_is_revived_once_its_cause_is_gone(
+    recovery_stack: RunningStack,
+) -> None:
+    """Issue 10, scenarios 2 and 3: a restart job waited its whole timeout on a unit
+    systemd had failed, and the user's restart of another provider queued behind it; the
+    failed unit stayed failed until restarted by hand."""
+    running = recovery_stack
+    settled(running, Path(os.readlink(running.stack.active_link)).name)
+    broken = running.stack.root.parent / "broken"
+    broken.touch()
+    try:
+        doomed = subprocess.Popen(
+            [sys.executable, "-m", "diversityd.cli", "restart", LLAMA_NATIVE],
+            env=ctl_env(running.manager),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1.0)
+        started = time.monotonic()
+        other = running.ctl("restart", LLAMA_PYTHON, timeout=60)
+        assert other.returncode == 0, other.stdout + other.stderr
+        assert time.monotonic() - started < 45  # not queued behind the doomed job
+        out, err = doomed.communicate(timeout=60)  # ends once systemd gave up, not in 300 s
+        assert doomed.returncode == 1, out + err
+        assert "NOT BACK (failed)" in out
+        failed = running.wait_for(
+            lambda d: (
+                running.provider(LLAMA_NATIVE, d)["state"] == "failed"
+                and running.provider(LLAMA_NATIVE, d)["revival"] is not None
+            ),
+            timeout_s=30,
+        )
+        revival = running.provider(LLAMA_NATIVE, failed)["revival"]
+        assert "unit failed" in revival["last_failure"]
+        assert "reviving" in running.ctl("status").stdout
+    finally:
+        broken.unlink(missing_ok=True)
+    # The cause is gone: nobody helps, it serves again within its backoff (at most 8 s).
+    back = running.wait_for(
+        lambda d: running.provider(LLAMA_NATIVE, d)["state"] == "ready", timeout_s=60
+    )
+    assert running.provider(LLAMA_NATIVE, back)["revival"] is None
+    assert running.journal_events("unit.reviving", provider=LLAMA_NATIVE)
+
+
+def test_what_the_user_stopped_stays_stopped_until_started(recovery_stack: RunningStack) -> None:
+    running = recovery_stack
+    settled(running, Path(os.readlink(running.stack.active_link)).name)
+    stopped = running.ctl("stop", LLAMA_PYTHON)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    try:
+        wait_daemon_back(running, kill_daemon(running))
+        time.sleep(4)  # a restarted daemon would start it here
+        entry = running.provider(LLAMA_PYTHON)
+        assert entry["state"] == "stopped"
+        assert entry["stopped_by_user"] is True
+        assert running.unit_property(PYTHON_UNIT, "ActiveState") == "inactive"
+    finally:
+        started = running.ctl("start", LLAMA_PYTHON)
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert running.provider(LLAMA_PYTHON)["stopped_by_user"] is False
+
+    # `systemctl --user stop` of an owned unit is the user's word too
+    running.manager.systemctl("stop", NATIVE_UNIT)
+    try:
+        running.wait_for(lambda d: running.provider(LLAMA_NATIVE, d)["stopped_by_user"], 15)
+        running.manager.systemctl("restart", DAEMON_UNIT, timeout=60)
+        time.sleep(4)
+        assert running.unit_property(NATIVE_UNIT, "ActiveState") == "inactive"
+    finally:
+        running.manager.systemctl("start", NATIVE_UNIT)
+    back = running.wait_for(
+        lambda d: (
+            running.provider(LLAMA_NATIVE, d)["state"] == "ready"
+            and not running.provider(LLAMA_NATIVE, d)["stopped_by_user"]
+        ),
+        timeout_s=30,
+    )
+    assert back["daemon"]["running"]
+
+
+def test_a_frozen_provider_is_thawed_by_a_new_daemon(recovery_stack: RunningStack) -> None:
+    """Issue 10, scenario 5: a hang drill cut short by the daemon's death left the server
+    SIGSTOPped for ever, and the new daemon called it `starting`."""
+    running = recovery_stack
+    document = settled(running, Path(os.readlink(running.stack.active_link)).name)
+    pid = running.provider(LLAMA_NATIVE, document)["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_daemon_back(running, kill_daemon(running))
+        back = running.wait_for(
+            lambda d: running.provider(LLAMA_NATIVE, d)["state"] == "ready", timeout_s=30
+        )
+    finally:
+        os.kill(pid, signal.SIGCONT)  # whatever happened, never leave it frozen
+    assert running.provider(LLAMA_NATIVE, back)["pid"] == pid
+    assert psutil.Process(pid).status() != psutil.STATUS_STOPPED
+    assert running.journal_events("unit.thawed", provider=LLAMA_NATIVE)
+
+
+def test_a_provider_removed_while_the_daemon_was_down_is_stopped(
+    recovery_stack: RunningStack,
+) -> None:
+    """Issue 10, scenario 7: its unit file was deleted, its process kept its port for ever."""
+    running = recovery_stack
+    settled(running, Path(os.readlink(running.stack.active_link)).name)
+    config_dir = running.stack.config_dir
+    originals = {name: (config_dir / name).read_text() for name in os.listdir(config_dir)}
+    port = running.stack.spec.ports[LLAMA_PYTHON]
+    running.manager.systemctl("stop", DAEMON_UNIT)
+    try:
+        settings = yaml.safe_load(originals["diversityd.yaml"])
+        del settings["providers"][LLAMA_PYTHON]
+        providers = yaml.safe_load(originals["providers.yaml"])
+        del providers["providers"][LLAMA_PYTHON]
+        mappings = yaml.safe_load(originals["model-mappings.yaml"])
+        mappings.pop("exact_matches", None)
+        mappings["fallback_chains"].pop("llama-cpp-default", None)
+        for name, document in (
+            ("diversityd.yaml", settings),
+            ("providers.yaml", providers),
+            ("model-mappings.yaml", mappings),
+        ):
+            (config_dir / name).write_text(yaml.safe_dump(document))
+        running.manager.systemctl("start", DAEMON_UNIT, timeout=60)
+        running.wait_for(lambda d: [p["name"] for p in d["providers"]] == [LLAMA_NATIVE], 30)
+        running.wait_for(lambda _: not (running.manager.unit_dir / PYTHON_UNIT).exists(), 15)
+        assert running.unit_property(PYTHON_UNIT, "ActiveState") in ("inactive", "")
+        listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+        assert not any(c.laddr.port == port for c in listening)
+    finally:
+        running.manager.systemctl("stop", DAEMON_UNIT)
+        for name, text in originals.items():
+            (config_dir / name).write_text(text)
+        running.manager.systemctl("start", DAEMON_UNIT, timeout=60)
+    running.wait_all_ready(timeout_s=90)
+
+
+def test_the_daemon_comes_back_after_the_bus_is_lost_and_restarts_nothing(
+    private_manager: PrivateManager,
+    tmp_path: Path,
+    llama_server_bin: Path,
+    llama_cpp_python_interpreter: Path,
+) -> None:
+    """The user bus dies: the daemon, blind without it, exits; systemd restarts it once
+    the bus is back (socket-activated), and it adopts what runs, restarting nothing.
+    (The bus is restarted through systemd: after a SIGKILL of dbus-daemon, systemd 252
+    itself stalls 90 s reconnecting to the bus it must activate, whatever diversityd
+    does.)"""
+    running = start_stack(private_manager, tmp_path / "stack")
+    try:
+        document = running.wait_all_ready(timeout_s=90)
+        pids = pids_of(running, document)
+        daemon = document["daemon"]["pid"]
+        private_manager.systemctl("restart", "dbus.service")
+        wait_daemon_back(running, daemon)
+        after = running.wait_all_ready(timeout_s=60)
+        assert pids_of(running, after) == pids
+        assert running.journal_events("daemon.bus_lost")
+    finally:
+        private_manager.systemctl("stop", DAEMON_UNIT, check=False)
