@@ -85,6 +85,7 @@ class DaemonStatus(TypedDict):
     host: str | None
     last_reload: ReloadOutcome | None
     jobs_running: list[str]
+    unit_files_error: str | None  # why unit files could not be written (retried)
 
 
 class CardStatus(TypedDict):
@@ -222,6 +223,8 @@ def format_status(document: StatusDocument) -> str:
     daemon = document["daemon"]
     if daemon["running"]:
         lines.append(f"daemon: running (pid {daemon['pid']}, since {daemon['since']})")
+        if daemon["unit_files_error"]:
+            lines.append(f"  unit files NOT written (retrying): {daemon['unit_files_error']}")
     else:
         lines.append(f"daemon: DOWN ({daemon['reason'] or 'not on the user bus'})")
     for p in document["providers"]:

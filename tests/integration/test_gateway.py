@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -217,6 +219,19 @@ def test_history_and_rollback(gateway_stack: RunningStack) -> None:
     gateway = gateway_stack.status()["gateway"]
     assert gateway["pinned"] == older["id"]
     assert Path(gateway["config"]).read_text() == Path(older["path"]).read_text()
+    # the pin outlives the daemon (issue 10, scenario 4): a new daemon does not reload the
+    # config the user rolled back from
+    daemon = gateway_stack.daemon_pid()
+    os.kill(daemon, signal.SIGKILL)
+    gateway_stack.wait_for(
+        lambda d: d["daemon"].get("running") is True and d["daemon"]["pid"] != daemon,
+        timeout_s=60,
+    )
+    time.sleep(8)  # past the debounce and the interval between reloads
+    again = gateway_stack.status()["gateway"]
+    assert again["pinned"] == older["id"]
+    assert again["unit"] == gateway["unit"]
+    assert Path(again["config"]).read_text() == Path(older["path"]).read_text()
     # a configuration reload ends the pin and renders afresh
     assert gateway_stack.ctl("reload").returncode == 0
     gateway_stack.wait_for(lambda d: d["gateway"]["pinned"] is None, timeout_s=30)
@@ -263,3 +278,73 @@ def test_a_drill_that_would_leave_a_model_without_fallback_is_refused(
     assert "qwen-coder-vllm" in result.stderr
     assert "--force" in result.stderr
     assert gateway_stack.provider(VLLM)["state"] == "ready"  # nothing was touched
+
+
+@pytest.fixture
+def gateway_faults(gateway_stack: RunningStack) -> Iterator[Path]:
+    """The daemon of `gateway_stack` reads the step to die at from the returned file."""
+    manager = gateway_stack.manager
+    fault = gateway_stack.stack.root / "fault"
+    drop_in = manager.unit_dir / "diversityd.service.d" / "fault.conf"
+    drop_in.parent.mkdir(parents=True, exist_ok=True)
+    drop_in.write_text(f'[Service]\nEnvironment="DIVERSITYD_FAULT_FILE={fault}"\n')
+    manager.systemctl("daemon-reload")
+    manager.systemctl("restart", "diversityd.service", timeout=60)
+    try:
+        wait_gateway_ready(gateway_stack)
+        yield fault
+    finally:
+        fault.unlink(missing_ok=True)
+        drop_in.unlink(missing_ok=True)
+        manager.systemctl("daemon-reload")
+        manager.systemctl("restart", "diversityd.service", timeout=60)
+        gateway_stack.manager.systemctl("start", f"diversityd-{VLLM}.service")
+        wait_gateway_ready(gateway_stack)
+
+
+@pytest.mark.parametrize(
+    "step", ["gateway.config_written", "gateway.instance_ready", "gateway.switched"]
+)
+def test_a_daemon_killed_in_a_gateway_reload_leaves_one_gateway_in_sync(
+    gateway_stack: RunningStack, gateway_faults: Path, step: str
+) -> None:
+    """kill -9 of the daemon at each step of a blue/green reload: clients see nothing, and
+    once systemd has restarted the daemon one instance serves the config that renders."""
+    document = wait_gateway_ready(gateway_stack)
+    daemon = document["daemon"]["pid"]
+    vllm = f"diversityd-{VLLM}.service"
+    verb = "stop" if gateway_stack.unit_property(vllm, "ActiveState") == "active" else "start"
+    gateway_faults.write_text(step)
+    with gateway_stream(gateway_stack, "llama-cpp-native") as stream:
+        # vLLM goes (or comes back): what the gateway serves changes, so it reloads
+        gateway_stack.manager.systemctl(verb, vllm)
+        gateway_stack.wait_for(
+            lambda d: d["daemon"].get("running") is True and d["daemon"]["pid"] != daemon,
+            timeout_s=240,
+            poll_s=0.5,
+        )
+        settled = wait_gateway_ready(gateway_stack, timeout_s=240)
+    assert not gateway_faults.exists(), "the daemon never reached the step"
+    assert gateway_stack.journal_events("daemon.fault_injected", state=step)
+    assert stream.failed == [], stream.failed[:5]
+    assert len(stream.answers) > 0
+    active = [
+        color
+        for color in ("blue", "green")
+        if gateway_stack.unit_property(f"diversityd-gateway@{color}.service", "ActiveState")
+        in ("active", "deactivating")
+    ]
+    assert settled["gateway"]["unit"] in {f"diversityd-gateway@{c}.service" for c in active}
+    gateway_stack.wait_for(
+        lambda _: (
+            [
+                c
+                for c in ("blue", "green")
+                if gateway_stack.unit_property(f"diversityd-gateway@{c}.service", "ActiveState")
+                == "active"
+            ]
+            == [settled["gateway"]["unit"].split("@")[1].split(".")[0]]
+        ),
+        timeout_s=180,
+        poll_s=1.0,
+    )

@@ -62,6 +62,7 @@ def document(*providers: ProviderStatus, running: bool = True) -> StatusDocument
             "host": "box",
             "last_reload": None,
             "jobs_running": [],
+            "unit_files_error": None,
         },
         "providers": list(providers),
         "gpus": NO_GPU_STATUS,

@@ -97,6 +97,7 @@ async def _status_from_systemd(config_dir: Path, reason: str) -> StatusDocument:
             "host": config.settings.host if config else None,
             "last_reload": None,
             "jobs_running": [],
+            "unit_files_error": None,
         },
         "providers": providers,
         "gpus": NO_GPU_STATUS,

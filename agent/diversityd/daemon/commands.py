@@ -86,6 +86,7 @@ class Commands:
                 "host": store.config.settings.host if store.config else socket.gethostname(),
                 "last_reload": store.last_reload,
                 "jobs_running": self.jobs.running(),
+                "unit_files_error": store.unit_errors,
             },
             "providers": [record.to_status() for record in store.records.values()],
             "gpus": store.gpu.to_status(),
