@@ -36,6 +36,11 @@ def default_state_dir() -> Path:
     return xdg_dir("XDG_STATE_HOME", ".local/state") / "diversityd"
 
 
+def state_dir(configured: str | None) -> Path:
+    """diversityd.yaml's `state_dir` (with ~), else the default."""
+    return Path(os.path.expanduser(configured)) if configured else default_state_dir()
+
+
 def default_unit_dir() -> Path:
     return xdg_dir("XDG_CONFIG_HOME", ".config") / "systemd" / "user"
 

@@ -49,6 +49,9 @@ class UnitContext:
     default_llama_python: str
     llama_lib_dir: str  # the shared llama.cpp libraries llama-cpp-python loads
     python: str  # diversityd's own interpreter (for diversityd.service)
+    # where each unit's `environment:` from diversityd.yaml is written, mode 0600: values
+    # there may be secrets, and unit files are world-readable
+    env_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,24 @@ class RenderedUnit:
     name: str
     provider: str | None  # None for diversityd's own units (the daemon, the gateway)
     text: str
+    env_file: str | None = None  # the user's environment for it, written 0600 ...
+    env_text: str | None = None  # ... with this text (EnvironmentFile= names it)
+
+
+def env_file_text(environment: Mapping[str, str]) -> str:
+    """An EnvironmentFile= for systemd: single quotes keep a value as it is; a value with a
+    single quote is double-quoted with `\\`, `"`, `$` and `` ` `` escaped. A newline cannot
+    be written (it would end the assignment): refused."""
+    lines = []
+    for name, value in sorted(environment.items()):
+        if "\n" in value or "\r" in value:
+            raise ValueError(f"environment {name}: a value cannot hold a newline")
+        if "'" not in value:
+            lines.append(f"{name}='{value}'")
+        else:
+            escaped = "".join(f"\\{c}" if c in '\\"$`' else c for c in value)
+            lines.append(f'{name}="{escaped}"')
+    return "".join(f"{line}\n" for line in lines)
 
 
 def unit_name(provider: str) -> str:
@@ -171,7 +192,6 @@ def server_arguments(
         environment["CUDA_VISIBLE_DEVICES"] = str(owned.gpu)  # one card per server
     environment.update(gpu.environment)  # hidden GPU, Ollama's cap
     args += list(owned.extra_args)
-    environment.update(owned.environment)  # the user's escape hatch wins
     return args, environment
 
 
@@ -203,17 +223,33 @@ def render_provider_unit(
         owned, provider, model_name, gpu, context, model_file=model_file
     )
     host, port = provider.address
+    lines = [environment_line(k, v) for k, v in sorted(environment.items())]
+    env_file = env_text = None
+    if owned.environment:
+        # The user's own environment: in a 0600 file (it may hold tokens), read after the
+        # Environment= lines, so it wins over the plan's (systemd's order).
+        if not context.env_dir:
+            raise ValueError("the unit context names no env_dir for the user's environment")
+        env_file = str(PurePosixPath(context.env_dir) / f"{name.removesuffix('.service')}.env")
+        env_text = env_file_text(owned.environment)
+        lines.append(f"EnvironmentFile={env_file.replace('%', '%%')}")
     values = {
         "HEADER": HEADER_TEMPLATE.format(provider=owned.provider, unit=name).rstrip("\n"),
-        "PROVIDER": owned.provider.replace("%", "%%"),
-        "MODEL_NAME": model_name.replace("%", "%%"),
+        "PROVIDER": _one_line(owned.provider).replace("%", "%%"),
+        "MODEL_NAME": _one_line(model_name).replace("%", "%%"),
         "EXEC_START": command_line(args),
-        "ENVIRONMENT": "\n".join(environment_line(k, v) for k, v in sorted(environment.items())),
+        "ENVIRONMENT": "\n".join(lines),
         "UNIT_BASENAME": name.removesuffix(".service"),
         "HOST_PORT": listen_address(host, port),
     }
     text = fill_template(context.templates[TEMPLATE_OF_SERVER[owned.server]], values)
-    return RenderedUnit(name=name, provider=owned.provider, text=text)
+    return RenderedUnit(name, owned.provider, text, env_file=env_file, env_text=env_text)
+
+
+def _one_line(text: str) -> str:
+    """Names go into `Description=`: a control character there would start a directive of
+    its own (validation refuses such names; this is the second line of defence)."""
+    return re.sub(r"[\x00-\x1f\x7f]", "?", text)
 
 
 def render_daemon_unit(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,8 @@ def validate(
     findings.extend(check_graph(config, catalog, environ))
     findings.extend(_check_gateway_settings(config))
     findings.extend(_check_owned_models(config, catalog))
+    findings.extend(_check_names(config))
+    findings.extend(_check_owned_arguments(config))
     return Report(tuple(_dedupe(findings)), config, catalog)
 
 
@@ -116,6 +119,65 @@ def _check_owned_models(config: Config, catalog: Catalog) -> Iterable[Finding]:
                 f"{name} is run by diversityd but serves no configured model name",
                 f"add `models: [NAME]` to {name} in providers.yaml or an exact_matches entry",
             )
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Arguments that carry a secret: on a command line every user on the machine reads them
+# (/proc/PID/cmdline), and the unit file that holds them is world-readable.
+_SECRET_FLAGS = re.compile(
+    r"^--?(api[-_]?key|hf[-_]?token|token|password|secret)(=.*)?$", re.IGNORECASE
+)
+_SECRET_VALUE = re.compile(r"^(sk-|hf_|ghp_|xox[abp]-)\S{8,}")
+
+
+def _check_names(config: Config) -> Iterable[Finding]:
+    """Names end up in unit files and their descriptions: a newline there would write
+    directives of its own (ExecStartPre=...), so no control character is allowed."""
+    named: list[tuple[str, Where, str]] = []
+    for provider in config.providers.values():
+        named.append((provider.name, provider.where, "provider name"))
+        for model in provider.models:
+            named.append((model.name, model.where, "model name"))
+            if model.backend_model is not None:
+                named.append((model.backend_model, model.where, "backend model name"))
+    for match in config.exact_matches.values():
+        named.append((match.name, match.where, "model name"))
+    for chain in config.chains.values():
+        named.append((chain.model, chain.where, "model name"))
+        named += [(t, chain.target_where(i), "chain target") for i, t in enumerate(chain.targets)]
+    for name, where, what in named:
+        if _CONTROL.search(name):
+            yield config.finding(
+                Severity.ERROR,
+                "control-character",
+                where,
+                f"the {what} {name!r} holds a control character (a newline, a tab...)",
+                "use letters, digits and punctuation only",
+            )
+
+
+def _check_owned_arguments(config: Config) -> Iterable[Finding]:
+    for name, owned in config.settings.owned.items():
+        for index, arg in enumerate(owned.extra_args):
+            where = Where(owned.where.file, (*owned.where.path, "extra_args", index))
+            if _SECRET_FLAGS.match(arg) or _SECRET_VALUE.match(arg.partition("=")[2] or arg):
+                yield config.finding(
+                    Severity.ERROR,
+                    "secret-in-arguments",
+                    where,
+                    f"{name}: {arg.partition('=')[0]!r} passes a secret on the command line, "
+                    "which every user can read (/proc) and the unit file would keep",
+                    "give it through `environment:` instead (written to a 0600 file), e.g. "
+                    "LLAMA_API_KEY for llama-server, or drop it",
+                )
+            elif _CONTROL.search(arg):
+                yield config.finding(
+                    Severity.ERROR,
+                    "control-character",
+                    where,
+                    f"{name}: an argument holds a control character",
+                    "use one argument per list item",
+                )
 
 
 def _settings_path(config: Config) -> str:

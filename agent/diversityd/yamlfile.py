@@ -18,6 +18,16 @@ KeyPath = tuple[str | int, ...]
 
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
+# A configuration is a few hundred values. Aliases can make a small file expand without
+# bound (`a: &a [x, x]`, `b: &b [*a, *a]`, ...: a "billion laughs" takes minutes and all
+# memory); both limits answer at once instead.
+MAX_BYTES = 1 << 20
+MAX_VALUES = 100_000
+
+
+class _TooBigError(Exception):
+    pass
+
 
 def format_key_path(path: KeyPath) -> str:
     """`("fallback_chains", "llama3.1:latest", "chain", 0)`
@@ -69,20 +79,49 @@ class LoadedYaml:
         )
 
 
+def _too_big(file: str, message: str) -> ConfigError:
+    return ConfigError(
+        [
+            Finding(
+                severity=Severity.ERROR,
+                code="yaml-too-big",
+                message=message,
+                file=file,
+                hint="a configuration is a few hundred values: remove the aliases (&name, "
+                "*name) that repeat one another, or split the file",
+            )
+        ]
+    )
+
+
 def parse_yaml(text: str, file: str) -> LoadedYaml:
-    """Parse one YAML document; raises ConfigError (with line and column) when malformed."""
+    """Parse one YAML document; raises ConfigError (with line and column) when malformed,
+    and at once when it is, or expands to, far more than a configuration holds."""
+    if len(text) > MAX_BYTES:
+        raise _too_big(file, f"the file holds {len(text):,} characters (at most {MAX_BYTES:,})")
     loader = yaml.SafeLoader(text)
     positions: dict[KeyPath, tuple[int, int]] = {}
     duplicates: list[Finding] = []
+    budget = [MAX_VALUES]
     try:
         node = loader.get_single_node()
         data = (
             None
             if node is None
             else _convert(
-                loader, node, path=(), positions=positions, duplicates=duplicates, file=file
+                loader,
+                node,
+                path=(),
+                positions=positions,
+                duplicates=duplicates,
+                file=file,
+                budget=budget,
             )
         )
+    except _TooBigError:
+        raise _too_big(
+            file, f"its aliases expand to more than {MAX_VALUES:,} values (an alias bomb?)"
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or "malformed YAML"
@@ -127,7 +166,11 @@ def _convert(
     positions: dict[KeyPath, tuple[int, int]],
     duplicates: list[Finding],
     file: str,
+    budget: list[int],
 ) -> Any:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooBigError
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves `<<:` merge keys as SafeLoader would
         result: dict[Any, Any] = {}
@@ -159,6 +202,7 @@ def _convert(
                 positions=positions,
                 duplicates=duplicates,
                 file=file,
+                budget=budget,
             )
         return result
     if isinstance(node, yaml.SequenceNode):
@@ -175,6 +219,7 @@ def _convert(
                     positions=positions,
                     duplicates=duplicates,
                     file=file,
+                    budget=budget,
                 )
             )
         return items

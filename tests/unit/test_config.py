@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -240,3 +241,79 @@ def test_cycles_print_as_a_path(mappings: str) -> None:
     path = finding.message.removeprefix("fallback cycle: ").split(" -> ")
     assert path[0] == path[-1]
     assert len(path) >= 2
+
+
+ALIAS_BOMB = "\n".join(
+    ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    + ["providers: *a8", ""]
+)
+
+
+@pytest.mark.timeout(20)  # before the bound it ran for minutes (issue 11, scenario 3)
+def test_an_alias_bomb_is_refused_at_once_naming_the_file(tmp_path: Path) -> None:
+    from diversityd.errors import ConfigError
+    from diversityd.yamlfile import parse_yaml
+
+    with pytest.raises(ConfigError) as refused:
+        parse_yaml(ALIAS_BOMB, "providers.yaml")
+    (finding,) = refused.value.findings
+    assert finding.code == "yaml-too-big"
+    assert finding.file == "providers.yaml"
+    assert "alias" in finding.message
+    with pytest.raises(ConfigError) as huge:
+        parse_yaml("x: 1\n" * 300_000, "providers.yaml")
+    assert huge.value.findings[0].code == "yaml-too-big"
+
+
+@pytest.mark.timeout(60)
+def test_validate_refuses_an_alias_bomb_with_exit_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "providers.yaml").write_text(ALIAS_BOMB)
+    (tmp_path / "model-mappings.yaml").write_text("fallback_chains: {}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "diversityd.cli", "validate", "--config-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "providers.yaml" in result.stdout + result.stderr
+    assert "alias" in result.stdout + result.stderr
+
+
+def test_names_with_control_characters_and_secrets_in_arguments_are_refused() -> None:
+    """Issue 11, scenario 7: a newline in a name wrote a directive into a unit, and
+    `--api-key` values went into world-readable unit files; validate passed both."""
+    report = check(
+        providers=textwrap.dedent(
+            """\
+            providers:
+              "native\\nExecStartPre=/bin/sh":
+                type: llama_cpp
+                base_url: http://127.0.0.1:8080
+                models: ["tiny\\tmodel"]
+            """
+        ),
+        mappings="fallback_chains: {}\n",
+        settings=textwrap.dedent(
+            """\
+            providers:
+              "native\\nExecStartPre=/bin/sh":
+                server: llama-server
+                model_path: /m/x.gguf
+                extra_args: ["--api-key", "sk-abcdefghijklmnop", "--token=xyz"]
+            """
+        ),
+    )
+    codes = [f.code for f in report.of(Severity.ERROR)]
+    assert codes.count("control-character") >= 2
+    assert codes.count("secret-in-arguments") == 3  # the flag, its sk- value, the =form
+    secret = next(f for f in report.of(Severity.ERROR) if f.code == "secret-in-arguments")
+    assert secret.file is not None
+    assert secret.file.endswith("diversityd.yaml")
+    assert "environment" in (secret.hint or "")
+    assert "sk-abcdefghijklmnop" not in secret.format()  # the finding never repeats it

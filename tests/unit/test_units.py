@@ -15,6 +15,7 @@ from diversityd.units import (
     RenderedUnit,
     UnitContext,
     command_line,
+    env_file_text,
     environment_line,
     quote_arg,
     render_daemon_unit,
@@ -69,6 +70,7 @@ def context() -> UnitContext:
         default_llama_python="/cache/python",
         llama_lib_dir="/cache/lib",
         python="/venv/bin/python",
+        env_dir="/state/env",
     )
 
 
@@ -134,7 +136,11 @@ def test_llama_server_unit() -> None:
     assert args[args.index("--threads") + 1] == "3"
     assert args[args.index("--port") + 1] == "8080"
     assert args[-4:] == ["--flash-attn", "on", "--log-prefix", "a;b"]
-    assert 'Environment="GGML_CUDA_NO_PINNED=1"' in unit.text
+    # the user's environment is in a 0600 file the unit names, never in the unit itself
+    assert "GGML_CUDA_NO_PINNED" not in unit.text
+    assert "EnvironmentFile=/state/env/diversityd-native.env" in unit.text
+    assert unit.env_file == "/state/env/diversityd-native.env"
+    assert unit.env_text == "GGML_CUDA_NO_PINNED='1'\n"
     assert "Restart=on-failure" in unit.text
 
 
@@ -250,3 +256,32 @@ def test_a_cpu_plan_hides_the_gpu_and_the_plan_sets_vllms_share() -> None:
         context(),
     )
     assert f'Environment="OLLAMA_GPU_OVERHEAD={3 << 30}"' in ollama.text
+
+
+def test_environment_files_keep_values_as_they_are() -> None:
+    text = env_file_text({"TOKEN": "hf_abc $HOME 100%", "Q": 'it\'s "x" \\ $Y'})
+    assert text == 'Q="it\'s \\"x\\" \\\\ \\$Y"\nTOKEN=\'hf_abc $HOME 100%\'\n'
+    with pytest.raises(ValueError, match="newline"):
+        env_file_text({"A": "x\nExecStartPre=/bin/evil"})
+
+
+def test_a_newline_in_a_name_never_reaches_a_directive() -> None:
+    config, _ = parse_config(
+        {
+            "providers.yaml": PROVIDERS,
+            "model-mappings.yaml": "fallback_chains: {}\n",
+            "diversityd.yaml": SETTINGS,
+        },
+        config_dir="/cfg",
+        hostname="box",
+    )
+    assert config is not None
+    owned = config.settings.owned["native"]
+    unit = render_provider_unit(
+        config,
+        owned,
+        ["bad\nExecStartPre=/x"],
+        GpuSettings("native", n_gpu_layers=0, hide_gpu=True, server=owned.server, gpu=None),
+        context(),
+    )
+    assert not any(line.startswith("ExecStartPre=") for line in unit.text.splitlines())

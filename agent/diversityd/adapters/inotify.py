@@ -21,6 +21,7 @@ IN_CREATE = 0x00000100
 IN_DELETE = 0x00000200
 IN_DELETE_SELF = 0x00000400
 IN_MOVE_SELF = 0x00000800
+IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
 IN_ONLYDIR = 0x01000000
 IN_DONT_FOLLOW = 0x02000000
@@ -36,6 +37,16 @@ class InotifyEvent:
     directory: Path
     name: str
     mask: int
+
+    @property
+    def watch_lost(self) -> bool:
+        """The folder's watch is gone (it was deleted or replaced): watch its path again."""
+        return bool(self.mask & IN_IGNORED)
+
+    @property
+    def overflow(self) -> bool:
+        """The kernel dropped events: look at everything again."""
+        return bool(self.mask & IN_Q_OVERFLOW)
 
 
 def _libc() -> ctypes.CDLL:
@@ -68,6 +79,9 @@ class Inotify:
             raise OSError(code, f"inotify_add_watch {directory}: {os.strerror(code)}")
         self._watches[wd] = directory
 
+    def watched(self) -> set[Path]:
+        return set(self._watches.values())
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         loop.add_reader(self.fd, self._read)
@@ -85,9 +99,14 @@ class Inotify:
             offset += _EVENT_HEADER.size
             raw_name = data[offset : offset + length].rstrip(b"\0")
             offset += length
-            directory = self._watches.get(wd)
-            if directory is None or mask & IN_IGNORED:
+            if mask & IN_Q_OVERFLOW:
+                self._callback(InotifyEvent(Path(), "", mask))
                 continue
+            directory = self._watches.get(wd)
+            if directory is None:
+                continue
+            if mask & IN_IGNORED:
+                del self._watches[wd]  # the kernel removed it: the folder went away
             self._callback(InotifyEvent(directory, os.fsdecode(raw_name), mask))
 
     def close(self) -> None:

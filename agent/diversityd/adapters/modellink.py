@@ -74,14 +74,25 @@ def resolve(path: str) -> ModelTarget:
 
 class LinkWatcher:
     """Calls `on_change(path)` (debounced) when anything on a watched path's chain changes:
-    the link re-pointed (`ln -sfn`: create + rename), a hop replaced, the target rewritten."""
+    the link re-pointed (`ln -sfn`: create + rename), a hop replaced, the target rewritten.
 
-    def __init__(self, on_change: Callable[[str], None], debounce_s: float = 0.2) -> None:
+    A folder that goes away (deleted, or replaced by `mv`) loses its watch: its path is
+    watched again as soon as it exists, and a lost event queue means every path changed."""
+
+    def __init__(
+        self,
+        on_change: Callable[[str], None],
+        debounce_s: float = 0.2,
+        rewatch_s: float = 1.0,
+    ) -> None:
         self._on_change = on_change
         self._debounce_s = debounce_s
+        self._rewatch_s = rewatch_s
         self._inotify = Inotify(self._on_event)
         self._directories: dict[str, set[str]] = {}  # watched directory -> configured paths
+        self._missing: dict[str, set[str]] = {}  # not watched (yet) -> configured paths
         self._pending: dict[str, asyncio.TimerHandle] = {}
+        self._rewatch: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -91,18 +102,48 @@ class LinkWatcher:
     def watch(self, target: ModelTarget) -> None:
         """Watch the directory of every hop (so a change anywhere in the chain is seen)."""
         for hop in target.hops:
-            directory = str(Path(hop).parent)
-            if directory not in self._directories:
-                try:
-                    self._inotify.watch_directory(Path(directory), LINK_CHANGES)
-                except OSError:
-                    continue  # a missing hop's folder: the link's own folder still reports
-                self._directories[directory] = set()
-            self._directories[directory].add(target.path)
+            self._watch_directory(str(Path(hop).parent), {target.path})
+
+    def _watch_directory(self, directory: str, paths: set[str]) -> bool:
+        if directory in self._directories:
+            self._directories[directory] |= paths
+            return True
+        try:
+            self._inotify.watch_directory(Path(directory), LINK_CHANGES)
+        except OSError:
+            # A missing hop's folder (mid-replace, or never there): tried again shortly.
+            self._missing.setdefault(directory, set()).update(paths)
+            self._schedule_rewatch()
+            return False
+        self._directories[directory] = set(paths)
+        return True
 
     def _on_event(self, event: InotifyEvent) -> None:
-        for path in self._directories.get(str(event.directory), ()):
+        if event.overflow:
+            for path in {p for paths in self._directories.values() for p in paths}:
+                self._schedule(path)
+            return
+        directory = str(event.directory)
+        paths = self._directories.get(directory, set())
+        if event.watch_lost:
+            self._directories.pop(directory, None)
+            self._missing.setdefault(directory, set()).update(paths)
+            self._schedule_rewatch()
+        for path in paths:
             self._schedule(path)
+
+    def _schedule_rewatch(self) -> None:
+        if self._loop is None or self._rewatch is not None:
+            return
+        self._rewatch = self._loop.call_later(self._rewatch_s, self._try_rewatch)
+
+    def _try_rewatch(self) -> None:
+        self._rewatch = None
+        for directory, paths in list(self._missing.items()):
+            del self._missing[directory]
+            if self._watch_directory(directory, paths):
+                for path in paths:
+                    self._schedule(path)  # it changed while unwatched, perhaps
 
     def _schedule(self, path: str) -> None:
         if self._loop is None:
@@ -119,4 +160,6 @@ class LinkWatcher:
     def close(self) -> None:
         for handle in self._pending.values():
             handle.cancel()
+        if self._rewatch is not None:
+            self._rewatch.cancel()
         self._inotify.close()

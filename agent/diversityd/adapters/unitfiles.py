@@ -22,7 +22,9 @@ def load_templates() -> dict[str, str]:
     return {item.name: item.read_text(encoding="utf-8") for item in folder.iterdir()}
 
 
-def machine_context(python: str) -> UnitContext:
+def machine_context(python: str, env_dir: Path | None = None) -> UnitContext:
+    """What this machine gives rendering; `env_dir`: where the units' environment files go
+    (default: the state directory's `env/`)."""
     return UnitContext(
         home=str(Path.home()),
         templates=load_templates(),
@@ -30,6 +32,7 @@ def machine_context(python: str) -> UnitContext:
         default_llama_python=str(parts.llama_cpp_python_interpreter()),
         llama_lib_dir=str(parts.llama_bin_dir()),
         python=python,
+        env_dir=str(env_dir or parts.default_state_dir() / "env"),
     )
 
 
@@ -59,6 +62,8 @@ def sync_units(
     """
     result = SyncResult()
     wanted: set[str] = set()
+    units = list(units)
+    write_environment_files(units)
     for unit in units:
         wanted.add(unit.name)
         path = unit_dir / unit.name
@@ -93,3 +98,13 @@ def owned_provider_units(unit_dir: Path) -> list[str]:
         if text is not None and is_owned_text(text):
             names.append(path.name)
     return names
+
+
+def write_environment_files(units: Iterable[RenderedUnit]) -> None:
+    """Each unit's environment file (0600: it may hold tokens), before the unit naming it."""
+    for unit in units:
+        if unit.env_file is None or unit.env_text is None:
+            continue
+        path = Path(unit.env_file)
+        if read_text_or_none(path) != unit.env_text or path.stat().st_mode & 0o077:
+            write_atomic(path, unit.env_text, mode=0o600)

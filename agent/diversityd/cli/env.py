@@ -28,8 +28,7 @@ def key_file_of(master_key_file: str | None, state_dir: str | None) -> Path:
 
     if master_key_file:
         return Path(os.path.expanduser(master_key_file))
-    base = Path(os.path.expanduser(state_dir)) if state_dir else parts.default_state_dir()
-    return base / "master.key"
+    return parts.state_dir(state_dir) / "master.key"
 
 
 @click.command("env")

@@ -331,7 +331,7 @@ def make_plan(
     unit_dir = unit_dir_option or (
         expand(settings.unit_dir) if settings.unit_dir else parts.default_unit_dir()
     )
-    state_dir = expand(settings.state_dir) if settings.state_dir else parts.default_state_dir()
+    state_dir = parts.state_dir(settings.state_dir)
     adopt_files: list[PlannedFile] = []
     if proposal.changed:
         adopt_files.append(

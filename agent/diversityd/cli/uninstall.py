@@ -57,9 +57,7 @@ def _dirs(config_dir: Path | None, unit_dir: Path | None) -> tuple[Path, Path]:
     units = unit_dir or (
         expand(settings.unit_dir) if settings and settings.unit_dir else parts.default_unit_dir()
     )
-    state = (
-        expand(settings.state_dir) if settings and settings.state_dir else parts.default_state_dir()
-    )
+    state = parts.state_dir(settings.state_dir if settings else None)
     return units, state
 
 

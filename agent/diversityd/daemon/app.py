@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -20,7 +21,6 @@ from pathlib import Path
 
 from diversityd import __version__
 from diversityd.adapters.control import ControlInterface, export_interface
-from diversityd.adapters.inotify import Inotify
 from diversityd.adapters.journal import configure_logging
 from diversityd.adapters.notify import Notifier
 from diversityd.adapters.systemd import Systemd
@@ -39,7 +39,7 @@ from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import Store
 from diversityd.errors import DiversitydError, Severity
 from diversityd.log import get_logger
-from diversityd.parts import default_config_dir, default_state_dir, default_unit_dir
+from diversityd.parts import default_config_dir, default_unit_dir, state_dir
 from diversityd.state import ProviderState
 from diversityd.validation import check_config_dir
 
@@ -90,9 +90,7 @@ class Daemon:
     def _state_dir(self) -> Path:
         config = self.store.config
         assert config is not None
-        if config.settings.state_dir:
-            return Path(os.path.expanduser(config.settings.state_dir))
-        return default_state_dir()
+        return state_dir(config.settings.state_dir)
 
     def _build(self, systemd: Systemd) -> None:
         """The services, each given what it needs and nothing more."""
@@ -198,6 +196,9 @@ class Daemon:
             event_loop.add_signal_handler(signum, self._stop.set)
         loop.spawn(loop.run(), name="state")
         await loop.call(lambda: store.adopt_config(report))
+        store.unit_context = dataclasses.replace(
+            store.unit_context, env_dir=str(self._state_dir() / "env")
+        )
         self.statefile = StateFile(loop, store, self._state_dir())
         persisted = self.statefile.load()
         await loop.call(lambda: store.adopt_persisted(persisted))
@@ -208,9 +209,7 @@ class Daemon:
         await self.supervisor.refresh_snapshots()
         await self.supervisor.thaw_frozen()
         unit_dir = self.rollout.unit_dir
-        inotify = Inotify(self.rollout.on_unit_dir_event)
-        inotify.watch_directory(unit_dir, create=True)
-        inotify.start(event_loop)
+        self.rollout.watch_unit_dir(event_loop)
         loop.spawn(self.rollout.restore_loop(), name="restore")
         loop.spawn(self.rollout.retry_loop(), name="retry")
         self.models.start(event_loop)
@@ -243,7 +242,7 @@ class Daemon:
         lost_bus.cancel()
         self.notifier.stopping()
         log.info("daemon.stopping", pid=os.getpid())
-        inotify.close()
+        self.rollout.close()
         self.models.close()
         with contextlib.suppress(Exception):
             await loop.cancel_tasks()

@@ -28,6 +28,7 @@ from diversityd.adapters.files import read_text_or_none
 from diversityd.adapters.gatewaylauncher import key_file_is_environment
 from diversityd.adapters.litellm import GatewayFiles, ensure_master_key, key_file_problem
 from diversityd.adapters.systemd import Systemd, SystemdError
+from diversityd.config import Settings
 from diversityd.daemon.loop import StateLoop, checkpoint
 from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import GatewayRecord, Store, sha256_text
@@ -52,6 +53,33 @@ DEBOUNCE_S = 1.0  # let a burst of state changes settle into one reload
 MIN_INTERVAL_S = 5.0  # between the starts of two reloads
 START_TIMEOUT_S = 200.0
 FIRST_RENDER_WAIT_S = 120.0  # at start-up, wait this long for the providers' first answers
+RETRY_FIRST_S, RETRY_MAX_S = 30.0, 600.0  # a config whose proxy would not start
+DRAIN_MAX_S = 60.0  # an old proxy's requests in flight get this long to finish
+
+
+def _gateway_places(settings: Settings) -> tuple[GatewayFiles, Path, GatewayPaths]:
+    """Where the gateway's configs, history and key live, and what its units name."""
+    gateway = settings.gateway
+    state_dir = parts.state_dir(settings.state_dir)
+    files = GatewayFiles(state_dir, gateway.keep_configs)
+    key_file = (
+        Path(os.path.expanduser(gateway.master_key_file))
+        if gateway.master_key_file
+        else state_dir / "master.key"
+    )
+    python = (
+        str(Path(os.path.expanduser(gateway.litellm_venv)) / "bin" / "python")
+        if gateway.litellm_venv
+        else str(parts.litellm_interpreter())
+    )
+    paths = GatewayPaths(
+        config_dir=str(files.config_dir),
+        key_file=str(key_file),
+        environment_files=gateway.environment_files,
+        litellm_python=python,
+        launcher=str(Path(gatewaylauncher.__file__).resolve()),
+    )
+    return files, key_file, paths
 
 
 class GatewayManager:
@@ -71,31 +99,8 @@ class GatewayManager:
         self._on_unit_change = on_unit_change  # the bus callback every watched unit shares
         config = store.config
         assert config is not None
-        settings = config.settings
-        gateway = settings.gateway
-        state_dir = (
-            Path(os.path.expanduser(settings.state_dir))
-            if settings.state_dir
-            else parts.default_state_dir()
-        )
-        self.files = GatewayFiles(state_dir, gateway.keep_configs)
-        self.key_file = (
-            Path(os.path.expanduser(gateway.master_key_file))
-            if gateway.master_key_file
-            else state_dir / "master.key"
-        )
-        python = (
-            str(Path(os.path.expanduser(gateway.litellm_venv)) / "bin" / "python")
-            if gateway.litellm_venv
-            else str(parts.litellm_interpreter())
-        )
-        self.paths = GatewayPaths(
-            config_dir=str(self.files.config_dir),
-            key_file=str(self.key_file),
-            environment_files=gateway.environment_files,
-            litellm_python=python,
-            launcher=str(Path(gatewaylauncher.__file__).resolve()),
-        )
+        gateway = config.settings.gateway
+        self.files, self.key_file, self.paths = _gateway_places(config.settings)
         self.record = GatewayRecord(
             url=f"http://{listen_address(gateway.host, gateway.port)}",
             key_file=str(self.key_file),
@@ -106,6 +111,8 @@ class GatewayManager:
         self._dirty = asyncio.Event()
         # One blue/green switch at a time (automatic reloads and rollbacks).
         self._switching = asyncio.Lock()
+        self._failures = 0  # reloads failed in a row: the next try waits longer
+        self._retry_at = 0.0
         self._draining: asyncio.Future[str] | None = None  # the old instance stopping
         self._last_start = 0.0
         self.prepare_key()  # before the first render: the units name the key file
@@ -114,11 +121,14 @@ class GatewayManager:
 
     def graceful_s(self) -> float:
         """How long an old proxy may drain: the longest request timeout it could be
-        waiting on (with the user's `gateway.timeouts`), and a little more."""
+        waiting on (with the user's `gateway.timeouts`), and a little more, but never more
+        than DRAIN_MAX_S: a hung backend must not keep an old proxy (and the next reload,
+        which waits for it) for minutes."""
         config = self.store.config
         assert config is not None
         overrides = config.settings.gateway.timeouts
-        return max(timing_for(kind, overrides).timeout_s for kind in TIMINGS) + 10
+        longest = max(timing_for(kind, overrides).timeout_s for kind in TIMINGS) + 10
+        return min(longest, DRAIN_MAX_S)
 
     def units(self) -> list[RenderedUnit]:
         config = self.store.config
@@ -154,9 +164,20 @@ class GatewayManager:
         base = record.instances.get(unit)
         if base is None:
             return
-        record.instances[unit] = base.merged(changed)
+        snapshot = record.instances[unit] = base.merged(changed)
         if unit == record.unit:
-            record.snapshot = record.instances[unit]
+            record.snapshot = snapshot
+            if snapshot.active_state in ("failed", "inactive") and not record.reloading:
+                log.error("gateway.instance_down", unit=unit, state=snapshot.active_state)
+                self._dirty.set()  # the loop starts one on the current config
+        elif snapshot.active_state == "active" and not record.reloading:
+            # Started by traffic on the socket (the `Service=` colour) or by hand: it is the
+            # one serving now; its config file is the last applied one (both are written).
+            color = next(c for c in GATEWAY_COLORS if gateway_instance(c) == unit)
+            record.color, record.snapshot = color, snapshot
+            record.applied_text = read_text_or_none(self.files.config_path(color))
+            log.warning("gateway.adopted", unit=unit, pid=snapshot.main_pid)
+            self._dirty.set()
 
     def render(self) -> GatewayPlan:
         config = self.store.config
@@ -195,7 +216,12 @@ class GatewayManager:
             wait = self._last_start + MIN_INTERVAL_S - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            if self.record.pinned:
+            record = self.record
+            serving = record.state() in ("ready", "starting", "reloading")
+            if record.pinned:
+                if not serving and record.applied_text is not None:
+                    await self.apply(record.applied_text, None, reason="serving instance down",
+                                     pin=record.pinned)  # fmt: skip
                 continue
             plan = self.render()
             text = plan.text()
@@ -205,9 +231,12 @@ class GatewayManager:
                 self.record.in_sync = t == self.record.applied_text
 
             await self.loop.call(observe)
-            if text == self.record.applied_text or sha256_text(text) == self.record.failed_sha:
+            if text == record.applied_text and serving:
                 continue
-            await self.apply(text, plan, reason="providers changed", automatic=True)
+            if sha256_text(text) == record.failed_sha and time.monotonic() < self._retry_at:
+                continue  # this config's proxy would not start: tried again after a while
+            reason = "providers changed" if text != record.applied_text else "instance down"
+            await self.apply(text, plan, reason=reason, automatic=serving)
 
     async def _adopt_running(self) -> None:
         """After a daemon restart: the instance that runs is the current one."""
@@ -313,6 +342,12 @@ class GatewayManager:
 
             await self.loop.call(switch)
             checkpoint("gateway.switched")
+            self._failures = 0
+            if old_color is not None:
+                # A proxy reads its config at start only: the old colour's file may be the
+                # current config at once. Whatever starts it next (socket activation when
+                # none runs, a hand) serves what is in force.
+                self.files.write_config(old_color, text)
             log.info(
                 "gateway.reloaded", unit=new_unit, elapsed_ms=result["elapsed_ms"], job=entry.id
             )
@@ -334,6 +369,11 @@ class GatewayManager:
             self.record.failed_sha = sha256_text(text)
 
         await self.loop.call(keep_old)
+        # Tried again later (a start can fail for want of memory, say): backoff from 30 s.
+        delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2**self._failures)
+        self._failures += 1
+        self._retry_at = time.monotonic() + delay
+        asyncio.get_running_loop().call_later(delay, self._dirty.set)
         log.error(
             "gateway.reload_failed",
             unit=new_unit,

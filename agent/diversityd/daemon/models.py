@@ -35,6 +35,9 @@ class ModelLinks:
         self.unit_dir = unit_dir
         self._refresh_units = refresh_units  # rollout's: plan, render, write, roll
         self.watcher = LinkWatcher(self._on_link_changed)
+        # One check of a path at a time, each resolving afresh once it holds the lock: two
+        # re-points in quick succession can never be applied out of order (A after B).
+        self._checking: dict[str, asyncio.Lock] = {}
 
     def start(self, event_loop: asyncio.AbstractEventLoop) -> None:
         self.watcher.start(event_loop)
@@ -82,6 +85,10 @@ class ModelLinks:
         self.loop.spawn(self._check(path))
 
     async def _check(self, path: str) -> None:
+        async with self._checking.setdefault(path, asyncio.Lock()):
+            await self._check_now(path)
+
+    async def _check_now(self, path: str) -> None:
         """The link (or a hop, or the file) changed: accept a good new target and restart the
         servers one at a time; refuse a bad one and keep serving the old model."""
         names = self.store.model_paths().get(path, [])
