@@ -14,7 +14,7 @@ if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; t
 fi
 python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-"$venv/bin/pip" install --quiet --disable-pip-version-check -e "$root[lab,test]" 2>&1 | grep -v "^WARNING: Location" || true
+"$venv/bin/pip" install --quiet --disable-pip-version-check -e "$root[lab,test,bench]" 2>&1 | grep -v "^WARNING: Location" || true
 "$venv/bin/python" -c "import diversityd, dbus_fast, pynvml, gguf, structlog" 
 echo "$want" > "$stamp"
 echo "bootstrap: $venv ready"
