@@ -169,6 +169,7 @@ class SupervisionSettings:
     ready_wait_s: float = 300.0  # a start or restart waits this long for an answer
     revive_initial_s: float = 10.0  # a unit systemd gave up on is started again after this,
     revive_max_s: float = 300.0  # doubling each time up to this
+    hung_grace_s: float = 10.0  # an owned server hung this long (no CPU progress) is killed
 
 
 @dataclass(frozen=True)
@@ -637,7 +638,13 @@ _SETTINGS_KEYS = (
     "providers",
 )
 _PROBE_KEYS = ("interval_s", "timeout_s")
-_SUPERVISION_KEYS = ("start_grace_s", "ready_wait_s", "revive_initial_s", "revive_max_s")
+_SUPERVISION_KEYS = (
+    "start_grace_s",
+    "ready_wait_s",
+    "revive_initial_s",
+    "revive_max_s",
+    "hung_grace_s",
+)
 _GATEWAY_KEYS = (
     "owned",
     "host",

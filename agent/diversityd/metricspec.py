@@ -33,7 +33,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("diversityd_provider_up", Kind.GAUGE, ("provider",),
                "1 while the provider answers its probe (ready), else 0."),
     MetricSpec("diversityd_provider_state", Kind.GAUGE, ("provider", "state"),
-               "1 for the provider's current state (starting, ready, hung, down, failed, "
+               "1 for the provider's current state (starting, ready, busy, hung, down, failed, "
                "stopped, unknown), 0 for the others."),
     MetricSpec("diversityd_provider_owned", Kind.GAUGE, ("provider",),
                "1 when diversityd owns the provider's unit, 0 when it only watches it."),

@@ -148,3 +148,9 @@ def gave_up(state: ProviderState, changed_at: float | None, now: float) -> bool:
 def revival_delay_s(attempts: int, initial_s: float, max_s: float) -> float:
     """Backoff before the next revival: initial_s, doubling per attempt, at most max_s."""
     return float(min(max_s, initial_s * 2 ** min(attempts, 30)))
+
+
+def hung_too_long(state: ProviderState, since: float | None, now: float, grace_s: float) -> bool:
+    """An owned server hung (no answer, no CPU progress) for `grace_s`: kill it, so the
+    requests it holds fail over at once and systemd's Restart= brings it back."""
+    return state is ProviderState.HUNG and since is not None and now - since >= grace_s

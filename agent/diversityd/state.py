@@ -3,7 +3,10 @@
 States (a small named set; `status --json` shows the value):
 - starting: the process runs (or is being started) and has not answered yet;
 - ready: it answers its probe;
-- hung: the process is alive but stopped answering (a probe timed out);
+- hung: the process is alive but stopped answering (a probe timed out) and makes no
+  progress (its CPU time stands still);
+- busy: it answered before, its probe times out now, but it is working (its CPU time
+  advances): llama-cpp-python answers `/v1/models` only between generations. It serves;
 - down: not answering (refused), crashed and waiting for systemd's Restart=, or stopping;
 - failed: systemd gave up on the unit (failed state);
 - stopped: the unit is inactive: stopped on purpose;
@@ -22,12 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 STARTING_PROBE_S = 0.1  # probe fast while a provider starts: readiness gates restarts
+PROGRESS_CPU_S = 0.05  # CPU time a process must use between two probes to be working
 MAX_PROBE_BACKOFF_S = 30.0
 
 
 class ProviderState(enum.StrEnum):
     STARTING = "starting"
     READY = "ready"
+    BUSY = "busy"
     HUNG = "hung"
     DOWN = "down"
     FAILED = "failed"
@@ -125,6 +130,9 @@ class Observed:
     probe: ProbeResult | None = None
     answered_pid: int = -1  # MainPID for which a probe succeeded (-1: none yet)
     failures: int = 0  # consecutive failed probes (backoff)
+    cpu_s: float | None = None  # the process tree's CPU time at the last probe ...
+    cpu_pid: int = 0  # ... of this main process
+    progressing: bool = False  # its CPU time advanced since the probe before
 
     @property
     def pid(self) -> int:
@@ -148,14 +156,33 @@ def apply_unit_change(observed: Observed, changed: Mapping[str, Any]) -> tuple[O
     return dataclasses.replace(observed, unit=unit, answered_pid=-1), exited
 
 
-def apply_probe(observed: Observed, result: ProbeResult, pid: int) -> Observed:
+def apply_probe(
+    observed: Observed, result: ProbeResult, pid: int, cpu_s: float | None = None
+) -> Observed:
     """Fold a probe's answer in. `pid`: the main process when the probe was sent; a success
-    counts for it alone (an answer from a process since replaced proves nothing)."""
+    counts for it alone (an answer from a process since replaced proves nothing). `cpu_s`:
+    its process tree's CPU time after the probe: one that timed out while the CPU time
+    advanced since the probe before is working (busy), not hung."""
     answered = observed.answered_pid
     if result.ok and pid == observed.pid:
         answered = pid
     failures = 0 if result.ok else observed.failures + 1
-    return dataclasses.replace(observed, probe=result, answered_pid=answered, failures=failures)
+    progressing = (
+        result.outcome is ProbeOutcome.TIMEOUT
+        and cpu_s is not None
+        and observed.cpu_s is not None
+        and observed.cpu_pid == pid
+        and cpu_s - observed.cpu_s >= PROGRESS_CPU_S
+    )
+    return dataclasses.replace(
+        observed,
+        probe=result,
+        answered_pid=answered,
+        failures=failures,
+        cpu_s=cpu_s,
+        cpu_pid=pid,
+        progressing=progressing,
+    )
 
 
 def unit_state(unit: UnitSnapshot | None) -> ProviderState | None:
@@ -191,6 +218,7 @@ def derive_state(
     probe: ProbeResult | None,
     answered_since_start: bool,
     overdue: bool = False,
+    progressing: bool = False,
 ) -> ProviderState:
     """One provider's state. `answered_since_start`: a probe succeeded since the current
     process started (until then a silent server is loading, not hung, unless `overdue`:
@@ -212,7 +240,7 @@ def derive_state(
     if probe.outcome is ProbeOutcome.OK:
         return ProviderState.READY
     if probe.outcome is ProbeOutcome.TIMEOUT:
-        return ProviderState.HUNG
+        return ProviderState.BUSY if progressing else ProviderState.HUNG
     return ProviderState.DOWN
 
 
@@ -223,11 +251,13 @@ def state_of(observed: Observed, *, owned: bool, overdue: bool = False) -> Provi
         probe=observed.probe,
         answered_since_start=observed.answered_since_start,
         overdue=overdue,
+        progressing=observed.progressing,
     )
 
 
 def is_serving(state: ProviderState) -> bool:
-    return state is ProviderState.READY
+    """It answers requests (a busy server takes them too: they queue behind its work)."""
+    return state in (ProviderState.READY, ProviderState.BUSY)
 
 
 def probe_interval(state: ProviderState, failures: int, base_s: float) -> float:

@@ -4,11 +4,14 @@ provider removed while the daemon was down, the bus lost. Real servers, a real m
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,13 @@ pytestmark = pytest.mark.integration
 
 NATIVE_UNIT = unit_name(LLAMA_NATIVE)
 PYTHON_UNIT = unit_name(LLAMA_PYTHON)
-SUPERVISION = {"start_grace_s": 20, "ready_wait_s": 90, "revive_initial_s": 2, "revive_max_s": 8}
+SUPERVISION = {
+    "start_grace_s": 20,
+    "ready_wait_s": 90,
+    "revive_initial_s": 2,
+    "revive_max_s": 8,
+    "hung_grace_s": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -342,3 +351,88 @@ def test_the_daemon_comes_back_after_the_bus_is_lost_and_restarts_nothing(
         assert running.journal_events("daemon.bus_lost")
     finally:
         private_manager.systemctl("stop", DAEMON_UNIT, check=False)
+
+
+def test_a_hung_server_is_killed_after_its_grace_and_comes_back(
+    recovery_stack: RunningStack,
+) -> None:
+    """Issue 11, scenario 1: requests in flight waited the gateway's whole timeout."""
+    running = recovery_stack
+    document = settled(running, Path(os.readlink(running.stack.active_link)).name)
+    pid = running.provider(LLAMA_NATIVE, document)["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        back = running.wait_for(
+            lambda d: (
+                running.provider(LLAMA_NATIVE, d)["pid"] not in (None, pid)
+                and running.provider(LLAMA_NATIVE, d)["state"] == "ready"
+            ),
+            timeout_s=30,
+        )
+    finally:
+        if psutil.pid_exists(pid):
+            os.kill(pid, signal.SIGCONT)
+    assert running.journal_events("provider.hung_killed", provider=LLAMA_NATIVE)
+    assert running.provider(LLAMA_PYTHON, back)["pid"] == document["providers"][1]["pid"]
+
+
+def test_a_long_generation_is_busy_not_hung(recovery_stack: RunningStack) -> None:
+    """llama-cpp-python answers /v1/models only between generations: a server making
+    progress is `busy`, keeps serving, and is never killed."""
+    running = recovery_stack
+    settled(running, Path(os.readlink(running.stack.active_link)).name)
+    settings_file = running.stack.config_dir / "diversityd.yaml"
+    original = settings_file.read_text()
+    settings = yaml.safe_load(original)
+    settings["providers"][LLAMA_PYTHON]["ctx"] = 2048
+    try:
+        settings_file.write_text(yaml.safe_dump(settings))
+        assert running.ctl("reload").returncode == 0
+        document = running.wait_for(
+            lambda d: (
+                "--n_ctx 2048" in (running.manager.unit_dir / PYTHON_UNIT).read_text()
+                and running.provider(LLAMA_PYTHON, d)["state"] == "ready"
+            ),
+            timeout_s=60,
+        )
+        pid = running.provider(LLAMA_PYTHON, document)["pid"]
+        base_url = running.stack.base_url(LLAMA_PYTHON)
+        answers: list[dict[str, object]] = []
+        generation = threading.Thread(
+            target=lambda: answers.append(long_chat(base_url, "llama-cpp-default", 1500))
+        )
+        started = time.monotonic()
+        generation.start()
+        states: set[str] = set()
+        while generation.is_alive():
+            states.add(running.provider(LLAMA_PYTHON)["state"])
+            time.sleep(0.1)
+        elapsed = time.monotonic() - started
+        assert answers, "the generation did not finish"
+        usage = answers[0]["usage"]
+        assert isinstance(usage, dict)
+        assert usage["completion_tokens"] == 1500
+        assert elapsed > 3 * running.stack.spec.probe_timeout_s, elapsed  # probes timed out
+        assert "busy" in states, states
+        assert "hung" not in states, states
+        assert running.provider(LLAMA_PYTHON)["pid"] == pid  # never killed
+    finally:
+        settings_file.write_text(original)
+        running.ctl("reload")
+        running.wait_all_ready(timeout_s=60)
+
+
+def long_chat(base_url: str, model: str, tokens: int) -> dict[str, object]:
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": tokens,
+            "temperature": 0,
+        }
+    ).encode()
+    request = urllib.request.Request(
+        f"{base_url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return dict(json.load(response))

@@ -23,6 +23,7 @@ from diversityd.reconcile import (
     ModelTarget,
     StartCandidate,
     TargetVerdict,
+    hung_too_long,
     is_ready_since,
     judge_model_target,
     start_order,
@@ -39,6 +40,7 @@ from diversityd.state import (
     adopt_snapshot,
     apply_probe,
     apply_unit_change,
+    is_serving,
     probe_interval,
     state_of,
 )
@@ -293,3 +295,22 @@ def test_the_last_plans_word_is_kept_when_nvml_fails_at_start(tmp_path: Path) ->
     planned = dataclasses.replace(last, n_gpu_layers=7)
     plan = dataclasses.replace(gpu_plan(), settings={"native": planned})
     assert unit_gpu_settings(config, plan, "native", {"native": last}) == planned
+
+
+def test_a_timed_out_probe_is_busy_while_the_cpu_works_and_hung_when_it_stands_still() -> None:
+    ready = apply_probe(Observed(unit=unit(pid=100)), probe(), pid=100, cpu_s=5.0)
+    working = apply_probe(ready, probe(ProbeOutcome.TIMEOUT), pid=100, cpu_s=5.9)
+    assert state_of(working, owned=True) is ProviderState.BUSY
+    assert is_serving(ProviderState.BUSY)
+    frozen = apply_probe(working, probe(ProbeOutcome.TIMEOUT), pid=100, cpu_s=5.9)
+    assert state_of(frozen, owned=True) is ProviderState.HUNG
+    # CPU time of another process proves nothing about this one
+    replaced = apply_probe(ready, probe(ProbeOutcome.TIMEOUT), pid=200, cpu_s=9.0)
+    assert not replaced.progressing
+
+
+def test_only_a_hung_server_past_its_grace_is_killed() -> None:
+    assert hung_too_long(ProviderState.HUNG, 10.0, 12.5, 2.0)
+    assert not hung_too_long(ProviderState.HUNG, 10.0, 11.0, 2.0)
+    assert not hung_too_long(ProviderState.BUSY, 10.0, 99.0, 2.0)
+    assert not hung_too_long(ProviderState.HUNG, None, 99.0, 2.0)

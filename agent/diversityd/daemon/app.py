@@ -40,7 +40,7 @@ from diversityd.daemon.store import Store
 from diversityd.errors import DiversitydError, Severity
 from diversityd.log import get_logger
 from diversityd.parts import default_config_dir, default_unit_dir, state_dir
-from diversityd.state import ProviderState
+from diversityd.state import is_serving
 from diversityd.validation import check_config_dir
 
 log = get_logger()
@@ -79,7 +79,7 @@ class Daemon:
 
     def _after_state_change(self) -> None:
         records = self.store.records.values()
-        ready = sum(r.state is ProviderState.READY for r in records)
+        ready = sum(is_serving(r.state) for r in records)
         self.notifier.status(f"{ready}/{len(records)} providers ready")
         self._gateway_may_change()
 

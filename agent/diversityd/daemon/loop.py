@@ -42,6 +42,7 @@ class ProbeDone:
     provider: str
     result: ProbeResult
     pid: int  # the main process when the probe was sent: its answer counts for it alone
+    cpu_s: float | None = None  # its process tree's CPU time, read when the probe timed out
 
 
 @dataclass

@@ -21,7 +21,7 @@ from diversityd.daemon.loop import ProbeDone, ProviderLocks, StateLoop, UnitChan
 from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import ProviderRecord, Store
 from diversityd.log import get_logger
-from diversityd.reconcile import stopped_on_purpose
+from diversityd.reconcile import hung_too_long, stopped_on_purpose
 from diversityd.state import (
     ProviderState,
     UnitSnapshot,
@@ -55,6 +55,7 @@ class ProviderSupervisor:
         self.systemd = systemd
         self.locks = locks
         self.statefile = statefile
+        self._killed: set[int] = set()  # hung processes already killed (once each)
         self._on_state_change = on_state_change  # the gateway may render differently now
         self._on_models_change = on_models_change
 
@@ -88,7 +89,7 @@ class ProviderSupervisor:
             return
         result = event.result
         previous = record.probe
-        record.observed = apply_probe(record.observed, result, event.pid)
+        record.observed = apply_probe(record.observed, result, event.pid, event.cpu_s)
         record.error = None if result.ok else result.error
         if previous is not None and result.ok and previous.models != result.models:
             self._on_models_change()  # a model appeared or went away: routing may change
@@ -101,6 +102,34 @@ class ProviderSupervisor:
                 error=result.error,
             )
         self.update_state(record, result.at)
+        self._kill_if_hung_too_long(record)
+
+    def _kill_if_hung_too_long(self, record: ProviderRecord) -> None:
+        """(In the state loop.) The hang policy: an owned server hung past its grace is
+        killed; requests it holds fail over at once, and systemd's Restart= brings it
+        back. A busy one (its CPU time advancing) is never killed."""
+        assert self.store.config is not None
+        grace = self.store.config.settings.supervision.hung_grace_s
+        pid = record.observed.pid
+        if record.unit is None or record.owned is None or pid in self._killed:
+            return
+        if not hung_too_long(record.state, record.last_state_change, time.monotonic(), grace):
+            return
+        self._killed.add(pid)
+        log.error(
+            "provider.hung_killed",
+            provider=record.name,
+            unit=record.unit,
+            pid=pid,
+            error=f"no answer and no CPU progress for {grace:g} s: killed, systemd restarts it",
+        )
+        self.loop.spawn(self._kill(record.unit))
+
+    async def _kill(self, unit: str) -> None:
+        try:
+            await self.systemd.kill(unit, int(signal.SIGKILL), whom="all")
+        except SystemdError as exc:
+            log.error("unit.kill_failed", unit=unit, error=str(exc))
 
     def update_state(self, record: ProviderRecord, at: float) -> None:
         store = self.store
@@ -242,7 +271,9 @@ class ProviderSupervisor:
                 except Exception as exc:  # noqa: BLE001 - one odd answer must not end probing
                     log.error("probe.failed", provider=name, error=f"{type(exc).__name__}: {exc}")
                 else:
-                    self.loop.post(ProbeDone(name, result, pid))
+                    owned = record.owned is not None
+                    cpu_s = _cpu_time(pid) if owned and pid else None
+                    self.loop.post(ProbeDone(name, result, pid, cpu_s))
                 await asyncio.sleep(
                     probe_interval(
                         record.state, record.observed.failures, settings.probe_interval_s
@@ -250,3 +281,17 @@ class ProviderSupervisor:
                 )
         finally:
             await client.aclose()
+
+
+def _cpu_time(pid: int) -> float | None:
+    """CPU seconds used by a process and its children (Ollama's runners, vLLM's engine)."""
+    try:
+        process = psutil.Process(pid)
+        processes = [process, *process.children(recursive=True)]
+        total = 0.0
+        for each in processes:
+            times = each.cpu_times()
+            total += times.user + times.system
+        return total
+    except psutil.Error:
+        return None

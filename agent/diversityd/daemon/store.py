@@ -20,7 +20,7 @@ from diversityd.gateway import Availability, GatewayPlan, normalize_model_id
 from diversityd.gpuplan import GpuPlan, GpuSettings
 from diversityd.persisted import Persisted, Revival
 from diversityd.reconcile import ModelTarget
-from diversityd.state import Observed, ProbeResult, ProviderState, UnitSnapshot
+from diversityd.state import Observed, ProbeResult, ProviderState, UnitSnapshot, is_serving
 from diversityd.statusdoc import (
     CardStatus,
     GatewayReload,
@@ -371,7 +371,7 @@ class Store:
         for name, record in self.records.items():
             if not record.provider.is_local:
                 up[name] = None  # clouds are not probed: trusted until a request fails
-            elif record.state is ProviderState.READY:
+            elif is_serving(record.state):
                 up[name] = record.probe.models if record.probe else None
         return Availability(up=up)
 
