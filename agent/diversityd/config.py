@@ -173,6 +173,22 @@ class SupervisionSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The daemon's own HTTP endpoint (loopback): `/metrics` for Prometheus, and the answer
+    the gateway gets for a model no server can serve now. Port 0: none."""
+
+    host: str = "127.0.0.1"
+    port: int = 9478
+
+    @property
+    def url(self) -> str | None:
+        if not self.port:
+            return None
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class Settings:
     host: str  # this machine's name in failure-domain reports
     gpus: int  # GPUs on this machine (domain report only; the planner reads NVML)
@@ -183,6 +199,7 @@ class Settings:
     owned: Mapping[str, OwnedServer]
     gateway: GatewaySettings
     supervision: SupervisionSettings = field(default_factory=SupervisionSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
 
 
 @dataclass(frozen=True)
@@ -634,6 +651,7 @@ _SETTINGS_KEYS = (
     "state_dir",
     "probes",
     "supervision",
+    "http",
     "gateway",
     "providers",
 )
@@ -730,6 +748,7 @@ def _parse_settings(
                 )
     gateway = _parse_gateway(reader, top.get("gateway"))
     supervision = _parse_supervision(reader, top.get("supervision"))
+    http = _parse_http(reader, top.get("http"))
     owned: dict[str, OwnedServer] = {}
     if "providers" in top:
         raw_owned = reader.mapping(
@@ -749,7 +768,36 @@ def _parse_settings(
         owned=owned,
         gateway=gateway,
         supervision=supervision,
+        http=http,
     )
+
+
+def _parse_http(reader: _Reader, raw: Any) -> HttpSettings:
+    if raw is None:
+        return HttpSettings()
+    body = reader.mapping(("http",), raw, "write `http: {port: 9478}` (port 0: none)")
+    if body is None:
+        return HttpSettings()
+    reader.unknown_keys(("http",), body, ("host", "port"))
+    values: dict[str, Any] = {}
+    if "host" in body:
+        host = reader.string(("http", "host"), body["host"], "a loopback address")
+        if host is not None and host not in ("127.0.0.1", "::1", "localhost"):
+            reader.error(
+                ("http", "host"),
+                "not-loopback",
+                f"{host} is not a loopback address: metrics and answers stay on this machine",
+                "use 127.0.0.1 (or ::1)",
+            )
+        elif host is not None:
+            values["host"] = host
+    if "port" in body:
+        port = reader.integer(("http", "port"), body["port"], "a TCP port (0: none)", minimum=0)
+        if port is not None and port > 65535:
+            reader.error(("http", "port"), "out-of-range", "port above 65535", "use 1-65535")
+        elif port is not None:
+            values["port"] = port
+    return HttpSettings(**values)
 
 
 def _parse_supervision(reader: _Reader, raw: Any) -> SupervisionSettings:

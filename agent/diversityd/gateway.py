@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from diversityd.catalog import Catalog, Deployment
-from diversityd.config import CLOUD_TYPES, Config, Provider
+from diversityd.config import CLOUD_TYPES, Config, Provider, Settings
 
 MASTER_KEY_REFERENCE = "os.environ/LITELLM_MASTER_KEY"
 HEADER = (
@@ -170,7 +170,21 @@ def _walk_live(
             yield from _walk_live(target, chains, is_live, visited)
 
 
-def render_gateway(config: Config, catalog: Catalog, availability: Availability) -> GatewayPlan:
+UNAVAILABLE_RETRY_S = 10  # after the first answer, LiteLLM says "retry in" this long (429)
+
+
+def render_gateway(
+    config: Config,
+    catalog: Catalog,
+    availability: Availability,
+    *,
+    unavailable_base: str | None = None,
+) -> GatewayPlan:
+    """The gateway's config. A name no live server and no live fallback can serve stays
+    listed when `unavailable_base` (the daemon's `/unavailable/v1`) is given: LiteLLM
+    asks the daemon, which answers 503 naming the provider and its state, and then holds
+    the name in cooldown (429 with Retry-After): statuses clients retry, where an unknown
+    name is a 400 they do not."""
     chains = {name: chain.targets for name, chain in config.chains.items()}
     timeouts = config.settings.gateway.timeouts
     live_deployments: dict[str, tuple[Deployment, ...]] = {
@@ -192,6 +206,8 @@ def render_gateway(config: Config, catalog: Catalog, availability: Availability)
         if not serving:
             if not walk:
                 left_out.append(name)
+                if unavailable_base is not None:
+                    model_list.append(unavailable_deployment(name, unavailable_base))
                 continue
             substitute, walk = walk[0], walk[1:]
             substituted[name] = substitute
@@ -229,6 +245,26 @@ def render_gateway(config: Config, catalog: Catalog, availability: Availability)
     )
 
 
+def unavailable_base(settings: Settings) -> str | None:
+    """Where the gateway asks for the names no server can serve now: the daemon's own."""
+    url = settings.http.url
+    return f"{url}/unavailable/v1" if url else None
+
+
+def unavailable_deployment(name: str, base: str) -> dict[str, Any]:
+    return {
+        "model_name": name,
+        "litellm_params": {
+            "model": f"openai/{name}",
+            "api_base": base,
+            "api_key": "none",  # the daemon's endpoint asks for no key
+            "timeout": 5,
+            "stream_timeout": 5,
+        },
+        "model_info": {"cooldown_time": UNAVAILABLE_RETRY_S},
+    }
+
+
 def _longest_path(fallbacks: Mapping[str, tuple[str, ...]]) -> int:
     """Hops on the longest fallback path (the rendered graph is acyclic after validation)."""
     memo: dict[str, int] = {}
@@ -258,3 +294,30 @@ def literal_secrets(section: Mapping[str, Any], prefix: str) -> Iterator[str]:
             and not value.startswith("os.environ/")
         ):
             yield path
+
+
+def why_unavailable(config: Config, catalog: Catalog, name: str, states: Mapping[str, str]) -> str:
+    """What a client is told for a name no server can serve now: who would serve it and
+    its fallbacks, and what state each provider is in (`states`: provider -> state)."""
+
+    def servers(model: str) -> str:
+        providers = sorted({d.provider.name for d in catalog.deployments.get(model, ())})
+        if not providers:
+            return "no provider serves it"
+        return ", ".join(f"{p} is {states.get(p, 'unknown')}" for p in providers)
+
+    chain: list[str] = []
+    pending = list(config.chains[name].targets) if name in config.chains else []
+    while pending:
+        target = pending.pop(0)
+        if target in chain or target == name:
+            continue
+        chain.append(target)
+        if target in config.chains:
+            pending += config.chains[target].targets
+    text = f"{name} cannot be served now: {servers(name)}"
+    if chain:
+        text += "; its fallbacks: " + "; ".join(f"{t} ({servers(t)})" for t in chain)
+    else:
+        text += "; it has no fallback chain"
+    return text + ". Retry later: diversityd brings providers back."

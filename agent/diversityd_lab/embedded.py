@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -78,6 +79,12 @@ def write_tiny_models(models_dir: Path) -> tuple[Path, Path]:
         link.unlink()
     link.symlink_to(Path("..") / first.name)
     return first, second
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def point_link(link: Path, target: str) -> None:
@@ -201,6 +208,8 @@ def settings_document(spec: StackSpec, active_link: Path, state_dir: Path) -> di
         "host": "demo-host",
         "gpus": 1,
         "probes": {"interval_s": spec.probe_interval_s, "timeout_s": spec.probe_timeout_s},
+        # the daemon's own endpoint (metrics, the answers for names nothing serves)
+        "http": {"port": spec.ports.get("http") or free_port()},
         "providers": owned,
     }
     if spec.unit_dir is not None:

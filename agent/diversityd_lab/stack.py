@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,8 +19,20 @@ from typing import Any, Protocol
 
 from diversityd import parts
 from diversityd.units import DAEMON_UNIT
-from diversityd_lab.embedded import Stack, StackSpec, write_stack
+from diversityd_lab.embedded import Stack, StackSpec, free_port, write_stack
 from diversityd_lab.privatemanager import PrivateManager
+
+__all__ = [
+    "RunningStack",
+    "StackTimeoutError",
+    "UserManager",
+    "ctl_env",
+    "free_port",
+    "mapped_models",
+    "run_ctl",
+    "start_stack",
+    "temporary_stack",
+]
 
 
 class UserManager(Protocol):
@@ -37,12 +48,6 @@ class UserManager(Protocol):
 
 class StackTimeoutError(AssertionError):
     """A condition on the stack's status was not met in time (a test failure)."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def mapped_models(pid: int) -> set[str]:

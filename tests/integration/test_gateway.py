@@ -282,6 +282,53 @@ def test_a_drill_that_would_leave_a_model_without_fallback_is_refused(
     assert gateway_stack.provider(VLLM)["state"] == "ready"  # nothing was touched
 
 
+def test_a_model_with_no_live_server_answers_retryably_and_stays_listed(
+    gateway_stack: RunningStack,
+) -> None:
+    """Issue 11, scenario 2: its name was left out of the gateway, which answered 400
+    `Invalid model name`, a status clients do not retry."""
+    import openai
+
+    wait_gateway_ready(gateway_stack)
+    unit = f"diversityd-{VLLM}.service"
+    client = openai.OpenAI(
+        base_url=f"{gateway_url(gateway_stack)}/v1",
+        api_key=master_key(gateway_stack),
+        max_retries=0,
+        timeout=60,
+    )
+    gateway_stack.manager.systemctl("stop", unit)
+    try:
+        gateway_stack.wait_for(
+            lambda d: "qwen-coder-vllm" in d["gateway"]["left_out"] and d["gateway"]["in_sync"],
+            timeout_s=120,
+            poll_s=0.5,
+        )
+        assert "qwen-coder-vllm" in [m.id for m in client.models.list()]  # still listed
+        statuses, messages, retry_after = [], [], []
+        for _ in range(3):
+            with pytest.raises(openai.APIStatusError) as failed:
+                client.chat.completions.create(
+                    model="qwen-coder-vllm",
+                    messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=4,
+                )
+            statuses.append(failed.value.status_code)
+            messages.append(str(failed.value.message))
+            retry_after.append(failed.value.response.headers.get("retry-after"))
+        assert all(status in (429, 503) for status in statuses), statuses  # clients retry
+        first = messages[0]
+        assert "vllm is stopped" in first, first  # names the provider and its state
+        assert any(value is not None for value in retry_after), retry_after
+    finally:
+        gateway_stack.manager.systemctl("start", unit)
+        gateway_stack.wait_for(
+            lambda d: "qwen-coder-vllm" not in d["gateway"]["left_out"] and d["gateway"]["in_sync"],
+            timeout_s=120,
+            poll_s=0.5,
+        )
+
+
 @pytest.fixture
 def gateway_faults(gateway_stack: RunningStack) -> Iterator[Path]:
     """The daemon of `gateway_stack` reads the step to die at from the returned file."""

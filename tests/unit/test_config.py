@@ -317,3 +317,13 @@ def test_names_with_control_characters_and_secrets_in_arguments_are_refused() ->
     assert secret.file.endswith("diversityd.yaml")
     assert "environment" in (secret.hint or "")
     assert "sk-abcdefghijklmnop" not in secret.format()  # the finding never repeats it
+
+
+def test_the_daemons_http_endpoint_stays_on_loopback() -> None:
+    report = check(settings="http: {host: 0.0.0.0, port: 9478}\n")
+    assert only(report, "not-loopback").key_path == "http.host"
+    report = check(settings="http: {port: 0}\n")
+    assert report.ok
+    assert report.config is not None
+    assert report.config.settings.http.url is None  # none at all
+    assert check(settings="").config is not None

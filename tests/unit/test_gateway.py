@@ -7,7 +7,13 @@ from typing import Any
 
 from diversityd.catalog import build_catalog
 from diversityd.config import Config, parse_config
-from diversityd.gateway import MASTER_KEY_REFERENCE, Availability, GatewayPlan, render_gateway
+from diversityd.gateway import (
+    MASTER_KEY_REFERENCE,
+    Availability,
+    GatewayPlan,
+    render_gateway,
+    why_unavailable,
+)
 
 PROVIDERS = """\
 providers:
@@ -154,3 +160,29 @@ def test_probed_models_filter_the_configured_ones() -> None:
 
 def test_rendering_is_deterministic() -> None:
     assert render(down=frozenset({"a"})).text() == render(down=frozenset({"a"})).text()
+
+
+def test_a_name_nothing_serves_stays_listed_answered_by_the_daemon() -> None:
+    config = load()
+    down = Availability.all_up_except(config, frozenset({"b", "ollama"}))
+    plan = render_gateway(
+        config, build_catalog(config), down, unavailable_base="http://127.0.0.1:9478/x/v1"
+    )
+    (entry,) = [e for e in plan.document["model_list"] if e["model_name"] == "b-model"]
+    assert entry["litellm_params"]["api_base"] == "http://127.0.0.1:9478/x/v1"
+    assert entry["model_info"]["cooldown_time"] > 0  # then LiteLLM's 429 with Retry-After
+    assert "b-model" in plan.left_out  # not served: status and drills still say so
+    assert "b-model" not in fallbacks_of(plan)  # nothing falls back to it or from it
+    for targets in fallbacks_of(plan).values():
+        assert "b-model" not in targets
+
+
+def test_the_answer_for_an_unservable_name_says_who_and_in_what_state() -> None:
+    config = load()
+    states = {"a": "failed", "b": "stopped", "v": "down", "oai": "ready"}
+    text = why_unavailable(config, build_catalog(config), "a-model", states)
+    assert text.startswith("a-model cannot be served now: a is failed")
+    assert "b-model (b is stopped)" in text
+    assert "gpt-4o-mini (oai is ready)" in text
+    alone = why_unavailable(config, build_catalog(config), "b-model", states)
+    assert "no fallback chain" in alone

@@ -49,7 +49,7 @@ def validate(config_dir: Path | None, as_json: bool) -> None:
 )
 def render(config_dir: Path | None, down: tuple[str, ...]) -> None:
     """Print the LiteLLM gateway config diversityd would write."""
-    from diversityd.gateway import Availability, render_gateway
+    from diversityd.gateway import Availability, render_gateway, unavailable_base
 
     report = load_report(resolve_config_dir(config_dir))
     if not report.ok:
@@ -63,9 +63,13 @@ def render(config_dir: Path | None, down: tuple[str, ...]) -> None:
             hint=f"use one of: {', '.join(config.providers)}",
         )
     availability = Availability.all_up_except(config, frozenset(down))
-    plan = render_gateway(config, report.catalog, availability)
+    plan = render_gateway(
+        config, report.catalog, availability, unavailable_base=unavailable_base(config.settings)
+    )
     click.echo(plan.text(), nl=False)
     for name in plan.left_out:
         click.echo(
-            f"note: {name!r} left out: its provider is down and no fallback is live", err=True
+            f"note: {name!r}: its provider is down and no fallback is live (the daemon "
+            "answers it with a retryable 503)",
+            err=True,
         )

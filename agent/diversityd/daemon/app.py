@@ -37,6 +37,7 @@ from diversityd.daemon.rollout import STARTUP, Rollout
 from diversityd.daemon.starts import Starter
 from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import Store
+from diversityd.daemon.web import Web
 from diversityd.errors import DiversitydError, Severity
 from diversityd.log import get_logger
 from diversityd.parts import default_config_dir, default_unit_dir, state_dir
@@ -159,6 +160,7 @@ class Daemon:
         if gateway is not None:
             drills = Drills(loop, store, systemd, jobs=self.jobs, locks=locks, gateway=gateway)
             self.jobs.register("failover", drills.run_job)
+        self.web = Web(store, metrics=lambda: b"")
         loop.on(UnitChanged, self._on_unit_changed)
         loop.on(ProbeDone, self.supervisor.on_probe)
 
@@ -221,6 +223,10 @@ class Daemon:
         self.jobs.on_progress = lambda job_id, p: control.JobProgress(job_id, json.dumps(p))
         self.jobs.on_finished = lambda job_id, p: control.JobFinished(job_id, json.dumps(p))
         await export_interface(systemd.bus, control)
+        assert store.config is not None
+        http = store.config.settings.http
+        if http.port:
+            await self.web.start(http.host, http.port)
         self.supervisor.ensure_probe_tasks()
         loop.spawn(self._watchdog(), name="watchdog")
         loop.spawn(self.planner.watch(), name="gpus")
@@ -244,6 +250,7 @@ class Daemon:
         log.info("daemon.stopping", pid=os.getpid())
         self.rollout.close()
         self.models.close()
+        self.web.close()
         with contextlib.suppress(Exception):
             await loop.cancel_tasks()
         with contextlib.suppress(Exception):

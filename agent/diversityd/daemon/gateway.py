@@ -32,7 +32,13 @@ from diversityd.config import Settings
 from diversityd.daemon.loop import StateLoop, checkpoint
 from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import GatewayRecord, Store, sha256_text
-from diversityd.gateway import TIMINGS, GatewayPlan, render_gateway, timing_for
+from diversityd.gateway import (
+    TIMINGS,
+    GatewayPlan,
+    render_gateway,
+    timing_for,
+    unavailable_base,
+)
 from diversityd.log import get_logger
 from diversityd.state import UnitSnapshot
 from diversityd.statusdoc import GatewayReload
@@ -182,7 +188,12 @@ class GatewayManager:
     def render(self) -> GatewayPlan:
         config = self.store.config
         assert config is not None
-        return render_gateway(config, self.store.catalog, self.store.availability())
+        return render_gateway(
+            config,
+            self.store.catalog,
+            self.store.availability(),
+            unavailable_base=unavailable_base(config.settings),
+        )
 
     # -- the loop -------------------------------------------------------------------------------
 
