@@ -154,3 +154,16 @@ def hung_too_long(state: ProviderState, since: float | None, now: float, grace_s
     """An owned server hung (no answer, no CPU progress) for `grace_s`: kill it, so the
     requests it holds fail over at once and systemd's Restart= brings it back."""
     return state is ProviderState.HUNG and since is not None and now - since >= grace_s
+
+
+def rewritten_in_place(accepted: ModelTarget | None, seen: ModelTarget) -> bool:
+    """The accepted file itself is being rewritten (`cp` over it): the same path, other
+    bytes, not whole yet. The servers that map it die (SIGBUS) and must not be restarted
+    onto it until it is whole again, or the link points elsewhere."""
+    return (
+        accepted is not None
+        and not seen.ok
+        and seen.target is not None
+        and seen.target == accepted.target
+        and seen.identity != accepted.identity
+    )

@@ -436,3 +436,38 @@ def long_chat(base_url: str, model: str, tokens: int) -> dict[str, object]:
     )
     with urllib.request.urlopen(request, timeout=120) as response:
         return dict(json.load(response))
+
+
+def test_the_accepted_model_overwritten_in_place_holds_the_servers_until_whole(
+    recovery_stack: RunningStack,
+) -> None:
+    """Issue 11, scenario 5: `cp new.gguf <the accepted file>` SIGBUSed both servers and
+    systemd restarted them onto the half-written file, into their start limit."""
+    running = recovery_stack
+    serving = Path(os.readlink(running.stack.active_link)).name
+    document = settled(running, serving)
+    pids = pids_of(running, document)
+    accepted = running.stack.models_dir / serving
+    other = "tiny-a.gguf" if serving == "tiny-b.gguf" else "tiny-b.gguf"
+    new_bytes = (running.stack.models_dir / other).read_bytes()
+    failed_seen = False
+    with accepted.open("r+b") as handle:  # what `cp` does: truncate, then write in chunks
+        handle.truncate(0)
+        for offset in range(0, len(new_bytes), 64 * 1024):
+            handle.write(new_bytes[offset : offset + 64 * 1024])
+            handle.flush()
+            time.sleep(0.05)
+            if offset % (640 * 1024) == 0:
+                states = {p["state"] for p in running.status()["providers"]}
+                failed_seen = failed_seen or "failed" in states
+    assert running.journal_events("unit.held")
+    back = running.wait_for(
+        lambda d: all(p["state"] == "ready" for p in d["providers"]), timeout_s=60
+    )
+    assert not failed_seen  # never restarted onto the half-written file
+    for entry in back["providers"]:
+        assert entry["pid"] != pids[entry["name"]]  # started again on the whole file
+        assert entry["error"] is None
+    assert running.journal_events("unit.released")
+    for name in (NATIVE_UNIT, PYTHON_UNIT):
+        assert running.unit_property(name, "NRestarts") == "0"  # no crash loop

@@ -22,6 +22,7 @@ from diversityd.reconcile import (
     choose_accepted,
     gave_up,
     revival_delay_s,
+    rewritten_in_place,
     stopped_on_purpose,
     units_to_retire,
 )
@@ -171,3 +172,13 @@ def test_history_written_by_an_older_version_sorts_before_numbered_entries(
     (files.history_dir / "20991231T235959000000Z-0123abcd.yaml").write_text("old: 1\n")
     new = files.archive("new: 1\n")
     assert files.history()[0].id == new.id
+
+
+def test_the_accepted_file_rewritten_in_place_is_told_from_a_re_point() -> None:
+    half = ModelTarget(GOOD.path, GOOD.hops, GOOD.target, (1, 2, 9, 9), "truncated")
+    assert rewritten_in_place(GOOD, half)
+    elsewhere = ModelTarget(GOOD.path, BAD.hops, BAD.target, BAD.identity, BAD.error)
+    assert not rewritten_in_place(GOOD, elsewhere)  # a bad re-point: refused, not held
+    assert not rewritten_in_place(None, half)
+    whole = ModelTarget(GOOD.path, GOOD.hops, GOOD.target, (1, 2, 9, 9))
+    assert not rewritten_in_place(GOOD, whole)  # whole again: accepted, not held

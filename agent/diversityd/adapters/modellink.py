@@ -19,6 +19,7 @@ from diversityd.adapters.inotify import (
     IN_CLOSE_WRITE,
     IN_CREATE,
     IN_DELETE,
+    IN_MODIFY,
     IN_MOVED_FROM,
     IN_MOVED_TO,
     Inotify,
@@ -28,7 +29,11 @@ from diversityd.gguf import GGUFError, read_gguf
 from diversityd.reconcile import ModelTarget
 
 MAX_HOPS = 40  # as the kernel's own limit on symlink chains
-LINK_CHANGES = IN_CREATE | IN_DELETE | IN_MOVED_TO | IN_MOVED_FROM | IN_ATTRIB | IN_CLOSE_WRITE
+# IN_MODIFY too: a file rewritten in place (`cp new.gguf current-target.gguf`) must be seen
+# at its first write, not only when the copy ends.
+LINK_CHANGES = (
+    IN_CREATE | IN_DELETE | IN_MOVED_TO | IN_MOVED_FROM | IN_ATTRIB | IN_CLOSE_WRITE | IN_MODIFY
+)
 
 
 def resolve(path: str) -> ModelTarget:
@@ -146,11 +151,10 @@ class LinkWatcher:
                     self._schedule(path)  # it changed while unwatched, perhaps
 
     def _schedule(self, path: str) -> None:
-        if self._loop is None:
+        """At most one check per `debounce_s`: a burst (a rename, a long copy's writes) is
+        looked at shortly after it starts and again after each interval while it lasts."""
+        if self._loop is None or path in self._pending:
             return
-        handle = self._pending.pop(path, None)
-        if handle is not None:
-            handle.cancel()
         self._pending[path] = self._loop.call_later(self._debounce_s, self._fire, path)
 
     def _fire(self, path: str) -> None:

@@ -140,7 +140,12 @@ class Daemon:
             own_units=gateway.units if gateway is not None else list,
         )
         self.models = ModelLinks(
-            loop, store, self.rollout.unit_dir, refresh_units=self.rollout.refresh_units
+            loop,
+            store,
+            self.rollout.unit_dir,
+            refresh_units=self.rollout.refresh_units,
+            hold=self.starter.hold,
+            release=self.starter.release,
         )
         self.commands = Commands(
             loop,

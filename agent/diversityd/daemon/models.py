@@ -18,22 +18,39 @@ from diversityd.adapters.modellink import LinkWatcher, resolve
 from diversityd.daemon.loop import StateLoop
 from diversityd.daemon.store import Store
 from diversityd.log import get_logger
-from diversityd.reconcile import ModelTarget, TargetVerdict, choose_accepted, judge_model_target
+from diversityd.reconcile import (
+    ModelTarget,
+    TargetVerdict,
+    choose_accepted,
+    judge_model_target,
+    rewritten_in_place,
+)
 from diversityd.units import model_file_of
 
 log = get_logger()
 
 RefreshUnits = Callable[[str], Awaitable[tuple[list[str], str | None]]]
+Hold = Callable[[list[str], str], Awaitable[None]]
+Release = Callable[[list[str]], Awaitable[None]]
 
 
 class ModelLinks:
     def __init__(
-        self, loop: StateLoop, store: Store, unit_dir: Path, *, refresh_units: RefreshUnits
+        self,
+        loop: StateLoop,
+        store: Store,
+        unit_dir: Path,
+        *,
+        refresh_units: RefreshUnits,
+        hold: Hold,
+        release: Release,
     ) -> None:
         self.loop = loop
         self.store = store
         self.unit_dir = unit_dir
         self._refresh_units = refresh_units  # rollout's: plan, render, write, roll
+        self._hold = hold  # the starter's: keep servers stopped while their file is rewritten
+        self._release = release
         self.watcher = LinkWatcher(self._on_link_changed)
         # One check of a path at a time, each resolving afresh once it holds the lock: two
         # re-points in quick succession can never be applied out of order (A after B).
@@ -96,7 +113,14 @@ class ModelLinks:
             return
         target = await asyncio.to_thread(resolve, path)
         self.watcher.watch(target)  # a new chain may pass through new folders
-        verdict = judge_model_target(self.store.records[names[0]].model, target)
+        accepted = self.store.records[names[0]].model
+        verdict = judge_model_target(accepted, target)
+        if rewritten_in_place(accepted, target):
+            await self._hold(
+                names,
+                f"{target.target} is being rewritten in place; the servers stay stopped until "
+                "it is whole again (re-point the link instead of overwriting)",
+            )
         if verdict is TargetVerdict.REFUSE:
 
             def refuse(error: str | None = target.error) -> None:
@@ -119,12 +143,15 @@ class ModelLinks:
                 self.store.records[name].model_error = None
 
         await self.loop.call(accept)
+        held = [n for n in names if self.store.records[n].held is not None]
         if verdict is TargetVerdict.KEEP:
+            await self._release(held)
             return
         # The units name the accepted file, so they change; the new model's size moves the
         # card's budget, so plan again first. Then the servers roll one at a time (the
         # state file keeps the accepted target and the pending restarts first).
         _, job_id = await self._refresh_units("model link re-pointed")
+        await self._release(held)
         log.info(
             "model.changed",
             path=path,

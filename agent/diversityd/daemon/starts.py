@@ -122,7 +122,7 @@ class Starter:
         candidates = [
             StartCandidate(r.name, r.owned.vram_priority if r.owned else 0, r.snapshot)
             for r in self.store.owned_records()
-            if (only is None or r.name in only) and not r.stopped_by_user
+            if (only is None or r.name in only) and not r.stopped_by_user and not r.held
         ]
         for step in start_order(candidates, port_taken=conflicts):
             record = self.store.records[step.name]
@@ -200,6 +200,46 @@ class Starter:
             result = await self.systemd.stop(record.unit)
         return {"ok": result == "done", "provider": name, "state": record.state.value}
 
+    # -- held while their model file is rewritten -------------------------------------------
+
+    async def hold(self, names: list[str], reason: str) -> None:
+        """Keep these servers stopped: their model file is being rewritten in place, and
+        systemd's Restart= would start them onto half a file, into their start limit."""
+
+        def mark() -> list[str]:
+            units = []
+            for name in names:
+                record = self.store.records[name]
+                if record.held is None and record.unit is not None:
+                    record.held = reason
+                    self.store.expected_stops.add(record.unit)
+                    units.append(record.unit)
+            return units
+
+        for unit in await self.loop.call(mark):
+            log.error("unit.held", unit=unit, error=reason)
+            try:
+                await self.systemd.stop(unit)
+            except SystemdError as exc:
+                log.error("unit.stop_failed", unit=unit, error=str(exc))
+
+    async def release(self, names: list[str]) -> None:
+        """Their model file is whole again (or the link points elsewhere): start them."""
+
+        def clear() -> list[str]:
+            released = []
+            for name in names:
+                record = self.store.records.get(name)
+                if record is not None and record.held is not None:
+                    record.held = None
+                    released.append(name)
+            return released
+
+        released = await self.loop.call(clear)
+        if released:
+            log.info("unit.released", provider=",".join(released))
+            await self.start_owned(only=released)
+
     # -- revival ------------------------------------------------------------------------------
 
     async def revive_now(self, names: list[str]) -> None:
@@ -230,7 +270,7 @@ class Starter:
         settings = self._supervision()
         for record in self.store.owned_records():
             failed = gave_up(record.state, record.last_state_change, time.monotonic())
-            if not failed or record.stopped_by_user:
+            if not failed or record.stopped_by_user or record.held:
                 continue
             if self.locks.locked(record.name):
                 continue  # a job acts on it; its own wait ends on failure

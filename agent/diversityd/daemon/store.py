@@ -64,6 +64,7 @@ class ProviderRecord:
     model_error: str | None = None  # a rejected re-point (the old model keeps serving)
     stopped_by_user: bool = False  # stays stopped, never revived, until started again
     revival: Revival | None = None  # systemd gave up on it: when it is started again
+    held: str | None = None  # why it is kept stopped for now (its model file being rewritten)
 
     @property
     def snapshot(self) -> UnitSnapshot | None:
@@ -96,7 +97,7 @@ class ProviderRecord:
             "n_gpu_layers": self.n_gpu_layers,
             "vram_mib": self.vram_mib,
             "gpu_warnings": list(self.gpu_warnings),
-            "error": self.error,
+            "error": self.held or self.error,
             "type": self.provider.type,
             "base_url": self.provider.base_url,
             "state_since": iso_time(self.state_since),
