@@ -33,6 +33,9 @@ class Answer:
     api_base: str | None
     attempted_fallbacks: int
     error: str | None = None
+    # a stream that broke after content had come: the process sending it died mid-answer,
+    # and nothing can move a half-sent answer to another server (the client retries it)
+    cut: bool = False
 
 
 class DrillMode(enum.StrEnum):
@@ -94,7 +97,12 @@ class DrillReport:
 
     @property
     def failed(self) -> list[Answer]:
-        return [a for a in self.answers if not a.ok]
+        """Requests failover did not save (streams cut mid-answer are counted apart)."""
+        return [a for a in self.answers if not a.ok and not a.cut]
+
+    @property
+    def cut(self) -> list[Answer]:
+        return [a for a in self.answers if a.cut]
 
     def settle_ms(self) -> float:
         """How long after the take-down the gateway still tried the dead provider: until
@@ -117,6 +125,7 @@ class DrillReport:
             "mode": self.mode.value,
             "sent": len(self.answers),
             "failed": len(failures),
+            "cut_mid_stream": len(self.cut),
             "p50_ms": round(statistics.median(latencies), 1) if latencies else 0.0,
             "p99_ms": round(percentile(latencies, 0.99), 1),
             "settle_ms": round(self.settle_ms(), 1),

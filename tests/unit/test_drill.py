@@ -79,3 +79,13 @@ def test_percentile() -> None:
     assert percentile(values, 0.5) == 51.0
     assert percentile(values, 0.99) == 99.0
     assert percentile([], 0.99) == 0.0
+
+
+def test_a_stream_cut_mid_answer_is_counted_apart_from_failures() -> None:
+    cut = Answer("m", True, False, 200, 1.0, 10.0, "x", 0, "ReadError", cut=True)
+    report = DrillReport("p", DrillMode.KILL, (answer(0.5), cut), 0.0, True)
+    assert report.failed == []
+    assert report.to_json()["cut_mid_stream"] == 1
+    assert overall_ok([report])
+    refused = answer(1.5, ok=False)
+    assert not overall_ok([DrillReport("p", DrillMode.KILL, (cut, refused), 0.0, True)])

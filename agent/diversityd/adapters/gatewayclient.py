@@ -43,6 +43,8 @@ async def ask(
     }
     headers = {"Authorization": f"Bearer {key}"}
 
+    content = ""  # what a stream delivered before it ended or broke
+
     def answer(
         ok: bool, status: int | None, response: httpx.Response | None, error: str | None
     ) -> Answer:
@@ -58,6 +60,7 @@ async def ask(
             api_base=api_base,
             attempted_fallbacks=int(fallbacks) if fallbacks.isdigit() else 0,
             error=error,
+            cut=not ok and bool(content),
         )
 
     url = f"{base_url}/v1/chat/completions"
@@ -73,7 +76,7 @@ async def ask(
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
                 return answer(False, response.status_code, response, text[:300])
-            content, done = "", False
+            done = False
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue

@@ -140,7 +140,9 @@ def reload(config_dir: Path | None, as_json: bool) -> None:
 
 
 def format_drills(result: dict[str, Any]) -> str:
-    header = ("PROVIDER", "MODE", "SENT", "FAILED", "P50", "P99", "SETTLED AFTER", "RESTORED")
+    header = (
+        "PROVIDER", "MODE", "SENT", "FAILED", "CUT", "P50", "P99", "SETTLED AFTER", "RESTORED"
+    )  # fmt: skip
     rows = [header]
     for d in result.get("drills", []):
         rows.append(
@@ -149,6 +151,7 @@ def format_drills(result: dict[str, Any]) -> str:
                 d["mode"],
                 str(d["sent"]),
                 str(d["failed"]),
+                str(d.get("cut_mid_stream", 0)),
                 f"{d['p50_ms']:.0f} ms",
                 f"{d['p99_ms']:.0f} ms",
                 f"{d['settle_ms'] / 1000:.1f} s",

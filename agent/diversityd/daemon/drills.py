@@ -28,6 +28,7 @@ DRILL_CLIENT_TIMEOUT_S = 120.0  # a hung backend costs a request its full timeou
 DRILL_SETTLE_S = 120.0
 DRILL_RESTORE_S = 180.0
 DRILL_READY_S = 180.0  # how long to wait for the provider and the gateway before a drill
+DRILL_BASELINE_S = 30.0  # ... and for a first answer from it through the gateway
 
 
 class Drills:
@@ -93,7 +94,15 @@ class Drills:
         put_back = mode is DrillMode.KILL  # systemd's Restart= brings a killed one back
         taken_down_at = time.monotonic()
         try:
-            await asyncio.sleep(1.0)  # a baseline through the healthy provider
+            # A baseline through the healthy provider: until it answers through the gateway
+            # (LiteLLM may still hold it in cooldown from an earlier failure).
+            own = record.provider.base_url.rstrip("/")
+            deadline = time.monotonic() + DRILL_BASELINE_S
+            await asyncio.sleep(1.0)
+            while time.monotonic() < deadline and not any(  # noqa: ASYNC110 - polls answers
+                (a.api_base or "").startswith(own) for a in answers
+            ):
+                await asyncio.sleep(0.2)
             self.jobs.report(job, {"provider": name, "step": "taking down", "mode": mode})
             log.warning("drill.takedown", provider=name, unit=unit, state=mode.value, job=job.id)
             taken_down_at = time.monotonic()

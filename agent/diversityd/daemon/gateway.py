@@ -176,9 +176,13 @@ class GatewayManager:
             if snapshot.active_state in ("failed", "inactive") and not record.reloading:
                 log.error("gateway.instance_down", unit=unit, state=snapshot.active_state)
                 self._dirty.set()  # the loop starts one on the current config
-        elif snapshot.active_state == "active" and not record.reloading:
-            # Started by traffic on the socket (the `Service=` colour) or by hand: it is the
-            # one serving now; its config file is the last applied one (both are written).
+        elif base.active_state != "active" and snapshot.active_state == "active":
+            # Just started by traffic on the socket (the `Service=` colour) while none ran,
+            # or by hand: it is the one serving now; its config file is the last applied one
+            # (both colours' files are written). (A reload's own start happens while
+            # `reloading`, and an old instance draining was active already.)
+            if record.reloading:
+                return
             color = next(c for c in GATEWAY_COLORS if gateway_instance(c) == unit)
             record.color, record.snapshot = color, snapshot
             record.applied_text = read_text_or_none(self.files.config_path(color))
@@ -319,7 +323,11 @@ class GatewayManager:
         log.info("gateway.reloading", unit=new_unit, path=str(entry.path), state=reason)
         await systemd.reset_failed(new_unit)
         try:
-            outcome = await systemd.start(new_unit, timeout_s=START_TIMEOUT_S)
+            # The idle colour should not run; if it does (still draining, started by hand),
+            # it serves an older config: a start would be a no-op, a restart loads this one.
+            idle = await systemd.snapshot(new_unit)
+            verb = systemd.restart if idle.running else systemd.start
+            outcome = await verb(new_unit, timeout_s=START_TIMEOUT_S)
             snapshot: UnitSnapshot | None = await systemd.snapshot(new_unit)
         except SystemdError as exc:
             outcome, snapshot = str(exc), None
