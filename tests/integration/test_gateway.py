@@ -329,6 +329,65 @@ def test_a_model_with_no_live_server_answers_retryably_and_stays_listed(
         )
 
 
+def test_the_serving_gateway_stopped_by_hand_is_replaced_on_the_current_config(
+    gateway_stack: RunningStack,
+) -> None:
+    """Issue 11, scenario 4: when the serving instance died for good nothing started one
+    with the current config, and socket activation started the `Service=` colour (blue)
+    on whatever config blue had last served, while status said the other was in sync."""
+    vllm = f"diversityd-{VLLM}.service"
+    settings_file = gateway_stack.stack.config_dir / "diversityd.yaml"
+    original = settings_file.read_text()
+    settings = yaml.safe_load(original)
+    wait_gateway_ready(gateway_stack)
+    try:
+        # reload until green serves a config blue never had (vLLM away)
+        gateway_stack.manager.systemctl("stop", vllm)
+        before = gateway_stack.wait_for(
+            lambda d: "qwen-coder-vllm" in d["gateway"]["left_out"] and d["gateway"]["in_sync"],
+            timeout_s=120,
+            poll_s=0.5,
+        )["gateway"]
+        if before["unit"] != "diversityd-gateway@green.service":
+            # colours alternate: one more reload (a config that renders differently)
+            settings["gateway"]["timeouts"]["vllm"] = {"cooldown_s": 11}
+            settings_file.write_text(yaml.safe_dump(settings))
+            assert gateway_stack.ctl("reload").returncode == 0
+            before = gateway_stack.wait_for(
+                lambda d: (
+                    d["gateway"]["unit"] == "diversityd-gateway@green.service"
+                    and d["gateway"]["in_sync"]
+                    and d["gateway"]["state"] == "ready"
+                ),
+                timeout_s=120,
+                poll_s=0.5,
+            )["gateway"]
+        with gateway_stream(gateway_stack, "llama-cpp-native") as stream:
+            time.sleep(1)
+            gateway_stack.manager.systemctl("stop", before["unit"])
+            after = gateway_stack.wait_for(
+                lambda d: (
+                    d["gateway"]["state"] == "ready"
+                    and d["gateway"]["in_sync"]
+                    and d["gateway"]["pid"] not in (None, before["pid"])
+                ),
+                timeout_s=120,
+                poll_s=0.5,
+            )["gateway"]
+            time.sleep(2)
+        assert after["config_sha256"] == before["config_sha256"]  # the current config...
+        served = Path(after["config"]).read_text()
+        assert "unavailable" in served  # ...which sends qwen-coder-vllm to the daemon
+        assert gateway_stack.unit_property(after["unit"], "ActiveState") == "active"
+        assert stream.failed == [], stream.failed[:5]  # waited on the held socket
+        assert len(stream.answers) > 0
+    finally:
+        settings_file.write_text(original)
+        gateway_stack.ctl("reload")
+        gateway_stack.manager.systemctl("start", vllm)
+        wait_gateway_ready(gateway_stack)
+
+
 @pytest.fixture
 def gateway_faults(gateway_stack: RunningStack) -> Iterator[Path]:
     """The daemon of `gateway_stack` reads the step to die at from the returned file."""
