@@ -170,6 +170,13 @@ def _walk_live(
             yield from _walk_live(target, chains, is_live, visited)
 
 
+# LiteLLM's own metrics at the gateway's `/metrics/` (success ratio, fallbacks, who
+# answered: packaging/grafana's availability panels), readable on loopback without the key
+# (the gateway listens on 127.0.0.1 unless you say otherwise). Yours win.
+LITELLM_DEFAULTS: Mapping[str, Any] = {
+    "callbacks": ["prometheus"],
+    "require_auth_for_metrics_endpoint": False,
+}
 UNAVAILABLE_RETRY_S = 10  # after the first answer, LiteLLM says "retry in" this long (429)
 
 
@@ -233,8 +240,7 @@ def render_gateway(
     general_settings: dict[str, Any] = dict(config.settings.gateway.general_settings)
     general_settings["master_key"] = MASTER_KEY_REFERENCE
     document: dict[str, Any] = {"model_list": model_list, "router_settings": router_settings}
-    if config.settings.gateway.litellm_settings:
-        document["litellm_settings"] = dict(config.settings.gateway.litellm_settings)
+    document["litellm_settings"] = {**LITELLM_DEFAULTS, **config.settings.gateway.litellm_settings}
     document["general_settings"] = general_settings
     return GatewayPlan(
         document=document,
@@ -321,3 +327,42 @@ def why_unavailable(config: Config, catalog: Catalog, name: str, states: Mapping
     else:
         text += "; it has no fallback chain"
     return text + ". Retry later: diversityd brings providers back."
+
+
+def chain_health(
+    config: Config, catalog: Catalog, availability: Availability
+) -> dict[str, tuple[bool, int]]:
+    """Per served name: whether something can serve it now (it, or a member of its
+    fallback chain, followed through the members' own chains), and how many live
+    providers serve it or those members. For the metrics and their alerts."""
+    chains = {name: chain.targets for name, chain in config.chains.items()}
+    health: dict[str, tuple[bool, int]] = {}
+    for name, deployments in catalog.deployments.items():
+        if not any(d.provider.active for d in deployments):
+            continue
+        members, pending = [name], list(chains.get(name, ()))
+        while pending:
+            target = pending.pop(0)
+            if target not in members:
+                members.append(target)
+                pending += chains.get(target, ())
+        live = {
+            d.provider.name
+            for member in members
+            for d in catalog.active(member)
+            if availability.is_live(d)
+        }
+        health[name] = (bool(live), len(live))
+    return health
+
+
+DRAIN_MAX_S = 60.0  # an old proxy's requests in flight get this long to finish
+
+
+def drain_seconds(settings: Settings) -> float:
+    """How long an old proxy may drain: the longest request timeout it could be waiting on
+    (with the user's `gateway.timeouts`), and a little more, but never more than
+    DRAIN_MAX_S: a hung backend must not keep an old proxy (and the next reload, which
+    waits for it) for minutes."""
+    longest = max(timing_for(kind, settings.gateway.timeouts).timeout_s for kind in TIMINGS)
+    return min(longest + 10, DRAIN_MAX_S)

@@ -118,7 +118,18 @@ def test_settings_pass_through_and_master_key_is_a_reference() -> None:
     document = render().document
     assert document["general_settings"]["master_key"] == MASTER_KEY_REFERENCE
     assert document["general_settings"]["alerting"] == ["slack"]
-    assert document["litellm_settings"] == {"cache": True}
+    # LiteLLM's own metrics by default (the dashboard's availability panels); yours win
+    assert document["litellm_settings"] == {
+        "callbacks": ["prometheus"],
+        "require_auth_for_metrics_endpoint": False,
+        "cache": True,
+    }
+    own = render_gateway(
+        load('gateway: {litellm_settings: {callbacks: ["otel"]}}\n'),
+        build_catalog(load()),
+        Availability.all_up_except(load(), frozenset()),
+    )
+    assert own.document["litellm_settings"]["callbacks"] == ["otel"]
     router = document["router_settings"]
     assert router["redis_host"] == "127.0.0.1"
     assert router["num_retries"] == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import secrets
 import subprocess
@@ -11,9 +12,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from diversityd import parts
+from diversityd.adapters import gatewaylauncher
 from diversityd.adapters.files import write_atomic
 from diversityd.adapters.gatewaylauncher import OFFLINE_SWITCHES
 from diversityd.adapters.gatewaylauncher import read_master_key as launcher_read_key
+from diversityd.config import Settings
+from diversityd.log import get_logger
+from diversityd.units import GatewayPaths
+
+log = get_logger()
 
 # Without these LiteLLM fetches a price map (and four other files) from the internet at
 # import, blocking 5 s on DNS on a machine that cannot reach it.
@@ -142,3 +150,40 @@ class GatewayFiles:
             return exact[0]
         matches = [e for e in entries if e.id.startswith(entry_id) or e.sha256.startswith(entry_id)]
         return matches[0] if len(matches) == 1 else None
+
+
+def prepare_key(key_file: Path) -> str | None:
+    """Generate the master key once (0600), or adopt the file there: what is unsafe about
+    it, if anything (logged)."""
+    if ensure_master_key(key_file):
+        log.info("gateway.key_generated", path=str(key_file))
+        return None
+    problem = key_file_problem(key_file)
+    if problem:
+        log.warning("gateway.key_unsafe", path=str(key_file), error=problem)
+    return problem
+
+
+def gateway_places(settings: Settings) -> tuple[GatewayFiles, Path, GatewayPaths]:
+    """Where the gateway's configs, history and key live, and what its units name."""
+    gateway = settings.gateway
+    state_dir = parts.state_dir(settings.state_dir)
+    files = GatewayFiles(state_dir, gateway.keep_configs)
+    key_file = (
+        Path(os.path.expanduser(gateway.master_key_file))
+        if gateway.master_key_file
+        else state_dir / "master.key"
+    )
+    python = (
+        str(Path(os.path.expanduser(gateway.litellm_venv)) / "bin" / "python")
+        if gateway.litellm_venv
+        else str(parts.litellm_interpreter())
+    )
+    paths = GatewayPaths(
+        config_dir=str(files.config_dir),
+        key_file=str(key_file),
+        environment_files=gateway.environment_files,
+        litellm_python=python,
+        launcher=str(Path(gatewaylauncher.__file__).resolve()),
+    )
+    return files, key_file, paths

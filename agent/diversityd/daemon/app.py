@@ -31,6 +31,7 @@ from diversityd.daemon.gateway import GatewayManager
 from diversityd.daemon.gpus import GpuPlanner
 from diversityd.daemon.jobs import Jobs
 from diversityd.daemon.loop import ProbeDone, ProviderLocks, StateLoop, UnitChanged
+from diversityd.daemon.metrics import Metrics
 from diversityd.daemon.models import ModelLinks
 from diversityd.daemon.providers import ProviderSupervisor
 from diversityd.daemon.rollout import STARTUP, Rollout
@@ -97,12 +98,19 @@ class Daemon:
         """The services, each given what it needs and nothing more."""
         loop, store = self.loop, self.store
         locks = ProviderLocks()
+        metrics = self.metrics = Metrics(
+            store,
+            gateway=lambda: self.gateway.record if self.gateway is not None else None,
+            jobs_running=lambda: len(self.jobs.running()),
+        )
+        metrics.providers_known(store.records)
         self.supervisor = ProviderSupervisor(
             loop,
             store,
             systemd,
             locks=locks,
             statefile=self.statefile,
+            metrics=metrics,
             on_state_change=self._after_state_change,
             on_models_change=self._gateway_may_change,
         )
@@ -113,6 +121,7 @@ class Daemon:
                 store,
                 systemd,
                 self.statefile,
+                metrics,
                 on_unit_change=self.supervisor.on_systemd_change,
             )
         self.jobs = Jobs(loop, store)
@@ -120,11 +129,14 @@ class Daemon:
             loop,
             store,
             self.statefile,
+            metrics,
             restarting=locks.any_locked,
             # The rollout is built next, on this planner: reach it when called.
             refresh_units=lambda reason: self.rollout.refresh_units(reason),  # noqa: PLW0108
         )
-        self.starter = Starter(loop, store, systemd, locks=locks, statefile=self.statefile)
+        self.starter = Starter(
+            loop, store, systemd, locks=locks, statefile=self.statefile, metrics=metrics
+        )
         gateway = self.gateway
         self.rollout = Rollout(
             loop,
@@ -136,6 +148,7 @@ class Daemon:
             jobs=self.jobs,
             locks=locks,
             statefile=self.statefile,
+            metrics=metrics,
             unit_dir=self._unit_dir(),
             own_units=gateway.units if gateway is not None else list,
         )
@@ -163,9 +176,11 @@ class Daemon:
         self.jobs.register("stop", self.starter.run_stop_job)
         self.jobs.register("rollback", self.commands.run_rollback_job)
         if gateway is not None:
-            drills = Drills(loop, store, systemd, jobs=self.jobs, locks=locks, gateway=gateway)
+            drills = Drills(
+                loop, store, systemd, jobs=self.jobs, locks=locks, gateway=gateway, metrics=metrics
+            )
             self.jobs.register("failover", drills.run_job)
-        self.web = Web(store, metrics=lambda: b"")
+        self.web = Web(store, metrics=metrics.exposition)
         loop.on(UnitChanged, self._on_unit_changed)
         loop.on(ProbeDone, self.supervisor.on_probe)
 

@@ -17,6 +17,7 @@ from diversityd.adapters.systemd import Systemd, SystemdError
 from diversityd.daemon.gateway import GatewayManager
 from diversityd.daemon.jobs import Jobs
 from diversityd.daemon.loop import ProviderLocks, StateLoop
+from diversityd.daemon.metrics import Metrics
 from diversityd.daemon.store import Job, ProviderRecord, Store
 from diversityd.drill import Answer, DrillMode, DrillReport, drill_settled, overall_ok
 from diversityd.log import get_logger
@@ -41,6 +42,7 @@ class Drills:
         jobs: Jobs,
         locks: ProviderLocks,
         gateway: GatewayManager,
+        metrics: Metrics,
     ) -> None:
         self.loop = loop
         self.store = store
@@ -48,6 +50,7 @@ class Drills:
         self.jobs = jobs
         self.locks = locks
         self.gateway = gateway
+        self.metrics = metrics
 
     async def run_job(self, job: Job) -> dict[str, Any]:
         """One drill per provider, in turn. It holds every owned provider: the drilled one
@@ -58,6 +61,7 @@ class Drills:
         async with self.locks.holding(owned, job.id):
             for name in job.params["providers"]:
                 report = await self._drill(job, name, mode)
+                self.metrics.drilled(report)
                 reports.append(report)
                 self.jobs.report(job, {"step": "drilled", **report.to_json()})
         return {"drills": [r.to_json() for r in reports], "ok": overall_ok(reports)}

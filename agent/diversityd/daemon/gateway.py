@@ -16,29 +16,19 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from diversityd import parts
-from diversityd.adapters import gatewaylauncher
 from diversityd.adapters.files import read_text_or_none
 from diversityd.adapters.gatewaylauncher import key_file_is_environment
-from diversityd.adapters.litellm import GatewayFiles, ensure_master_key, key_file_problem
+from diversityd.adapters.litellm import gateway_places, prepare_key
 from diversityd.adapters.systemd import Systemd, SystemdError
-from diversityd.config import Settings
 from diversityd.daemon.loop import StateLoop, checkpoint
+from diversityd.daemon.metrics import Metrics
 from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import GatewayRecord, Store, sha256_text
-from diversityd.gateway import (
-    TIMINGS,
-    GatewayPlan,
-    render_gateway,
-    timing_for,
-    unavailable_base,
-)
+from diversityd.gateway import GatewayPlan, drain_seconds, render_gateway, unavailable_base
 from diversityd.log import get_logger
 from diversityd.state import UnitSnapshot
 from diversityd.statusdoc import GatewayReload
@@ -46,7 +36,6 @@ from diversityd.timefmt import iso_now
 from diversityd.units import (
     GATEWAY_COLORS,
     GATEWAY_SOCKET,
-    GatewayPaths,
     RenderedUnit,
     gateway_instance,
     listen_address,
@@ -60,32 +49,6 @@ MIN_INTERVAL_S = 5.0  # between the starts of two reloads
 START_TIMEOUT_S = 200.0
 FIRST_RENDER_WAIT_S = 120.0  # at start-up, wait this long for the providers' first answers
 RETRY_FIRST_S, RETRY_MAX_S = 30.0, 600.0  # a config whose proxy would not start
-DRAIN_MAX_S = 60.0  # an old proxy's requests in flight get this long to finish
-
-
-def _gateway_places(settings: Settings) -> tuple[GatewayFiles, Path, GatewayPaths]:
-    """Where the gateway's configs, history and key live, and what its units name."""
-    gateway = settings.gateway
-    state_dir = parts.state_dir(settings.state_dir)
-    files = GatewayFiles(state_dir, gateway.keep_configs)
-    key_file = (
-        Path(os.path.expanduser(gateway.master_key_file))
-        if gateway.master_key_file
-        else state_dir / "master.key"
-    )
-    python = (
-        str(Path(os.path.expanduser(gateway.litellm_venv)) / "bin" / "python")
-        if gateway.litellm_venv
-        else str(parts.litellm_interpreter())
-    )
-    paths = GatewayPaths(
-        config_dir=str(files.config_dir),
-        key_file=str(key_file),
-        environment_files=gateway.environment_files,
-        litellm_python=python,
-        launcher=str(Path(gatewaylauncher.__file__).resolve()),
-    )
-    return files, key_file, paths
 
 
 class GatewayManager:
@@ -95,6 +58,7 @@ class GatewayManager:
         store: Store,
         systemd: Systemd,
         statefile: StateFile,
+        metrics: Metrics,
         *,
         on_unit_change: Callable[[str, dict[str, Any]], None],
     ) -> None:
@@ -102,11 +66,12 @@ class GatewayManager:
         self.store = store
         self.systemd = systemd
         self.statefile = statefile
+        self.metrics = metrics
         self._on_unit_change = on_unit_change  # the bus callback every watched unit shares
         config = store.config
         assert config is not None
         gateway = config.settings.gateway
-        self.files, self.key_file, self.paths = _gateway_places(config.settings)
+        self.files, self.key_file, self.paths = gateway_places(config.settings)
         self.record = GatewayRecord(
             url=f"http://{listen_address(gateway.host, gateway.port)}",
             key_file=str(self.key_file),
@@ -126,15 +91,10 @@ class GatewayManager:
     # -- units and files ------------------------------------------------------------------
 
     def graceful_s(self) -> float:
-        """How long an old proxy may drain: the longest request timeout it could be
-        waiting on (with the user's `gateway.timeouts`), and a little more, but never more
-        than DRAIN_MAX_S: a hung backend must not keep an old proxy (and the next reload,
-        which waits for it) for minutes."""
+        """How long an old proxy may drain (gateway.drain_seconds)."""
         config = self.store.config
         assert config is not None
-        overrides = config.settings.gateway.timeouts
-        longest = max(timing_for(kind, overrides).timeout_s for kind in TIMINGS) + 10
-        return min(longest, DRAIN_MAX_S)
+        return drain_seconds(config.settings)
 
     def units(self) -> list[RenderedUnit]:
         config = self.store.config
@@ -148,13 +108,9 @@ class GatewayManager:
 
     def prepare_key(self) -> None:
         """Adopt the key file named in the settings, or generate one (0600) once."""
-        if ensure_master_key(self.key_file):
-            log.info("gateway.key_generated", path=str(self.key_file))
-            return
-        problem = key_file_problem(self.key_file)
+        problem = prepare_key(self.key_file)
         if problem:
             self.record.warnings.append(problem)
-            log.warning("gateway.key_unsafe", path=str(self.key_file), error=problem)
 
     @staticmethod
     def instance_units() -> list[str]:
@@ -331,8 +287,10 @@ class GatewayManager:
             snapshot: UnitSnapshot | None = await systemd.snapshot(new_unit)
         except SystemdError as exc:
             outcome, snapshot = str(exc), None
+        ok = outcome == "done" and snapshot is not None and snapshot.active_state == "active"
+        self.metrics.gateway_reloaded(ok)
         result: GatewayReload = {
-            "ok": outcome == "done" and snapshot is not None and snapshot.active_state == "active",
+            "ok": ok,
             "at": iso_now(),
             "elapsed_ms": round((time.monotonic() - started) * 1000, 1),
             "instance": new_unit,

@@ -21,6 +21,7 @@ import psutil
 from diversityd.adapters.nvml import NvmlError, read_gpus
 from diversityd.cardplan import GpuSnapshot
 from diversityd.daemon.loop import StateLoop
+from diversityd.daemon.metrics import Metrics
 from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import MIB, Store
 from diversityd.gguf import GGUFError, read_model
@@ -41,6 +42,7 @@ class GpuPlanner:
         loop: StateLoop,
         store: Store,
         statefile: StateFile,
+        metrics: Metrics,
         *,
         restarting: Callable[[], bool],
         refresh_units: Callable[[str], Awaitable[object]],
@@ -48,10 +50,10 @@ class GpuPlanner:
         self.loop = loop
         self.store = store
         self.statefile = statefile
+        self.metrics = metrics
         self._restarting = restarting  # a job acts on a provider
         self._refresh_units = refresh_units  # re-plan, render and roll (rollout's)
         self._nvml_call: asyncio.Future[GpuSnapshot] | None = None  # the one call in flight
-        self.nvml_errors = 0
 
     def _plan_inputs(self) -> tuple[dict[str, str | None], dict[str, int]]:
         """(In the state loop.) Each owned llama server's accepted GGUF (or why there is
@@ -111,7 +113,7 @@ class GpuPlanner:
                 failure = f"{exc.name}: {exc}"
             except TimeoutError:
                 failure = f"NVML did not answer in {NVML_TIMEOUT_S:g} s (a GPU off the bus?)"
-        self.nvml_errors += 1
+        self.metrics.nvml_failed()
         if failure != self.store.gpu.error:
             log.error("gpu.nvml_failed", error=failure, state="keeping the last plan")
         await self.loop.call(functools.partial(setattr, self.store.gpu, "error", failure))

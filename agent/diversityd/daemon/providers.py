@@ -18,6 +18,7 @@ import psutil
 from diversityd.adapters import probes
 from diversityd.adapters.systemd import Systemd, SystemdError
 from diversityd.daemon.loop import ProbeDone, ProviderLocks, StateLoop, UnitChanged
+from diversityd.daemon.metrics import Metrics
 from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import ProviderRecord, Store
 from diversityd.log import get_logger
@@ -47,6 +48,7 @@ class ProviderSupervisor:
         *,
         locks: ProviderLocks,
         statefile: StateFile,
+        metrics: Metrics,
         on_state_change: Callable[[], None],
         on_models_change: Callable[[], None],
     ) -> None:
@@ -55,6 +57,7 @@ class ProviderSupervisor:
         self.systemd = systemd
         self.locks = locks
         self.statefile = statefile
+        self.metrics = metrics
         self._killed: set[int] = set()  # hung processes already killed (once each)
         self._on_state_change = on_state_change  # the gateway may render differently now
         self._on_models_change = on_models_change
@@ -74,6 +77,7 @@ class ProviderSupervisor:
         record.last_unit_event = event.at
         if exited_pid:
             record.last_exit_seen = event.at
+            self.metrics.exited(record.name)
             log.warning(
                 "unit.exited",
                 provider=record.name,
@@ -90,6 +94,7 @@ class ProviderSupervisor:
         result = event.result
         previous = record.probe
         record.observed = apply_probe(record.observed, result, event.pid, event.cpu_s)
+        self.metrics.probed(record.name, result)
         record.error = None if result.ok else result.error
         if previous is not None and result.ok and previous.models != result.models:
             self._on_models_change()  # a model appeared or went away: routing may change
@@ -141,6 +146,7 @@ class ProviderSupervisor:
         if state is record.state:
             return
         previous, record.state = record.state, state
+        self.metrics.state_changed(record.name, state)
         record.state_since = time.time()
         record.last_state_change = at
         if previous is ProviderState.READY:

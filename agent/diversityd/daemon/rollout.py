@@ -24,6 +24,7 @@ from diversityd.adapters.unitfiles import owned_provider_units, sync_units
 from diversityd.daemon.gpus import GpuPlanner
 from diversityd.daemon.jobs import Jobs
 from diversityd.daemon.loop import ProviderLocks, StateLoop, checkpoint
+from diversityd.daemon.metrics import Metrics
 from diversityd.daemon.providers import ProviderSupervisor
 from diversityd.daemon.starts import Starter
 from diversityd.daemon.statefile import StateFile
@@ -53,6 +54,7 @@ class Rollout:
         jobs: Jobs,
         locks: ProviderLocks,
         statefile: StateFile,
+        metrics: Metrics,
         unit_dir: Path,
         own_units: Callable[[], list[RenderedUnit]],
     ) -> None:
@@ -65,6 +67,7 @@ class Rollout:
         self.jobs = jobs
         self.locks = locks
         self.statefile = statefile
+        self.metrics = metrics
         self.unit_dir = unit_dir
         self._own_units = own_units  # diversityd's own (the gateway's), beside the providers'
         # Unit files are planned, rendered and written by one task at a time.
@@ -287,6 +290,7 @@ class Rollout:
         except SystemdError as exc:
             outcome = str(exc)
         if outcome == "done":
+            self.metrics.restarted(name)
             await self.loop.call(functools.partial(self._rolled, name))
             checkpoint("rollout.provider_restarted")
             self.jobs.report(job, {"provider": name, "step": "waiting", "for": "its answer"})

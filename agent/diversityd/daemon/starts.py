@@ -15,6 +15,7 @@ import psutil
 
 from diversityd.adapters.systemd import Systemd, SystemdError
 from diversityd.daemon.loop import ProviderLocks, StateLoop
+from diversityd.daemon.metrics import Metrics
 from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import Job, ProviderRecord, Store
 from diversityd.log import get_logger
@@ -43,12 +44,14 @@ class Starter:
         *,
         locks: ProviderLocks,
         statefile: StateFile,
+        metrics: Metrics,
     ) -> None:
         self.loop = loop
         self.store = store
         self.systemd = systemd
         self.locks = locks
         self.statefile = statefile
+        self.metrics = metrics
         self._inputs: dict[str, tuple[object, ...]] = {}  # at the last revival, per provider
         self._wake = asyncio.Event()
 
@@ -304,6 +307,7 @@ class Starter:
                 return
             await self.loop.call(functools.partial(self._schedule, record, attempt, settings))
             log.warning("unit.reviving", provider=record.name, unit=record.unit, job=str(attempt))
+            self.metrics.revived(record.name)
             await self._start(record, True, f"revival {attempt}")
 
     def _inputs_of(self, record: ProviderRecord) -> tuple[object, ...]:
