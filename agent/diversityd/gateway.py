@@ -219,6 +219,12 @@ def render_gateway(
             substitute, walk = walk[0], walk[1:]
             substituted[name] = substitute
             serving = live_deployments[substitute]
+            # the name is now served by the substitute's server: if that fails too, its
+            # own fallbacks must still be tried after the name's (a config lives for a
+            # while: a reload takes seconds, and another fault may land meanwhile)
+            for target in _walk_live(substitute, chains, is_live, {name, substitute}):
+                if target not in walk:
+                    walk.append(target)
         for deployment in serving:
             model_list.append(
                 {

@@ -168,7 +168,7 @@ def apply_probe(
         answered = pid
     failures = 0 if result.ok else observed.failures + 1
     progressing = (
-        result.outcome is ProbeOutcome.TIMEOUT
+        not result.ok
         and cpu_s is not None
         and observed.cpu_s is not None
         and observed.cpu_pid == pid
@@ -230,11 +230,11 @@ def derive_state(
         if probe is None:
             return ProviderState.STARTING
         if not answered_since_start:
-            if not overdue or probe.outcome is ProbeOutcome.OK:
-                return ProviderState.STARTING
-            return (
-                ProviderState.HUNG if probe.outcome is ProbeOutcome.TIMEOUT else ProviderState.DOWN
-            )
+            if not overdue or probe.outcome is ProbeOutcome.OK or progressing:
+                return ProviderState.STARTING  # loading (still working after the grace)
+            # silent past the grace and its CPU time standing still: frozen or stuck at
+            # start (a stopped process never binds its port: refused), not loading
+            return ProviderState.HUNG
     elif probe is None:
         return ProviderState.UNKNOWN
     if probe.outcome is ProbeOutcome.OK:

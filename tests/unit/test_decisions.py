@@ -314,3 +314,15 @@ def test_only_a_hung_server_past_its_grace_is_killed() -> None:
     assert not hung_too_long(ProviderState.HUNG, 10.0, 11.0, 2.0)
     assert not hung_too_long(ProviderState.BUSY, 10.0, 99.0, 2.0)
     assert not hung_too_long(ProviderState.HUNG, None, 99.0, 2.0)
+
+
+def test_a_process_silent_past_its_start_grace_is_hung_unless_it_works() -> None:
+    """Found by bench/chaos.py: a server SIGSTOPped while loading stayed `down` for ever
+    (refused: it never bound its port), never killed."""
+    began = unit(pid=100)
+    frozen = apply_probe(Observed(unit=began), probe(ProbeOutcome.REFUSED), pid=100, cpu_s=1.0)
+    frozen = apply_probe(frozen, probe(ProbeOutcome.REFUSED), pid=100, cpu_s=1.0)
+    assert state_of(frozen, owned=True) is ProviderState.STARTING  # within its grace
+    assert state_of(frozen, owned=True, overdue=True) is ProviderState.HUNG
+    loading = apply_probe(frozen, probe(ProbeOutcome.REFUSED), pid=100, cpu_s=3.0)
+    assert state_of(loading, owned=True, overdue=True) is ProviderState.STARTING

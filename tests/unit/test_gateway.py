@@ -197,3 +197,12 @@ def test_the_answer_for_an_unservable_name_says_who_and_in_what_state() -> None:
     assert "gpt-4o-mini (oai is ready)" in text
     alone = why_unavailable(config, build_catalog(config), "b-model", states)
     assert "no fallback chain" in alone
+
+
+def test_a_substituted_name_keeps_its_substitutes_fallbacks() -> None:
+    """Found by bench/chaos.py: llama-cpp-default served by llama-cpp-native (its server
+    down) had no fallback at all, though native's own chain was live."""
+    plan = render(down=frozenset({"ollama"}))
+    assert plan.substituted["llama3.1:latest"] == "a-model"
+    # its own chain's rest (v-model), then what a-model falls back to (b-model, gpt-4o-mini)
+    assert fallbacks_of(plan)["llama3.1:latest"] == ["v-model", "b-model", "gpt-4o-mini"]

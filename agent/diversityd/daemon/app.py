@@ -135,7 +135,13 @@ class Daemon:
             refresh_units=lambda reason: self.rollout.refresh_units(reason),  # noqa: PLW0108
         )
         self.starter = Starter(
-            loop, store, systemd, locks=locks, statefile=self.statefile, metrics=metrics
+            loop,
+            store,
+            systemd,
+            locks=locks,
+            statefile=self.statefile,
+            metrics=metrics,
+            confirm_outside_stops=self.supervisor.confirm_outside_stops,
         )
         gateway = self.gateway
         self.rollout = Rollout(

@@ -22,7 +22,7 @@ from diversityd.daemon.metrics import Metrics
 from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import ProviderRecord, Store
 from diversityd.log import get_logger
-from diversityd.reconcile import hung_too_long, stopped_on_purpose
+from diversityd.reconcile import FAILED_SETTLE_S, hung_too_long, stopped_on_purpose
 from diversityd.state import (
     ProviderState,
     UnitSnapshot,
@@ -182,20 +182,38 @@ class ProviderSupervisor:
         clean = record.snapshot is not None and record.snapshot.result == "success"
         busy = self.locks.locked(record.name)
         if stopped_on_purpose(previous, state, ours=ours, busy=busy, clean=clean):
+            # the user's stop, or the inactive instant of systemd's own Restart=: told apart
+            # when it has stayed stopped a moment (confirm_outside_stops)
+            record.stop_noticed_at = time.monotonic()
+        elif state is not ProviderState.STOPPED:
+            record.stop_noticed_at = None
+        if record.stopped_by_user and state in (ProviderState.STARTING, ProviderState.READY):
+            record.stopped_by_user = False  # started again (systemctl --user start)
+            self.statefile.save_in_loop()
+        if state is ProviderState.READY and record.revival is not None:
+            record.revival = None  # revived: the next failure starts the backoff afresh
+            self.statefile.save_in_loop()
+
+    def confirm_outside_stops(self) -> None:
+        """(In the state loop, every second or so.) A unit stopped from outside that has
+        stayed stopped is the user's word: left stopped (across restarts too)."""
+        now = time.monotonic()
+        for record in self.store.owned_records():
+            noticed = record.stop_noticed_at
+            if noticed is None or record.state is not ProviderState.STOPPED:
+                record.stop_noticed_at = None
+                continue
+            if now - noticed < FAILED_SETTLE_S:
+                continue
+            record.stop_noticed_at = None
             record.stopped_by_user = True
             record.revival = None
             log.warning(
                 "provider.stopped_by_user",
                 provider=record.name,
-                unit=unit,
+                unit=record.unit,
                 error="stopped outside diversityd: left stopped until started again",
             )
-            self.statefile.save_in_loop()
-        elif record.stopped_by_user and state in (ProviderState.STARTING, ProviderState.READY):
-            record.stopped_by_user = False  # started again (systemctl --user start)
-            self.statefile.save_in_loop()
-        if state is ProviderState.READY and record.revival is not None:
-            record.revival = None  # revived: the next failure starts the backoff afresh
             self.statefile.save_in_loop()
 
     def on_systemd_change(self, unit: str, changed: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -45,6 +46,7 @@ class Starter:
         locks: ProviderLocks,
         statefile: StateFile,
         metrics: Metrics,
+        confirm_outside_stops: Callable[[], None],
     ) -> None:
         self.loop = loop
         self.store = store
@@ -52,6 +54,7 @@ class Starter:
         self.locks = locks
         self.statefile = statefile
         self.metrics = metrics
+        self._confirm_outside_stops = confirm_outside_stops  # the supervisor's, each tick
         self._inputs: dict[str, tuple[object, ...]] = {}  # at the last revival, per provider
         self._wake = asyncio.Event()
 
@@ -271,6 +274,7 @@ class Starter:
 
     async def _revive_due(self) -> None:
         settings = self._supervision()
+        await self.loop.call(self._confirm_outside_stops)
         for record in self.store.owned_records():
             failed = gave_up(record.state, record.last_state_change, time.monotonic())
             if not failed or record.stopped_by_user or record.held:

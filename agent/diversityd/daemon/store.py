@@ -65,6 +65,7 @@ class ProviderRecord:
     stopped_by_user: bool = False  # stays stopped, never revived, until started again
     revival: Revival | None = None  # systemd gave up on it: when it is started again
     held: str | None = None  # why it is kept stopped for now (its model file being rewritten)
+    stop_noticed_at: float | None = None  # monotonic: stopped from outside, not yet settled
 
     @property
     def snapshot(self) -> UnitSnapshot | None:
