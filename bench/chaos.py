@@ -25,8 +25,12 @@ answer every probe from before the request began to after it ended?
 - longest_job_s: the longest daemon job begun during the run, from the daemon's journal:
   a restart job from its first `unit.restarting` to its last `unit.restarted` or
   `unit.restart_failed`, a start (revival, start-up, `diversityctl start`) from
-  `unit.starting` to `unit.started`/`unit.start_failed`; one never ended counts until now.
+  `unit.starting` to `unit.started`/`unit.start_failed`; one never ended counts until the
+  settle is over; one cut short by a daemon kill ends at the kill.
 - seed: the schedule's seed (--seed, else a random one).
+- also: faults_not_done (a target that never ran), left_down (name: state), jobs_unfinished,
+  gateway_serves_plan (after the settle, the serving instance's deployments, from LiteLLM's
+  /model/info, are those of the config `diversityctl status` says is in force).
 
 A hang is ended by the daemon where it knows `supervision.hung_grace_s`; otherwise the
 bench sends SIGCONT after the hang's hold (3-5 s). A table of faults, failures and jobs goes
@@ -54,15 +58,18 @@ from diversityd.config import SupervisionSettings
 from diversityd.drill import percentile
 from diversityd_lab.chaos import (
     JOB_EVENTS,
+    ChatStream,
     Job,
     Prober,
-    RequestStream,
+    Request,
     Verdict,
     close_interrupted,
     in_flight,
     jobs_from_journal,
     judge,
+    planned_routes,
     read_chains,
+    served_routes,
 )
 from diversityd_lab.embedded import LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM, StackSpec
 from diversityd_lab.faults import FaultRecord, FaultRunner, plan_faults, write_crash_wrapper
@@ -99,12 +106,30 @@ def read_jobs(running: RunningStack) -> list[Job]:
     return jobs_from_journal(entries)
 
 
+def write_journal(running: RunningStack, path: Path, t0: float) -> None:
+    """The manager's whole journal, times from the start of the traffic (to read failures
+    against)."""
+    assert isinstance(running.manager, PrivateManager)
+    with path.open("w") as out:
+        for entry in running.manager.journal(timeout=60):
+            who = entry.get("_SYSTEMD_UNIT") or entry.get("SYSLOG_IDENTIFIER") or "-"
+            message = entry.get("MESSAGE")
+            if isinstance(message, list):  # journald's bytes (colours, say) as a list
+                message = bytes(message).decode(errors="replace")
+            text = str(message).replace("\n", " | ")
+            out.write(f"{int(entry['__MONOTONIC_TIMESTAMP']) / 1e6 - t0:9.3f}  {who}  {text}\n")
+
+
 def report(
     t0: float,
+    *,
     records: list[FaultRecord],
+    outages: dict[str, list[tuple[float, float]]],
+    requests: list[Request],
     verdicts: list[Verdict],
     jobs: list[Job],
     document: dict[str, Any],
+    settled_at: float,
 ) -> None:
     say(f"\n{'t (s)':>7}  {'fault':<13} {'target':<17} {'took':>6}  detail")
     for f in records:
@@ -113,21 +138,30 @@ def report(
         say(
             f"{f.started - t0:7.1f}  {f.kind:<13} {f.target or '-':<17} {took:>6}  {mark}{f.detail}"
         )
-    say(f"\nfailed requests ({len(verdicts)}):")
-    for v in verdicts:
+    say("\noutages the bench's probes saw (s from the start of the traffic):")
+    for name, spans in outages.items():
+        seen = ", ".join(f"{a - t0:.1f}-{b - t0:.1f}" for a, b in spans) or "none"
+        say(f"  {name:<17} {seen}")
+    say(f"\nfailed requests ({len(verdicts)}{', the first 30' if len(verdicts) > 30 else ''}):")
+    for v in verdicts[:30]:
         r = v.request
         why = "gateway killed" if v.at_gateway_kill else f"live: {', '.join(v.live) or 'none'}"
         say(
             f"{r.started - t0:7.1f}  {r.model:<17} {'stream' if r.stream else 'plain':<6} "
             f"{r.latency_ms:8.0f} ms  {why:<40} {(r.error or '')[:160]}"
         )
-    now = time.monotonic()
+    say("\nslowest requests:")
+    for r in sorted(requests, key=lambda r: r.latency_ms)[-5:]:
+        say(
+            f"{r.started - t0:7.1f}  {r.model:<17} {'stream' if r.stream else 'plain':<6} "
+            f"{r.latency_ms:8.0f} ms  {'ok' if r.ok else 'FAILED'}  answered by {r.api_base}"
+        )
     say("\ndaemon jobs begun during the run:")
     for job in jobs:
         state = "RUNNING" if job.ended is None else ("ok" if job.ok else "FAILED")
         state = "KILLED" if job.interrupted else state
         say(
-            f"{job.began - t0:7.1f}  {job.duration_s(now):6.1f} s  {state:<7} {job.name}"
+            f"{job.began - t0:7.1f}  {job.duration_s(settled_at):6.1f} s  {state:<7} {job.name}"
             f"{'  ' + '; '.join(job.steps) if job.steps else ''}"
         )
     say("\nproviders after the settle:")
@@ -139,6 +173,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="each fault once (under 5 min)")
     parser.add_argument("--seed", type=int, default=None, help="the schedule's seed")
+    parser.add_argument(
+        "--journal", type=Path, default=None, help="write the stack's journal here (to debug)"
+    )
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
     rng = random.Random(seed)
@@ -180,7 +217,7 @@ def main() -> None:
             say(f"seed {seed}: {len(plan)} faults; chains: ")
             for chain in chains.values():
                 say(f"  {chain.model}: {' -> '.join(chain.members)} ({', '.join(chain.providers)})")
-            with Prober(urls) as prober, RequestStream(gateway["url"], key, list(chains)) as sent:
+            with Prober(urls) as prober, ChatStream(gateway["url"], key, list(chains)) as sent:
                 t0 = time.monotonic()
                 try:
                     time.sleep(WARMUP_S)
@@ -191,19 +228,38 @@ def main() -> None:
                     last_fault = max(r.ended for r in runner.records)
                     time.sleep(max(0.0, last_fault + SETTLE_S - time.monotonic()))
                     document = running.status()
+                    settled_at = time.monotonic()
+                    planned = planned_routes(Path(document["gateway"]["config"]).read_text())
+                    try:
+                        served: set[tuple[str, str]] | str = served_routes(gateway["url"], key)
+                    except Exception as exc:
+                        served = f"no answer: {type(exc).__name__}: {exc}"
                 finally:
                     runner.thaw_all()
             requests = list(sent.requests)
             jobs = [j for j in read_jobs(running) if j.began >= t0]
             daemon_kills = [r.started for r in runner.records if r.kind == "daemon_kill"]
             close_interrupted(jobs, running.daemon_pid(), daemon_kills)
+            if args.journal is not None:
+                write_journal(running, args.journal, t0)
 
     verdicts = judge(requests, chains, prober, runner.gateway_kills)
     at_kill = [r for at in runner.gateway_kills for r in in_flight(requests, at)]
     latencies = [r.latency_ms for r in requests]
     left_down = {p["name"]: p["state"] for p in document["providers"] if p["state"] != "ready"}
-    now = time.monotonic()
-    report(t0, runner.records, verdicts, jobs, document)
+    if served != planned:
+        say(f"\nthe serving gateway routes {sorted(served) if isinstance(served, set) else served}")
+        say(f"the config the daemon says is in force routes {sorted(planned)}")
+    report(
+        t0,
+        records=runner.records,
+        outages={name: prober.down_spans(name) for name in urls},
+        requests=requests,
+        verdicts=verdicts,
+        jobs=jobs,
+        document=document,
+        settled_at=settled_at,
+    )
     emit(
         {
             "requests": len(requests),
@@ -220,7 +276,8 @@ def main() -> None:
             "faults_not_done": sum(not r.done for r in runner.records),
             "providers_left_down": len(left_down),
             "left_down": left_down,
-            "longest_job_s": round(max((j.duration_s(now) for j in jobs), default=0.0), 1),
+            "gateway_serves_plan": served == planned,
+            "longest_job_s": round(max((j.duration_s(settled_at) for j in jobs), default=0.0), 1),
             "jobs_unfinished": sum(j.ended is None for j in jobs),
             "seed": seed,
         }

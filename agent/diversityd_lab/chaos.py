@@ -15,6 +15,7 @@ from typing import Any, Self
 
 import httpx
 import openai
+import yaml
 from openai.types.chat import ChatCompletionUserMessageParam
 
 from diversityd.adapters.gatewayclient import HEADER_API_BASE
@@ -157,14 +158,15 @@ class Prober:
         """(first failed probe's start, next answered probe's start) of each outage."""
         spans: list[tuple[float, float]] = []
         began: float | None = None
-        for probe in self.probes.get(name, []):
+        probes = self.probes.get(name, [])
+        for probe in probes:
             if not probe.ok and began is None:
                 began = probe.started
             elif probe.ok and began is not None:
                 spans.append((began, probe.started))
                 began = None
         if began is not None:
-            spans.append((began, time.monotonic()))
+            spans.append((began, probes[-1].ended))
         return spans
 
 
@@ -232,7 +234,7 @@ def send(client: openai.OpenAI, model: str, *, stream: bool, max_tokens: int = 8
     return Request(model, stream, started, ended, error is None, api_base, error)
 
 
-class RequestStream:
+class ChatStream:
     """`workers` threads, each sending requests for `models` in turn, plain and streamed
     alternately, one after the other; every request is kept."""
 
@@ -275,6 +277,31 @@ class RequestStream:
                 turn += 1
                 self.requests.append(send(client, model, stream=stream))
                 self._stop.wait(self.pause_s)
+
+
+def served_routes(base_url: str, key: str, timeout_s: float = 10) -> set[tuple[str, str]]:
+    """(model name, api_base) of each deployment the serving gateway instance loaded
+    (LiteLLM's /model/info): what it routes to, whatever the daemon believes."""
+    response = httpx.get(
+        f"{base_url}/model/info",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=timeout_s,
+        trust_env=False,
+    )
+    response.raise_for_status()
+    return {
+        (str(d["model_name"]), str((d.get("litellm_params") or {}).get("api_base")))
+        for d in response.json()["data"]
+    }
+
+
+def planned_routes(config_text: str) -> set[tuple[str, str]]:
+    """(model name, api_base) of each deployment in a rendered gateway config."""
+    document = yaml.safe_load(config_text)
+    return {
+        (str(d["model_name"]), str((d.get("litellm_params") or {}).get("api_base")))
+        for d in document.get("model_list") or []
+    }
 
 
 # ------------------------------------------------------------------------------ the verdicts

@@ -4,9 +4,10 @@ client applications send them (the `bench` extra installs it).
 Open loop: a request every 1/rate seconds whatever the earlier ones are doing (a hung
 backend holds its requests, not the stream), models in turn, plain and streamed in turn,
 `max_retries=0`, each bounded by `timeout_s` from its start to its last byte, a new
-connection each (as traffic.GatewayStream: a keep-alive connection to a proxy that is
-draining is closed under the client once, which says nothing about the gateway), loopback
-only (no proxy from the environment). Who answered comes from LiteLLM's response headers.
+connection each (`Connection: close`; as traffic.GatewayStream: a keep-alive connection to
+a proxy that is draining is closed under the client once, which says nothing about the
+gateway), loopback only (no proxy from the environment). Who answered comes from
+LiteLLM's response headers.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from diversityd.adapters.gatewayclient import HEADER_API_BASE, HEADER_FALLBACKS
 from diversityd.drill import Answer
 
 PROMPT = [{"role": "user", "content": "Say something."}]
+CLOSE = {"Connection": "close"}  # a connection per request: never reused
 
 
 class OpenAIStream:
@@ -60,40 +62,39 @@ class OpenAIStream:
         self._thread.join(timeout=self.timeout_s + 30)
 
     async def _send(self) -> None:
-        in_flight: set[asyncio.Task[None]] = set()
-        turn = 0
-        next_at = time.monotonic()
-        while not self._stop.is_set():
-            if len(in_flight) < self.max_in_flight:
-                model = self.models[turn % len(self.models)]
-                task = asyncio.create_task(self._ask(model, stream=turn % 2 == 1))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-                turn += 1
-            else:
-                self.skipped += 1
-            next_at += 1 / self.rate_per_s
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-        if in_flight:
-            await asyncio.gather(*in_flight)
-
-    def _client(self) -> openai.AsyncOpenAI:
-        # One client per request: a connection of its own, closed after the answer.
-        return openai.AsyncOpenAI(
+        client = openai.AsyncOpenAI(
             base_url=f"{self.url}/v1",
             api_key=self.key,
             max_retries=0,
             timeout=self.timeout_s,
             http_client=openai.DefaultAsyncHttpxClient(trust_env=False),
         )
+        in_flight: set[asyncio.Task[None]] = set()
+        turn = 0
+        next_at = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                if len(in_flight) < self.max_in_flight:
+                    model = self.models[turn % len(self.models)]
+                    task = asyncio.create_task(self._ask(client, model, stream=turn % 2 == 1))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                    turn += 1
+                else:
+                    self.skipped += 1
+                next_at += 1 / self.rate_per_s
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            if in_flight:
+                await asyncio.gather(*in_flight)
+        finally:
+            await client.close()
 
-    async def _ask(self, model: str, *, stream: bool) -> None:
+    async def _ask(self, client: openai.AsyncOpenAI, model: str, *, stream: bool) -> None:
         started = time.monotonic()
         headers: Mapping[str, str] | None = None
         status: int | None = None
         error: str | None = None
         ok = False
-        client = self._client()
         try:
             async with asyncio.timeout(self.timeout_s):
                 if stream:
@@ -103,6 +104,7 @@ class OpenAIStream:
                         max_tokens=self.max_tokens,
                         temperature=0,
                         stream=True,
+                        extra_headers=CLOSE,
                     )
                     headers, status = raw.headers, raw.status_code
                     chunks = raw.parse()
@@ -119,6 +121,7 @@ class OpenAIStream:
                         messages=PROMPT,  # type: ignore[arg-type]
                         max_tokens=self.max_tokens,
                         temperature=0,
+                        extra_headers=CLOSE,
                     )
                     headers, status = raw_plain.headers, raw_plain.status_code
                     completion = raw_plain.parse()
@@ -131,8 +134,6 @@ class OpenAIStream:
             error = f"{type(exc).__name__}: {exc.message}"[:300]
         except Exception as exc:  # noqa: BLE001 - whatever ended a request, it failed; noted
             error = f"{type(exc).__name__}: {exc}"[:300]
-        finally:
-            await client.close()
         fallbacks = headers.get(HEADER_FALLBACKS, "0") if headers is not None else "0"
         self.answers.append(
             Answer(

@@ -134,6 +134,8 @@ class FaultRunner:
             detail, done = self._actions[fault.kind](fault), True
         except FaultNotDoneError as exc:
             detail, done = str(exc), False
+        except Exception as exc:  # noqa: BLE001 - noted as not done; the schedule goes on
+            detail, done = f"{type(exc).__name__}: {exc}", False
         record = FaultRecord(fault.kind, fault.target, started, time.monotonic(), detail, done)
         self.records.append(record)
         return record

@@ -21,12 +21,13 @@ def rss_mib(pid: int) -> float:
     raise ValueError(f"/proc/{pid}/status has no VmRSS (a kernel thread, or a zombie)")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process (all its threads), in seconds."""
+def cpu_seconds(pid: int, *, children: bool = False) -> float:
+    """User + system CPU time of one process (all its threads), with `children` also that
+    of its children it waited for, in seconds."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
-    # after the command: state(0) ... utime(11) stime(12)
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    # after the command: state(0) ... utime(11) stime(12) cutime(13) cstime(14)
+    return sum(int(value) for value in fields[11 : 15 if children else 13]) / CLOCK_TICKS
 
 
 def busy_cpu_seconds() -> float:
