@@ -8,8 +8,9 @@ same LiteLLM run the same way (uvicorn, warnings only, no access log) on a port 
 with one of two configs:
 
 - `defaults_config`: the names and fallbacks diversityd renders (the chains of
-  model-mappings.yaml, which the seeds' generator turned into `fallbacks:`) and nothing
-  else: LiteLLM's own timeouts, retries and cooldowns;
+  model-mappings.yaml, which the seeds' generator turned into `fallbacks:`), without any
+  timeout, retry, allowed-fails or cooldown setting: LiteLLM's own defaults (the rest, its
+  metrics callback and the master key by reference, as rendered: the same gateway);
 - `tuned_config`: what `diversityctl render` prints for the configuration, timeouts and
   cooldowns included (what the config buys, without the supervision).
 """
