@@ -143,6 +143,12 @@ class OwnedServer:
     extra_args: tuple[str, ...]
     environment: Mapping[str, str]
     where: Where
+    # what the server writes to the journal: `info` adds llama-server's per-request timing
+    # lines, `debug` everything; probes are never logged line by line below `debug`
+    log_level: str = "warning"
+
+
+SERVER_LOG_LEVELS = ("error", "warning", "info", "debug")
 
 
 @dataclass(frozen=True)
@@ -693,6 +699,7 @@ _OWNED_KEYS = (
     "vram_mib",
     "extra_args",
     "environment",
+    "log_level",
 )
 
 
@@ -1038,6 +1045,15 @@ def _parse_owned(
         ok = ok and env is not None
     if extra is None:
         ok = False
+    log_level = body.get("log_level", "warning")
+    if log_level not in SERVER_LOG_LEVELS:
+        reader.error(
+            (*path, "log_level"),
+            "wrong-value",
+            f"log_level is {log_level!r}",
+            f"one of {', '.join(SERVER_LOG_LEVELS)} (info adds llama-server's timing lines)",
+        )
+        ok = False
     if server in ("llama-server", "llama-cpp-python", "vllm") and strings["model_path"] is None:
         reader.error(
             path,
@@ -1065,6 +1081,7 @@ def _parse_owned(
         extra_args=tuple(extra_args),
         environment=environment,
         where=Where(reader.doc.file, path),
+        log_level=str(log_level),
     )
 
 

@@ -86,6 +86,7 @@ class DaemonStatus(TypedDict):
     last_reload: ReloadOutcome | None
     jobs_running: list[str]
     unit_files_error: str | None  # why unit files could not be written (retried)
+    own_unit_stale: NotRequired[str | None]  # diversityd.service needs `diversityctl install`
 
 
 class CardStatus(TypedDict):
@@ -225,6 +226,8 @@ def format_status(document: StatusDocument) -> str:
         lines.append(f"daemon: running (pid {daemon['pid']}, since {daemon['since']})")
         if daemon["unit_files_error"]:
             lines.append(f"  unit files NOT written (retrying): {daemon['unit_files_error']}")
+        if daemon.get("own_unit_stale"):
+            lines.append(f"  {daemon.get('own_unit_stale')}")
     else:
         lines.append(f"daemon: DOWN ({daemon['reason'] or 'not on the user bus'})")
     for p in document["providers"]:

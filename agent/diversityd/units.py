@@ -52,6 +52,14 @@ class UnitContext:
     # where each unit's `environment:` from diversityd.yaml is written, mode 0600: values
     # there may be secrets, and unit files are world-readable
     env_dir: str = ""
+    # runs llama-cpp-python's server at a log level (its own `-m llama_cpp.server` logs
+    # every request); empty: the plain module, as a hand-made unit runs it
+    llama_python_launcher: str = ""
+
+
+# llama-server's --log-verbosity for each log_level (3, its default, prints the timings
+# of every request)
+LLAMA_SERVER_VERBOSITY = {"error": 1, "warning": 2, "info": 3, "debug": 5}
 
 
 @dataclass(frozen=True)
@@ -149,13 +157,17 @@ def server_arguments(
             "--ctx-size", str(total_ctx),
             "--parallel", str(owned.parallel),
             "--n-gpu-layers", str(n_gpu_layers),
+            "--log-verbosity", str(LLAMA_SERVER_VERBOSITY[owned.log_level]),
         ]  # fmt: skip
         if owned.threads:
             args += ["--threads", str(owned.threads)]
     elif owned.server == "llama-cpp-python":
         python = expand_home(owned.executable or context.default_llama_python, context.home)
-        args = [
-            python, "-m", "llama_cpp.server",
+        if context.llama_python_launcher:
+            args = [python, context.llama_python_launcher, "--log-level", owned.log_level]
+        else:
+            args = [python, "-m", "llama_cpp.server"]
+        args += [
             "--model", model_path,
             "--model_alias", model_name,
             "--host", host,
@@ -165,6 +177,8 @@ def server_arguments(
         ]  # fmt: skip
         if owned.threads:
             args += ["--n_threads", str(owned.threads)]
+        # llama.cpp's load report and per-request timings
+        args += ["--verbose", str(owned.log_level in ("info", "debug"))]
         # Its default cuts a running stream short whenever another request arrives: behind
         # a gateway (concurrent clients, fallbacks landing here) that breaks streams.
         args += ["--interrupt_requests", "False"]
@@ -175,6 +189,8 @@ def server_arguments(
         args = [binary, "serve"]
         environment["OLLAMA_NUM_PARALLEL"] = str(owned.parallel)
         environment["OLLAMA_CONTEXT_LENGTH"] = str(owned.ctx)
+        if owned.log_level == "debug":
+            environment["OLLAMA_DEBUG"] = "1"
     else:  # vllm
         binary = expand_home(owned.executable or "vllm", context.home)
         args = [
@@ -188,6 +204,11 @@ def server_arguments(
         utilization = gpu.gpu_memory_utilization or owned.gpu_memory_utilization
         if utilization is not None:
             args += ["--gpu-memory-utilization", f"{utilization:g}"]
+        if owned.log_level != "debug":
+            args += ["--disable-uvicorn-access-log"]  # a line per request, probes included
+        if owned.log_level in ("error", "warning"):
+            args += ["--disable-log-stats"]  # throughput lines every 10 s
+        environment["VLLM_LOGGING_LEVEL"] = owned.log_level.upper()
     if owned.gpu is not None and not gpu.hide_gpu:
         environment["CUDA_VISIBLE_DEVICES"] = str(owned.gpu)  # one card per server
     environment.update(gpu.environment)  # hidden GPU, Ollama's cap

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
+from pathlib import Path
 
 import pytest
 
-from diversityd.adapters.unitfiles import load_templates, sync_units
+from diversityd.adapters.unitfiles import (
+    daemon_unit,
+    load_templates,
+    own_unit_staleness,
+    sync_units,
+)
 from diversityd.catalog import build_catalog
 from diversityd.config import parse_config
 from diversityd.gpuplan import GpuSettings
@@ -17,6 +24,7 @@ from diversityd.units import (
     command_line,
     env_file_text,
     environment_line,
+    model_file_of,
     quote_arg,
     render_daemon_unit,
     render_provider_unit,
@@ -285,3 +293,101 @@ def test_a_newline_in_a_name_never_reaches_a_directive() -> None:
         context(),
     )
     assert not any(line.startswith("ExecStartPre=") for line in unit.text.splitlines())
+
+
+def exec_args(unit: RenderedUnit) -> list[str]:
+    line = next(line for line in unit.text.splitlines() if line.startswith("ExecStart="))
+    return systemd_unquote(line.removeprefix("ExecStart="))
+
+
+def rendered_at(log_level: str, launcher: str = "") -> dict[str, RenderedUnit]:
+    settings = SETTINGS
+    for name in ("native", "python", "ollama", "vllm"):
+        settings = settings.replace(f"  {name}:\n", f"  {name}:\n    log_level: {log_level}\n")
+    config, findings = parse_config(
+        {
+            "providers.yaml": PROVIDERS,
+            "model-mappings.yaml": "fallback_chains: {}\n",
+            "diversityd.yaml": settings,
+        },
+        config_dir="/cfg",
+        hostname="box",
+    )
+    assert config is not None, findings
+    catalog = build_catalog(config)
+    machine = dataclasses.replace(context(), llama_python_launcher=launcher)
+    return {
+        name: render_provider_unit(
+            config, owned, catalog.backend_names_of(name),
+            GpuSettings(name, n_gpu_layers=7, hide_gpu=False, server=owned.server, gpu=0),
+            machine,
+        )
+        for name, owned in config.settings.owned.items()
+    }  # fmt: skip
+
+
+def test_servers_log_at_the_level_chosen_warning_by_default() -> None:
+    """Issue 13: llama-server's per-request timing lines at info only; no access log line
+    per probe from llama-cpp-python or vLLM below debug."""
+    quiet, chatty = rendered(), rendered_at("info")
+    verbosity = {"error": "1", "warning": "2", "info": "3", "debug": "5"}
+    for level, expected in verbosity.items():
+        native = exec_args(rendered_at(level)["native"])
+        assert native[native.index("--log-verbosity") + 1] == expected
+    native = exec_args(quiet["native"])
+    assert native[native.index("--log-verbosity") + 1] == "2"  # the default: warning
+    python = exec_args(quiet["python"])
+    assert python[python.index("--verbose") + 1] == "False"
+    assert exec_args(chatty["python"])[exec_args(chatty["python"]).index("--verbose") + 1] == (
+        "True"
+    )
+    vllm = exec_args(quiet["vllm"])
+    assert "--disable-uvicorn-access-log" in vllm
+    assert "--disable-log-stats" in vllm
+    assert "--disable-log-stats" not in exec_args(chatty["vllm"])
+    assert "--disable-uvicorn-access-log" not in exec_args(rendered_at("debug")["vllm"])
+    assert "OLLAMA_DEBUG" in rendered_at("debug")["ollama"].text
+    assert "OLLAMA_DEBUG" not in quiet["ollama"].text
+
+
+def test_llama_cpp_python_runs_through_the_launcher_when_there_is_one() -> None:
+    args = exec_args(rendered_at("info", launcher="/pkg/llamacpplauncher.py")["python"])
+    assert args[:4] == ["/venv/bin/python", "/pkg/llamacpplauncher.py", "--log-level", "info"]
+    assert args[args.index("--model") + 1] == "/models/active/current.gguf"
+    assert model_file_of("\n".join(["ExecStart=" + command_line(args)])) == (
+        "/models/active/current.gguf"
+    )
+
+
+def test_an_unknown_log_level_is_refused_naming_the_key() -> None:
+    config, findings = parse_config(
+        {
+            "providers.yaml": PROVIDERS,
+            "model-mappings.yaml": "fallback_chains: {}\n",
+            "diversityd.yaml": SETTINGS.replace("  native:\n", "  native:\n    log_level: loud\n"),
+        },
+        config_dir="/cfg",
+        hostname="box",
+    )
+    problem = next(f for f in findings if "log_level" in (f.key_path or ""))
+    assert problem.severity == "error"
+    assert config is None or "native" not in config.settings.owned
+    assert "loud" in problem.message
+    assert "info" in (problem.hint or "")
+
+
+def test_the_daemon_says_when_its_own_unit_is_older_than_this_version(tmp_path: Path) -> None:
+    """Issue 13: after a pip/pipx upgrade changed the template, the installed unit is stale
+    until `diversityctl install` re-renders it; a current one, or the user's own, is not."""
+    current = daemon_unit("/cfg", "/venv/bin/python")
+    assert own_unit_staleness(tmp_path, "/cfg", "/venv/bin/python") is None  # none installed
+    installed = tmp_path / current.name
+    installed.write_text(current.text)
+    assert own_unit_staleness(tmp_path, "/cfg", "/venv/bin/python") is None
+    installed.write_text(current.text.replace("WatchdogSec=", "# WatchdogSec="))  # older
+    stale = own_unit_staleness(tmp_path, "/cfg", "/venv/bin/python")
+    assert stale is not None
+    assert str(installed) in stale
+    assert "diversityctl install" in stale
+    installed.write_text("[Service]\nExecStart=/bin/true\n")  # the user's own file
+    assert own_unit_staleness(tmp_path, "/cfg", "/venv/bin/python") is None

@@ -10,9 +10,12 @@ that is what lets diversityd stop the old instance without dropping a request.
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
+import re
 import socket
 import sys
+from typing import Any, TextIO
 
 OFFLINE_SWITCHES = (
     "LITELLM_LOCAL_MODEL_COST_MAP",
@@ -22,6 +25,43 @@ OFFLINE_SWITCHES = (
     "LITELLM_LOCAL_POLICY_TEMPLATES",
 )
 SYSTEMD_FIRST_FD = 3
+# CSI sequences (colours, cursor moves): LiteLLM prints its banner and model list in green
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Proxy", "LiteLLM Router")
+
+
+class PlainText:
+    """A text stream that drops ANSI escapes: the journal shows them as `[32m` noise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(ANSI_ESCAPE.sub("", text))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def one_line_failures(debug: bool) -> None:
+    """LiteLLM logs a traceback with each failed call to a deployment: one per request while
+    a server is down or cooling down, and the router's list of deployments in cooldown. The
+    message already names the error; the rest is kept for debug level (LITELLM_LOG=DEBUG)."""
+    if debug:
+        return
+    make_record = logging.getLogRecordFactory()
+
+    def record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        made = make_record(*args, **kwargs)
+        if made.name.split(".")[0] in LITELLM_LOGGERS and made.levelno < logging.CRITICAL:
+            made.exc_info, made.exc_text = None, None
+            if isinstance(made.msg, str):
+                for tail in ("Traceback (most recent call last)", "\nDebug Information:"):
+                    made.msg = made.msg.split(tail)[0].rstrip()
+        return made
+
+    logging.setLogRecordFactory(record)
 
 
 def notify(*fields: str) -> None:
@@ -99,6 +139,10 @@ def main() -> None:
     parser.add_argument("--key-file", help="file holding the master key")
     parser.add_argument("--graceful-s", type=float, default=120.0, help="drain time on SIGTERM")
     args = parser.parse_args()
+    sys.stdout = PlainText(sys.stdout)
+    sys.stderr = PlainText(sys.stderr)
+    os.environ.setdefault("NO_COLOR", "1")
+    one_line_failures(debug=os.environ.get("LITELLM_LOG", "").upper() == "DEBUG")
     # Run as a script, this file's folder (the diversityd package) comes first on sys.path,
     # and its modules (config, gateway, state, ...) could shadow LiteLLM's own imports.
     here = os.path.dirname(os.path.abspath(__file__))

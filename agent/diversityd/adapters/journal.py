@@ -21,6 +21,8 @@ from typing import Any
 
 import structlog
 
+from diversityd.log import event_text
+
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 _PRIORITIES = {"critical": 2, "error": 3, "warning": 4, "warn": 4, "info": 6, "debug": 7}
 
@@ -93,10 +95,11 @@ class _JournalRenderer:
         event = str(fields.pop("event", ""))
         level = str(fields.pop("level", method_name))
         fields.pop("timestamp", None)
-        message = event
+        # words first (what happened), then the fields; EVENT= keeps the dotted name
+        message = event_text(event)
         details = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
         if details:
-            message = f"{event} {details}"
+            message = f"{message}: {details}"
         self.sender.send(
             message=message,
             priority=priority_of(level),

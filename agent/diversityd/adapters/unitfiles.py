@@ -12,9 +12,17 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from diversityd import parts
+from diversityd import __version__, parts
+from diversityd.adapters import llamacpplauncher
 from diversityd.adapters.files import read_text_or_none, write_atomic
-from diversityd.units import UNIT_PREFIX, RenderedUnit, UnitContext, is_owned_text
+from diversityd.units import (
+    DAEMON_UNIT,
+    UNIT_PREFIX,
+    RenderedUnit,
+    UnitContext,
+    is_owned_text,
+    render_daemon_unit,
+)
 
 
 def load_templates() -> dict[str, str]:
@@ -33,6 +41,29 @@ def machine_context(python: str, env_dir: Path | None = None) -> UnitContext:
         llama_lib_dir=str(parts.llama_bin_dir()),
         python=python,
         env_dir=str(env_dir or parts.default_state_dir() / "env"),
+        llama_python_launcher=str(Path(llamacpplauncher.__file__).resolve()),
+    )
+
+
+def daemon_unit(config_dir: str, python: str) -> RenderedUnit:
+    """diversityd.service as `diversityctl install` writes it, run by `python`."""
+    return render_daemon_unit(
+        config_dir,
+        machine_context(python),
+        environment={"DIVERSITYD_CACHE_DIR": str(parts.cache_root())},
+    )
+
+
+def own_unit_staleness(unit_dir: Path, config_dir: str, python: str) -> str | None:
+    """Why the installed diversityd.service is not what this version would install (after a
+    pip or pipx upgrade changed its template); None when it is, or it is not ours."""
+    path = unit_dir / DAEMON_UNIT
+    text = read_text_or_none(path)
+    if text is None or not is_owned_text(text) or text == daemon_unit(config_dir, python).text:
+        return None
+    return (
+        f"{path} is not what diversityd {__version__} installs; "
+        "run `diversityctl install` to re-render it"
     )
 
 

@@ -281,10 +281,9 @@ def make_plan(
     """Everything install would do, decided before anything is written."""
     from diversityd import parts
     from diversityd.adapters import discovery
-    from diversityd.adapters.unitfiles import machine_context
+    from diversityd.adapters.unitfiles import daemon_unit as render_own_unit
     from diversityd.adoption import ProposalInputs, propose, render_settings
     from diversityd.config import SETTINGS_FILE, read_config_texts
-    from diversityd.units import render_daemon_unit
 
     texts = read_config_texts(directory)
     current = _validate(texts, directory)
@@ -354,11 +353,7 @@ def make_plan(
         for d in proposal.drop_ins
     ]
     files = list(adopt_files) if adopt else []
-    daemon_unit = render_daemon_unit(
-        str(directory),
-        machine_context(sys.executable),
-        environment={"DIVERSITYD_CACHE_DIR": str(parts.cache_root())},
-    )
+    daemon_unit = render_own_unit(str(directory), sys.executable)
     files.append(
         PlannedFile(unit_dir / daemon_unit.name, daemon_unit.text.encode(), 0o644, "the daemon")
     )

@@ -24,7 +24,7 @@ from diversityd.adapters.control import ControlInterface, export_interface
 from diversityd.adapters.journal import configure_logging
 from diversityd.adapters.notify import Notifier
 from diversityd.adapters.systemd import Systemd
-from diversityd.adapters.unitfiles import machine_context
+from diversityd.adapters.unitfiles import machine_context, own_unit_staleness
 from diversityd.daemon.commands import Commands
 from diversityd.daemon.drills import Drills
 from diversityd.daemon.gateway import GatewayManager
@@ -237,6 +237,10 @@ class Daemon:
         await self.supervisor.refresh_snapshots()
         await self.supervisor.thaw_frozen()
         unit_dir = self.rollout.unit_dir
+        stale = own_unit_staleness(unit_dir, str(store.config_dir), sys.executable)
+        if stale:
+            log.warning("daemon.unit_stale", error=stale)
+            await loop.call(lambda: setattr(store, "own_unit_stale", stale))
         self.rollout.watch_unit_dir(event_loop)
         loop.spawn(self.rollout.restore_loop(), name="restore")
         loop.spawn(self.rollout.retry_loop(), name="retry")

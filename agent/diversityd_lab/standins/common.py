@@ -35,6 +35,8 @@ STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 IDLE_TIMEOUT_S = 120.0
 # How often serve_forever looks at its shutdown flag: bounds how long stop() waits for it.
 POLL_INTERVAL_S = 0.05
+# What diversityd probes every round: not a journal line each (issue 13)
+PROBED_PATHS = frozenset({"/health", "/v1/models", "/api/tags", "/api/version"})
 
 
 class BadRequestError(ValueError):
@@ -481,7 +483,7 @@ class StandinHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
             elapsed_ms = (time.monotonic() - started) * 1000
             note = f" {self.log_note}" if self.log_note else ""
-            if self.settings.log_requests:
+            if self.settings.log_requests and not (method == "GET" and self.path in PROBED_PATHS):
                 say(
                     f"{self.settings.flavor} {self.client_address[0]} {method} {self.path} "
                     f"{self.status_sent}{note} {elapsed_ms:.1f}ms"
