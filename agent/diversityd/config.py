@@ -176,6 +176,9 @@ class SupervisionSettings:
     revive_initial_s: float = 10.0  # a unit systemd gave up on is started again after this,
     revive_max_s: float = 300.0  # doubling each time up to this
     hung_grace_s: float = 10.0  # an owned server hung this long (no CPU progress) is killed
+    # a server that was serving and is being restarted (a crash systemd restarts, a roll)
+    # stays in the gateway this long: LiteLLM's fallbacks take its requests meanwhile
+    restart_grace_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -668,6 +671,7 @@ _SUPERVISION_KEYS = (
     "revive_initial_s",
     "revive_max_s",
     "hung_grace_s",
+    "restart_grace_s",
 )
 _GATEWAY_KEYS = (
     "owned",

@@ -273,7 +273,8 @@ def unavailable_deployment(name: str, base: str) -> dict[str, Any]:
             "timeout": 5,
             "stream_timeout": 5,
         },
-        "model_info": {"cooldown_time": UNAVAILABLE_RETRY_S},
+        # the mark: the gateway launcher's warm-up leaves this answer alone
+        "model_info": {"cooldown_time": UNAVAILABLE_RETRY_S, "diversityd_unavailable": True},
     }
 
 

@@ -146,6 +146,12 @@ def test_the_journal_reads_as_words_without_colour_probes_or_tracebacks(
         if not message_of(e).startswith(event_text(str(e["EVENT"])))
         or re.match(r"^[a-z_]+\.[a-z_]+\b", message_of(e))
     ]
+    # every gateway instance warmed up before it took a client: in full with every server up
+    # (at start), in part while one was frozen (its requests time out: the budget ends it)
+    warmed = [text for unit, text in messages if "gateway@" in unit and "warm" in text]
+    assert any(re.fullmatch(r"gateway warmed ([1-9]\d*)/\1 requests", t) for t in warmed), warmed
+    shapes = (r"gateway warmed \d+/\d+ requests", "gateway warm-up cut short")
+    assert all(any(re.fullmatch(shape, t) for shape in shapes) for t in warmed), warmed
     # LiteLLM did log the failures (one line each, not a traceback): the count means something
     assert any("ERROR" in text for unit, text in messages if "gateway" in unit)
     counts = {kind: len(lines) for kind, lines in found.items()}

@@ -40,6 +40,7 @@ from diversityd.state import (
     adopt_snapshot,
     apply_probe,
     apply_unit_change,
+    in_restart_grace,
     is_serving,
     probe_interval,
     state_of,
@@ -326,3 +327,21 @@ def test_a_process_silent_past_its_start_grace_is_hung_unless_it_works() -> None
     assert state_of(frozen, owned=True, overdue=True) is ProviderState.HUNG
     loading = apply_probe(frozen, probe(ProbeOutcome.REFUSED), pid=100, cpu_s=3.0)
     assert state_of(loading, owned=True, overdue=True) is ProviderState.STARTING
+
+
+@pytest.mark.parametrize(
+    ("state", "left_serving_at", "now", "kept"),
+    [
+        (ProviderState.DOWN, 100.0, 105.0, True),  # crashed, systemd restarting it
+        (ProviderState.STARTING, 100.0, 109.9, True),  # loading again
+        (ProviderState.STARTING, 100.0, 110.0, False),  # the grace is over: left out
+        (ProviderState.HUNG, 100.0, 100.5, False),  # its requests would wait: out at once
+        (ProviderState.STOPPED, 100.0, 100.5, False),
+        (ProviderState.FAILED, 100.0, 100.5, False),  # systemd gave up
+        (ProviderState.STARTING, None, 100.5, False),  # never served: not a restart
+    ],
+)
+def test_a_server_restarting_after_it_served_stays_in_the_gateway_for_a_grace(
+    state: ProviderState, left_serving_at: float | None, now: float, kept: bool
+) -> None:
+    assert in_restart_grace(state, left_serving_at, now, grace_s=10.0) is kept

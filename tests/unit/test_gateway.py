@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 from typing import Any
 
+from diversityd.adapters import gatewaylauncher
 from diversityd.catalog import build_catalog
 from diversityd.config import Config, parse_config
 from diversityd.gateway import (
@@ -186,6 +188,24 @@ def test_a_name_nothing_serves_stays_listed_answered_by_the_daemon() -> None:
     assert "b-model" not in fallbacks_of(plan)  # nothing falls back to it or from it
     for targets in fallbacks_of(plan).values():
         assert "b-model" not in targets
+
+
+def test_the_gateway_warm_up_asks_every_served_name_and_not_the_unavailable_one(
+    tmp_path: Path,
+) -> None:
+    # a warm-up request failing on the daemon's answer would put it in LiteLLM's cooldown
+    config = load()
+    down = Availability.all_up_except(config, frozenset({"b", "ollama"}))
+    plan = render_gateway(
+        config, build_catalog(config), down, unavailable_base="http://127.0.0.1:9478/x/v1"
+    )
+    path = tmp_path / "gateway.yaml"
+    path.write_text(plan.text())
+    warmed = gatewaylauncher.models_to_warm(str(path))
+    served = {e["model_name"] for e in plan.document["model_list"]} - set(plan.left_out)
+    assert "b-model" not in warmed
+    assert set(warmed) == served
+    assert gatewaylauncher.models_to_warm(str(tmp_path / "missing.yaml")) == []
 
 
 def test_the_answer_for_an_unservable_name_says_who_and_in_what_state() -> None:

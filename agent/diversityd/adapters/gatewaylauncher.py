@@ -3,8 +3,9 @@
 Run by `diversityd-gateway@.service` with the LiteLLM venv's interpreter, as a script
 (`python .../gatewaylauncher.py --config X`): standard library only here, LiteLLM and
 uvicorn are imported from that venv. It tells systemd `READY=1` once uvicorn serves (after
-LiteLLM has loaded the config), so a start job ends exactly when the new proxy can answer:
-that is what lets diversityd stop the old instance without dropping a request.
+LiteLLM has loaded the config and answered one request per model in-process), so a start
+job ends exactly when the new proxy can answer at full speed: that is what lets diversityd
+stop the old instance without dropping or slowing a request.
 """
 
 import argparse
@@ -28,6 +29,11 @@ SYSTEMD_FIRST_FD = 3
 # CSI sequences (colours, cursor moves): LiteLLM prints its banner and model list in green
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Proxy", "LiteLLM Router")
+# A fresh LiteLLM spends ~1 s of CPU on its first requests (lazy imports, clients per
+# deployment): paid here, before the socket is accepted from, not by a client's request.
+WARM_UP_BUDGET_S = 6.0
+WARM_UP_REQUEST_TIMEOUT_S = 3.0
+UNAVAILABLE_MARK = "diversityd_unavailable"  # model_info of the daemon's `unavailable` answer
 
 
 class PlainText:
@@ -118,6 +124,98 @@ def listening_fd() -> int:
     return SYSTEMD_FIRST_FD
 
 
+def models_to_warm(config_path: str) -> list[str]:
+    """The model names of the config with a server behind them: not those only answered by
+    diversityd's `unavailable` endpoint (a warm-up's failure would put that answer, which
+    names the provider and its state, in LiteLLM's cooldown)."""
+    try:
+        import yaml  # LiteLLM's own dependency
+
+        with open(config_path, encoding="utf-8") as handle:
+            document = yaml.safe_load(handle) or {}
+    except Exception:  # noqa: BLE001 - no warm-up is better than no gateway
+        return []
+    names: list[str] = []
+    for entry in document.get("model_list") or []:
+        info = entry.get("model_info") if isinstance(entry, dict) else None
+        if isinstance(entry, dict) and not (isinstance(info, dict) and info.get(UNAVAILABLE_MARK)):
+            name = str(entry.get("model_name", ""))
+            if name and name not in names:
+                names.append(name)
+    return names
+
+
+async def warm_up(app: Any, key: str, models: list[str], budget_s: float = WARM_UP_BUDGET_S) -> str:
+    """One plain and one streamed one-token completion per model, sent in-process to the
+    app (no socket), all at once, bounded. They reach the servers: LiteLLM's own
+    `mock_response` is dropped by the proxy, and a warm-up inside the router alone still
+    left 0.6 s on the first request. Measured on LiteLLM 1.106: a fresh instance's first
+    request took 1.0-1.2 s cold, 25-35 ms after this. A server that is down now fails its
+    part (LiteLLM cools it down, as a client's request would have)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(
+        transport=transport,
+        base_url="http://warm-up",
+        headers=headers,
+        timeout=WARM_UP_REQUEST_TIMEOUT_S,
+    ) as client:
+
+        async def complete(model: str, stream: bool) -> bool:
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 1,
+                "stream": stream,
+            }
+            try:
+                async with client.stream("POST", "/v1/chat/completions", json=body) as answer:
+                    await answer.aread()
+                    return answer.status_code == 200
+            except (httpx.HTTPError, OSError):
+                return False
+
+        async def every_model() -> list[bool]:
+            await client.get("/v1/models")
+            return list(
+                await asyncio.gather(
+                    *(complete(m, stream) for m in models for stream in (False, True))
+                )
+            )
+
+        try:  # wait_for, not asyncio.timeout: an adopted LiteLLM may run on Python 3.10
+            answered = await asyncio.wait_for(every_model(), budget_s)
+        except (asyncio.TimeoutError, httpx.HTTPError, OSError, ValueError):  # noqa: UP041
+            return "warm-up cut short"
+    return f"warmed {sum(answered)}/{len(answered)} requests"
+
+
+class WarmServer:
+    """uvicorn's Server, with a warm-up between LiteLLM's startup and the first accept."""
+
+    @staticmethod
+    def make(config: Any, models: list[str]) -> Any:
+        import uvicorn
+
+        class Server(uvicorn.Server):  # type: ignore[misc]
+            async def startup(self, sockets: Any = None) -> None:
+                started = self.lifespan.startup
+
+                async def started_then_warm() -> None:
+                    await started()
+                    if not self.lifespan.should_exit:
+                        key = os.environ.get("LITELLM_MASTER_KEY", "")
+                        outcome = await warm_up(self.config.loaded_app, key, models)
+                        print(f"gateway {outcome}", file=sys.stderr, flush=True)
+
+                self.lifespan.startup = started_then_warm
+                await super().startup(sockets)
+
+        return Server(config)
+
+
 async def serve(server: "object", announce: str) -> None:
     import uvicorn
 
@@ -168,7 +266,12 @@ def main() -> None:
         log_level="warning",
         access_log=False,
     )
-    asyncio.run(serve(uvicorn.Server(config), f"serving {os.path.basename(args.config)}"))
+    asyncio.run(
+        serve(
+            WarmServer.make(config, models_to_warm(args.config)),
+            f"serving {os.path.basename(args.config)}",
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ dead process (certain, immediate); a timeout is a hung or overloaded one.
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -16,6 +18,19 @@ from diversityd.gateway import normalize_model_id
 from diversityd.state import ProbeOutcome, ProbeResult
 
 HEALTH_ROUTE_TYPES = ("llama_cpp", "vllm")  # llama-server and vLLM answer /health
+# A server's model list changes only with its process (the loop starts a new memory for a
+# new PID): while /health says 200, the list is asked again only this often.
+MODELS_REFRESH_S = 30.0
+
+
+@dataclass
+class ProbeMemory:
+    """What one provider's probe loop keeps between rounds, so that a healthy server costs
+    one request per round (the daemon's idle CPU is mostly its probes)."""
+
+    health_route: bool = True  # False once /health said 404 (llama-cpp-python has none)
+    models: frozenset[str] | None = None
+    models_at: float = -math.inf
 
 
 def _base(provider: Provider) -> str:
@@ -51,19 +66,31 @@ def new_client(timeout_s: float) -> httpx.AsyncClient:
     )
 
 
-async def probe(client: httpx.AsyncClient, provider: Provider, timeout_s: float) -> ProbeResult:
+async def probe(
+    client: httpx.AsyncClient,
+    provider: Provider,
+    timeout_s: float,
+    memory: ProbeMemory | None = None,
+) -> ProbeResult:
     started = time.monotonic()
+    memory = memory if memory is not None else ProbeMemory()
 
     def result(outcome: ProbeOutcome, error: str | None = None, models: Any = None) -> ProbeResult:
         now = time.monotonic()
+        if outcome is not ProbeOutcome.OK:
+            memory.models = None  # asked again after any failure
         return ProbeResult(outcome, now, (now - started) * 1000, error, models)
 
     try:
-        if provider.type in HEALTH_ROUTE_TYPES:
+        if provider.type in HEALTH_ROUTE_TYPES and memory.health_route:
             health = await client.get(f"{_base(provider)}/health", timeout=timeout_s)
             # 503: still loading the model. 404: no /health (llama-cpp-python has none).
-            if health.status_code not in (200, 404):
+            if health.status_code == 404:
+                memory.health_route = False
+            elif health.status_code != 200:
                 return result(ProbeOutcome.ERROR, f"/health: HTTP {health.status_code}")
+            elif memory.models is not None and started - memory.models_at < MODELS_REFRESH_S:
+                return result(ProbeOutcome.OK, None, memory.models)
         response = await client.get(probe_url(provider), timeout=timeout_s)
     except httpx.ConnectError as exc:
         return result(ProbeOutcome.REFUSED, f"connection refused: {exc}")
@@ -77,4 +104,6 @@ async def probe(client: httpx.AsyncClient, provider: Provider, timeout_s: float)
         payload = response.json()
     except ValueError:
         return result(ProbeOutcome.ERROR, "the answer is not JSON")
-    return result(ProbeOutcome.OK, None, parse_models(provider, payload))
+    models = parse_models(provider, payload)
+    memory.models, memory.models_at = models, time.monotonic()
+    return result(ProbeOutcome.OK, None, models)

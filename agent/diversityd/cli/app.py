@@ -56,7 +56,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     diversityctl talks to the diversityd daemon over the user bus (status, restart, stop,
     start, reload, failover-test, history, rollback), works on the configuration alone
-    (validate, render, plan) and installs the daemon as a systemd user service (install).
+    (validate, render, plan), installs the daemon as a systemd user service, adopting
+    hand-made units (install, uninstall undoes it), and helps clients and shells (env,
+    completion).
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug

@@ -148,12 +148,11 @@ class GatewayManager:
     def render(self) -> GatewayPlan:
         config = self.store.config
         assert config is not None
-        return render_gateway(
-            config,
-            self.store.catalog,
-            self.store.availability(),
-            unavailable_base=unavailable_base(config.settings),
-        )
+        availability, grace_left_s = self.store.gateway_availability()
+        if grace_left_s is not None:  # rendered again when it ends, the server back or not
+            asyncio.get_running_loop().call_later(grace_left_s + 0.05, self._dirty.set)
+        base = unavailable_base(config.settings)
+        return render_gateway(config, self.store.catalog, availability, unavailable_base=base)
 
     # -- the loop -------------------------------------------------------------------------------
 

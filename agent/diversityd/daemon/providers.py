@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 
 from diversityd.adapters import probes
+from diversityd.adapters.cputime import tree_cpu_s
 from diversityd.adapters.systemd import Systemd, SystemdError
 from diversityd.daemon.loop import ProbeDone, ProviderLocks, StateLoop, UnitChanged
 from diversityd.daemon.metrics import Metrics
@@ -24,11 +25,13 @@ from diversityd.daemon.store import ProviderRecord, Store
 from diversityd.log import get_logger
 from diversityd.reconcile import FAILED_SETTLE_S, hung_too_long, stopped_on_purpose
 from diversityd.state import (
+    RESTARTING_STATES,
     ProviderState,
     UnitSnapshot,
     adopt_snapshot,
     apply_probe,
     apply_unit_change,
+    is_serving,
     probe_interval,
     start_overdue,
     state_of,
@@ -151,6 +154,10 @@ class ProviderSupervisor:
         record.last_state_change = at
         if previous is ProviderState.READY:
             record.left_ready_at = at
+        if state not in RESTARTING_STATES:
+            record.restarting_since = None
+        elif is_serving(previous):  # straight from serving: a crash or a roll, not a hang
+            record.restarting_since = at
         if state is ProviderState.FAILED and record.snapshot is not None:
             record.error = f"unit failed ({record.snapshot.result})"
         log_method = (
@@ -279,6 +286,7 @@ class ProviderSupervisor:
 
     async def _probe_loop(self, name: str) -> None:
         client = probes.new_client(5.0)
+        memory, memory_pid = probes.ProbeMemory(), 0
         try:
             while True:
                 assert self.store.config is not None
@@ -290,13 +298,16 @@ class ProviderSupervisor:
                     await asyncio.sleep(settings.probe_interval_s)
                     continue
                 pid = record.observed.pid
+                if pid != memory_pid:  # a new process: its routes and models are asked anew
+                    memory, memory_pid = probes.ProbeMemory(), pid
                 try:
-                    result = await probes.probe(client, record.provider, settings.probe_timeout_s)
+                    timeout_s = settings.probe_timeout_s
+                    result = await probes.probe(client, record.provider, timeout_s, memory)
                 except Exception as exc:  # noqa: BLE001 - one odd answer must not end probing
                     log.error("probe.failed", provider=name, error=f"{type(exc).__name__}: {exc}")
                 else:
                     owned = record.owned is not None
-                    cpu_s = _cpu_time(pid) if owned and pid else None
+                    cpu_s = tree_cpu_s(pid) if owned and pid else None
                     self.loop.post(ProbeDone(name, result, pid, cpu_s))
                 await asyncio.sleep(
                     probe_interval(
@@ -305,17 +316,3 @@ class ProviderSupervisor:
                 )
         finally:
             await client.aclose()
-
-
-def _cpu_time(pid: int) -> float | None:
-    """CPU seconds used by a process and its children (Ollama's runners, vLLM's engine)."""
-    try:
-        process = psutil.Process(pid)
-        processes = [process, *process.children(recursive=True)]
-        total = 0.0
-        for each in processes:
-            times = each.cpu_times()
-            total += times.user + times.system
-        return total
-    except psutil.Error:
-        return None

@@ -20,7 +20,14 @@ from diversityd.gateway import Availability, GatewayPlan, normalize_model_id
 from diversityd.gpuplan import GpuPlan, GpuSettings
 from diversityd.persisted import Persisted, Revival
 from diversityd.reconcile import ModelTarget
-from diversityd.state import Observed, ProbeResult, ProviderState, UnitSnapshot, is_serving
+from diversityd.state import (
+    Observed,
+    ProbeResult,
+    ProviderState,
+    UnitSnapshot,
+    in_restart_grace,
+    is_serving,
+)
 from diversityd.statusdoc import (
     CardStatus,
     GatewayReload,
@@ -56,6 +63,7 @@ class ProviderRecord:
     last_state_change: float | None = None  # monotonic time of the last state change
     last_exit_seen: float | None = None  # monotonic time the daemon learnt a process died
     left_ready_at: float | None = None  # monotonic time it last stopped being ready
+    restarting_since: float | None = None  # went from serving straight to down/starting
     n_gpu_layers: int | None = None
     vram_mib: int | None = None
     error: str | None = None
@@ -368,15 +376,35 @@ class Store:
     def owned_records(self) -> list[ProviderRecord]:
         return [r for r in self.records.values() if r.owned is not None]
 
-    def availability(self) -> Availability:
-        """Which providers serve which models right now (input of the gateway render)."""
+    def availability(self, restart_grace_s: float = 0.0) -> Availability:
+        """Which providers serve which models right now (input of the gateway render). With
+        `restart_grace_s`, one being restarted after it served counts for that long."""
         up: dict[str, frozenset[str] | None] = {}
+        restarting = self._restarting(restart_grace_s)
         for name, record in self.records.items():
-            if not record.provider.is_local:
-                up[name] = None  # clouds are not probed: trusted until a request fails
+            if not record.provider.is_local or name in restarting:
+                up[name] = None  # clouds: trusted until a request fails; restarting: as set
             elif is_serving(record.state):
                 up[name] = record.probe.models if record.probe else None
         return Availability(up=up)
+
+    def _restarting(self, grace_s: float) -> dict[str, float]:
+        """Providers in their restart grace (not stopped by the user, not held): seconds left."""
+        now = time.monotonic()
+        return {
+            name: r.restarting_since + grace_s - now
+            for name, r in self.records.items()
+            if r.restarting_since is not None and not r.stopped_by_user and r.held is None
+            if in_restart_grace(r.state, r.restarting_since, now, grace_s)
+        }
+
+    def gateway_availability(self) -> tuple[Availability, float | None]:
+        """What the gateway is rendered from (a server being restarted after it served
+        counts for `supervision.restart_grace_s`: LiteLLM fails its requests over at once,
+        and a reload costs more), and the seconds until the first such grace ends."""
+        assert self.config is not None
+        grace_s = self.config.settings.supervision.restart_grace_s
+        return self.availability(grace_s), min(self._restarting(grace_s).values(), default=None)
 
     def model_paths(self) -> dict[str, list[str]]:
         """Configured GGUF path -> the owned llama servers that load it."""
