@@ -260,7 +260,24 @@ def is_serving(state: ProviderState) -> bool:
     return state in (ProviderState.READY, ProviderState.BUSY)
 
 
-RESTARTING_STATES = (ProviderState.DOWN, ProviderState.STARTING)
+# What systemd's Restart= walks a killed server through (auto-restart shows as failed,
+# then inactive between the stop and start of the restart job, for a moment each).
+RESTARTING_STATES = (
+    ProviderState.DOWN,
+    ProviderState.FAILED,
+    ProviderState.STOPPED,
+    ProviderState.STARTING,
+)
+
+
+def restarting_since(
+    previous: ProviderState, state: ProviderState, at: float, since: float | None
+) -> float | None:
+    """When a server started being restarted: set as it leaves a serving state for one of
+    RESTARTING_STATES, kept through them, cleared by any other (hung, ready again)."""
+    if state not in RESTARTING_STATES:
+        return None
+    return at if is_serving(previous) else since
 
 
 def in_restart_grace(
@@ -270,9 +287,9 @@ def in_restart_grace(
     crash, a roll to a new model) stays in the gateway for `grace_s`: a refused connection
     fails over at once inside LiteLLM, while leaving it out and taking it back costs two
     gateway reloads, each a cold LiteLLM taking traffic. A hung server (its requests wait
-    for a timeout; killed, it restarts without a grace: it was left out already), a
-    stopped one or one systemd gave up on is left out at once. `left_serving_at`: when it
-    went from serving straight to down or starting (None otherwise)."""
+    for a timeout; killed, it restarts without a grace: it was left out already) is left
+    out at once; so is one stopped on purpose or held (the caller's part).
+    `left_serving_at`: `restarting_since`."""
     return (
         state in RESTARTING_STATES
         and left_serving_at is not None

@@ -4,6 +4,7 @@ no bus, no systemd, no asyncio."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from diversityd.state import (
     in_restart_grace,
     is_serving,
     probe_interval,
+    restarting_since,
     state_of,
 )
 
@@ -336,8 +338,9 @@ def test_a_process_silent_past_its_start_grace_is_hung_unless_it_works() -> None
         (ProviderState.STARTING, 100.0, 109.9, True),  # loading again
         (ProviderState.STARTING, 100.0, 110.0, False),  # the grace is over: left out
         (ProviderState.HUNG, 100.0, 100.5, False),  # its requests would wait: out at once
-        (ProviderState.STOPPED, 100.0, 100.5, False),
-        (ProviderState.FAILED, 100.0, 100.5, False),  # systemd gave up
+        (ProviderState.STOPPED, 100.0, 100.5, True),  # between the restart job's stop and start
+        (ProviderState.FAILED, 100.0, 100.5, True),  # auto-restart, as systemd 252 shows it
+        (ProviderState.FAILED, 100.0, 111.0, False),  # systemd gave up: out after the grace
         (ProviderState.STARTING, None, 100.5, False),  # never served: not a restart
     ],
 )
@@ -345,3 +348,24 @@ def test_a_server_restarting_after_it_served_stays_in_the_gateway_for_a_grace(
     state: ProviderState, left_serving_at: float | None, now: float, kept: bool
 ) -> None:
     assert in_restart_grace(state, left_serving_at, now, grace_s=10.0) is kept
+
+
+def test_a_kill_walks_through_restart_states_with_one_grace_and_a_hang_gets_none() -> None:
+    # what the daemon saw of `kill -9` of llama-server under systemd 252's Restart=
+    walk = [
+        ProviderState.READY,
+        ProviderState.STARTING,
+        ProviderState.FAILED,
+        ProviderState.DOWN,
+        ProviderState.STOPPED,
+        ProviderState.STARTING,
+    ]
+    since: float | None = None
+    for at, (previous, state) in enumerate(itertools.pairwise(walk), start=100):
+        since = restarting_since(previous, state, float(at), since)
+    assert since == 100.0  # from the moment it stopped serving, not the last transition
+    assert restarting_since(ProviderState.STARTING, ProviderState.READY, 106.0, since) is None
+    # hung, then killed by the daemon: it was left out when it hung, no grace after
+    hung = restarting_since(ProviderState.READY, ProviderState.HUNG, 100.0, None)
+    assert hung is None
+    assert restarting_since(ProviderState.HUNG, ProviderState.DOWN, 103.0, hung) is None

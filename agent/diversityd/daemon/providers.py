@@ -25,14 +25,13 @@ from diversityd.daemon.store import ProviderRecord, Store
 from diversityd.log import get_logger
 from diversityd.reconcile import FAILED_SETTLE_S, hung_too_long, stopped_on_purpose
 from diversityd.state import (
-    RESTARTING_STATES,
     ProviderState,
     UnitSnapshot,
     adopt_snapshot,
     apply_probe,
     apply_unit_change,
-    is_serving,
     probe_interval,
+    restarting_since,
     start_overdue,
     state_of,
 )
@@ -154,10 +153,7 @@ class ProviderSupervisor:
         record.last_state_change = at
         if previous is ProviderState.READY:
             record.left_ready_at = at
-        if state not in RESTARTING_STATES:
-            record.restarting_since = None
-        elif is_serving(previous):  # straight from serving: a crash or a roll, not a hang
-            record.restarting_since = at
+        record.restarting_since = restarting_since(previous, state, at, record.restarting_since)
         if state is ProviderState.FAILED and record.snapshot is not None:
             record.error = f"unit failed ({record.snapshot.result})"
         log_method = (
