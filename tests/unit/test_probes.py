@@ -111,3 +111,31 @@ def test_a_server_without_health_is_not_asked_for_it_again(
     memory = probes.ProbeMemory()
     assert probe_rounds(server, 4, memory) == [ProbeOutcome.OK.value] * 4
     assert server.asked == Counter({"/health": 1, "/v1/models": 4})
+
+
+def test_a_probe_pause_ends_when_the_provider_changes_state() -> None:
+    # a start or restart is probed at once, however long probes.interval_s is (at 600 s a
+    # started server stayed `starting` for the whole interval)
+    from diversityd.daemon.providers import _pause
+
+    async def run() -> float:
+        wake = asyncio.Event()
+        started = asyncio.get_running_loop().time()
+        asyncio.get_running_loop().call_later(0.2, wake.set)
+        await _pause(wake, 600.0)
+        return asyncio.get_running_loop().time() - started
+
+    assert asyncio.run(run()) < 5.0
+
+
+def test_a_probe_pause_lasts_its_interval_without_a_change() -> None:
+    from diversityd.daemon.providers import _pause
+
+    async def run() -> float:
+        wake = asyncio.Event()
+        wake.set()  # a change before the pause began was seen by the probe just sent
+        started = asyncio.get_running_loop().time()
+        await _pause(wake, 0.3)
+        return asyncio.get_running_loop().time() - started
+
+    assert asyncio.run(run()) >= 0.29

@@ -7,6 +7,7 @@ snapshot reads are tasks that post events or call into the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import signal
 import time
@@ -63,6 +64,9 @@ class ProviderSupervisor:
         self._killed: set[int] = set()  # hung processes already killed (once each)
         self._on_state_change = on_state_change  # the gateway may render differently now
         self._on_models_change = on_models_change
+        # a probe loop's pause ends early when its provider changes state: a start or
+        # restart is probed at once, whatever `probes.interval_s` is
+        self._probe_wake: dict[str, asyncio.Event] = {}
 
     # -- events (in the state loop) -------------------------------------------------------
 
@@ -154,6 +158,8 @@ class ProviderSupervisor:
         if previous is ProviderState.READY:
             record.left_ready_at = at
         record.restarting_since = restarting_since(previous, state, at, record.restarting_since)
+        if (wake := self._probe_wake.get(record.name)) is not None:
+            wake.set()
         if state is ProviderState.FAILED and record.snapshot is not None:
             record.error = f"unit failed ({record.snapshot.result})"
         log_method = (
@@ -290,8 +296,9 @@ class ProviderSupervisor:
                 record = self.store.records.get(name)
                 if record is None:
                     return
+                wake = self._probe_wake.setdefault(name, asyncio.Event())
                 if record.owned is not None and record.state is ProviderState.STOPPED:
-                    await asyncio.sleep(settings.probe_interval_s)
+                    await _pause(wake, settings.probe_interval_s)
                     continue
                 pid = record.observed.pid
                 if pid != memory_pid:  # a new process: its routes and models are asked anew
@@ -305,10 +312,19 @@ class ProviderSupervisor:
                     owned = record.owned is not None
                     cpu_s = tree_cpu_s(pid) if owned and pid else None
                     self.loop.post(ProbeDone(name, result, pid, cpu_s))
-                await asyncio.sleep(
+                await _pause(
+                    wake,
                     probe_interval(
                         record.state, record.observed.failures, settings.probe_interval_s
-                    )
+                    ),
                 )
         finally:
+            self._probe_wake.pop(name, None)
             await client.aclose()
+
+
+async def _pause(wake: asyncio.Event, seconds: float) -> None:
+    """Until the next probe, or until the provider's state changes."""
+    wake.clear()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(wake.wait(), seconds)
