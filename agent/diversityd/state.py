@@ -280,23 +280,6 @@ def restarting_since(
     return at if is_serving(previous) else since
 
 
-def in_restart_grace(
-    state: ProviderState, left_serving_at: float | None, now: float, grace_s: float
-) -> bool:
-    """A server that was serving and is now being restarted (systemd's Restart= after a
-    crash, a roll to a new model) stays in the gateway for `grace_s`: a refused connection
-    fails over at once inside LiteLLM, while leaving it out and taking it back costs two
-    gateway reloads, each a cold LiteLLM taking traffic. A hung server (its requests wait
-    for a timeout; killed, it restarts without a grace: it was left out already) is left
-    out at once; so is one stopped on purpose or held (the caller's part).
-    `left_serving_at`: `restarting_since`."""
-    return (
-        state in RESTARTING_STATES
-        and left_serving_at is not None
-        and now - left_serving_at < grace_s
-    )
-
-
 def probe_interval(state: ProviderState, failures: int, base_s: float) -> float:
     """How long until the next probe: fast while starting (readiness gates restarts), the
     base interval while up or stopped, backing off while down (never slower than 30 s)."""

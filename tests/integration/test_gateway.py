@@ -156,6 +156,40 @@ def test_a_reload_under_a_steady_stream_refuses_and_fails_nothing(
         )
 
 
+def provider_doc(document: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(p for p in document["providers"] if p["name"] == name)
+
+
+def test_a_crash_systemd_mends_within_the_restart_grace_costs_no_reload(
+    gateway_stack: RunningStack,
+) -> None:
+    """Issue 12: each crash cost two gateway reloads (out, back in), each a cold LiteLLM
+    taking traffic: p99 under kill -9 was worse than LiteLLM alone's. LiteLLM fails a
+    refused connection over by itself; the gateway keeps the server for restart_grace_s."""
+    document = wait_gateway_ready(gateway_stack)
+    before = document["gateway"]
+    pid = provider_doc(document, LLAMA_NATIVE)["pid"]
+    assert pid
+    with gateway_stream(gateway_stack, "llama-cpp-native") as stream:
+        time.sleep(1)
+        os.kill(pid, signal.SIGKILL)
+        gateway_stack.wait_for(
+            lambda d: (
+                provider_doc(d, LLAMA_NATIVE)["state"] == "ready"
+                and provider_doc(d, LLAMA_NATIVE)["pid"] not in (None, pid)
+            ),
+            timeout_s=60,
+            poll_s=0.2,
+        )
+        time.sleep(12)  # past the grace (10 s): its end renders again, to the same bytes
+    after = gateway_stack.status()["gateway"]
+    assert after["reloads"] == before["reloads"], after["last_reload"]
+    assert after["unit"] == before["unit"]
+    assert after["in_sync"] is True
+    assert stream.failed == [], stream.failed[:5]
+    assert len(stream.answers) >= 20
+
+
 def test_a_broken_new_config_leaves_the_old_gateway_serving(gateway_stack: RunningStack) -> None:
     before = wait_gateway_ready(gateway_stack)["gateway"]
     settings_file = gateway_stack.stack.config_dir / "diversityd.yaml"

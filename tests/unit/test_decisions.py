@@ -27,6 +27,7 @@ from diversityd.reconcile import (
     hung_too_long,
     is_ready_since,
     judge_model_target,
+    restart_grace_left,
     start_order,
     units_to_roll,
 )
@@ -41,7 +42,6 @@ from diversityd.state import (
     adopt_snapshot,
     apply_probe,
     apply_unit_change,
-    in_restart_grace,
     is_serving,
     probe_interval,
     restarting_since,
@@ -332,22 +332,27 @@ def test_a_process_silent_past_its_start_grace_is_hung_unless_it_works() -> None
 
 
 @pytest.mark.parametrize(
-    ("state", "left_serving_at", "now", "kept"),
+    ("state", "state_since", "now", "left"),
     [
-        (ProviderState.DOWN, 100.0, 105.0, True),  # crashed, systemd restarting it
-        (ProviderState.STARTING, 100.0, 109.9, True),  # loading again
-        (ProviderState.STARTING, 100.0, 110.0, False),  # the grace is over: left out
-        (ProviderState.HUNG, 100.0, 100.5, False),  # its requests would wait: out at once
-        (ProviderState.STOPPED, 100.0, 100.5, True),  # between the restart job's stop and start
-        (ProviderState.FAILED, 100.0, 100.5, True),  # auto-restart, as systemd 252 shows it
-        (ProviderState.FAILED, 100.0, 111.0, False),  # systemd gave up: out after the grace
-        (ProviderState.STARTING, None, 100.5, False),  # never served: not a restart
+        (ProviderState.DOWN, 100.0, 105.0, 5.0),  # crashed, systemd restarting it
+        (ProviderState.STARTING, 101.0, 109.5, 0.5),  # loading again
+        (ProviderState.STARTING, 101.0, 110.0, None),  # the grace is over: left out
+        (ProviderState.HUNG, 100.0, 100.5, None),  # its requests would wait: out at once
+        (ProviderState.STOPPED, 104.0, 104.2, 1.3),  # between the restart job's stop, start
+        (ProviderState.STOPPED, 104.0, 106.0, None),  # stays stopped: someone stopped it
+        (ProviderState.FAILED, 104.0, 104.1, 1.4),  # auto-restart, as systemd 252 shows it
+        (ProviderState.FAILED, 104.0, 105.6, None),  # systemd gave up: out at once
     ],
 )
 def test_a_server_restarting_after_it_served_stays_in_the_gateway_for_a_grace(
-    state: ProviderState, left_serving_at: float | None, now: float, kept: bool
+    state: ProviderState, state_since: float, now: float, left: float | None
 ) -> None:
-    assert in_restart_grace(state, left_serving_at, now, grace_s=10.0) is kept
+    got = restart_grace_left(state, 100.0, state_since, now, grace_s=10.0)
+    assert got == (pytest.approx(left) if left is not None else None)
+
+
+def test_a_server_that_never_served_gets_no_restart_grace() -> None:
+    assert restart_grace_left(ProviderState.STARTING, None, 100.0, 100.5, 10.0) is None
 
 
 def test_a_kill_walks_through_restart_states_with_one_grace_and_a_hang_gets_none() -> None:

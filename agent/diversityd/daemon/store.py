@@ -19,13 +19,12 @@ from diversityd.config import Config, OwnedServer, Provider
 from diversityd.gateway import Availability, GatewayPlan, normalize_model_id
 from diversityd.gpuplan import GpuPlan, GpuSettings
 from diversityd.persisted import Persisted, Revival
-from diversityd.reconcile import ModelTarget
+from diversityd.reconcile import ModelTarget, restart_grace_left
 from diversityd.state import (
     Observed,
     ProbeResult,
     ProviderState,
     UnitSnapshot,
-    in_restart_grace,
     is_serving,
 )
 from diversityd.statusdoc import (
@@ -391,12 +390,12 @@ class Store:
     def _restarting(self, grace_s: float) -> dict[str, float]:
         """Providers in their restart grace (not stopped by the user, not held): seconds left."""
         now = time.monotonic()
-        return {
-            name: r.restarting_since + grace_s - now
+        left = {
+            name: restart_grace_left(r.state, r.restarting_since, r.last_state_change, now, grace_s)
             for name, r in self.records.items()
-            if r.restarting_since is not None and not r.stopped_by_user and r.held is None
-            if in_restart_grace(r.state, r.restarting_since, now, grace_s)
+            if not r.stopped_by_user and r.held is None
         }
+        return {name: seconds for name, seconds in left.items() if seconds is not None}
 
     def gateway_availability(self) -> tuple[Availability, float | None]:
         """What the gateway is rendered from (a server being restarted after it served
