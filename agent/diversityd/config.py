@@ -665,6 +665,7 @@ _SETTINGS_KEYS = (
     "providers",
 )
 _PROBE_KEYS = ("interval_s", "timeout_s")
+_MAY_BE_ZERO = ("restart_grace_s",)  # 0: a restarting server leaves the gateway at once
 _SUPERVISION_KEYS = (
     "start_grace_s",
     "ready_wait_s",
@@ -823,7 +824,9 @@ def _parse_supervision(reader: _Reader, raw: Any) -> SupervisionSettings:
         if key not in body:
             continue
         number = reader.number(("supervision", key), body[key], "seconds")
-        if number is not None and number <= 0:
+        if number is not None and key in _MAY_BE_ZERO and number < 0:
+            reader.error(("supervision", key), "out-of-range", "must be 0 or more", "0: none")
+        elif number is not None and key not in _MAY_BE_ZERO and number <= 0:
             reader.error(("supervision", key), "out-of-range", "must be above 0", "e.g. 10")
         elif number is not None:
             values[key] = number

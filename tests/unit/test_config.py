@@ -206,6 +206,15 @@ def test_unknown_settings_key_suggests_the_right_one() -> None:
     assert "port" in (finding.hint or "")
 
 
+def test_restart_grace_may_be_zero_and_other_waits_may_not() -> None:
+    assert codes(check(settings="supervision:\n  restart_grace_s: 0\n")) == []
+    negative = only(check(settings="supervision:\n  restart_grace_s: -1\n"), "out-of-range")
+    assert negative.key_path == "supervision.restart_grace_s"
+    assert negative.file == "/cfg/diversityd.yaml"
+    zero_hang = only(check(settings="supervision:\n  hung_grace_s: 0\n"), "out-of-range")
+    assert zero_hang.key_path == "supervision.hung_grace_s"
+
+
 def test_owned_provider_must_exist_and_match_its_type() -> None:
     report = check(settings="providers:\n  nope:\n    server: llama-server\n")
     assert only(report, "unknown-provider").key_path == "providers.nope"
