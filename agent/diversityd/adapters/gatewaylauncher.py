@@ -1,11 +1,12 @@
 """One LiteLLM proxy instance on the listening socket systemd passes (fd 3).
 
 Run by `diversityd-gateway@.service` with the LiteLLM venv's interpreter, as a script
-(`python .../gatewaylauncher.py --config X`): standard library only here, LiteLLM and
-uvicorn are imported from that venv. It tells systemd `READY=1` once uvicorn serves (after
-LiteLLM has loaded the config and answered one request per model in-process), so a start
-job ends exactly when the new proxy can answer at full speed: that is what lets diversityd
-stop the old instance without dropping or slowing a request.
+(`python .../gatewaylauncher.py --config X`): standard library only at import; LiteLLM,
+uvicorn, httpx and yaml (LiteLLM's own dependencies) are imported from that venv. It tells
+systemd `READY=1` once uvicorn serves (after LiteLLM has loaded the config and answered one
+request per served model in-process), so a start job ends exactly when the new proxy can
+answer at full speed: that is what lets diversityd stop the old instance without dropping
+or slowing a request.
 """
 
 import argparse

@@ -62,7 +62,7 @@ class ProviderRecord:
     last_state_change: float | None = None  # monotonic time of the last state change
     last_exit_seen: float | None = None  # monotonic time the daemon learnt a process died
     left_ready_at: float | None = None  # monotonic time it last stopped being ready
-    restarting_since: float | None = None  # went from serving straight to down/starting
+    restarting_since: float | None = None  # left serving into systemd's Restart= walk
     n_gpu_layers: int | None = None
     vram_mib: int | None = None
     error: str | None = None
