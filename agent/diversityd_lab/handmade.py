@@ -101,33 +101,15 @@ def server_units(stack: Stack) -> dict[str, str]:
         if owned.server == "ollama":
             host, port = provider.address
             environment["OLLAMA_HOST"] = f"{host}:{port}"
-        lines = [
-            "[Unit]",
-            f"Description={name} (hand-made, as in the seeds)",
-            "",
-            "[Service]",
-            f"ExecStart={command_line(args)}",
-            *(environment_line(k, v) for k, v in sorted(environment.items())),
-            "Restart=on-failure",
-            "",
-            "[Install]",
-            "WantedBy=default.target",
-        ]
-        units[UNIT_OF[name]] = "\n".join(lines) + "\n"
+        units[UNIT_OF[name]] = hand_made_unit(name, args, environment)
     return units
 
 
-def gateway_unit(config_file: Path, port: int, key: str) -> str:
-    uvicorn = parts.litellm_venv() / "bin" / "uvicorn"
-    args = [
-        str(uvicorn), "litellm.proxy.proxy_server:app",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--log-level", "warning", "--no-access-log",
-    ]  # fmt: skip
-    environment = {**OFFLINE_ENV, "CONFIG_FILE_PATH": str(config_file), "LITELLM_MASTER_KEY": key}
+def hand_made_unit(what: str, args: list[str], environment: dict[str, str]) -> str:
+    """A unit as the seeds wrote theirs: the command line, its environment, Restart=."""
     lines = [
         "[Unit]",
-        "Description=LiteLLM proxy (hand-made, as in the seeds)",
+        f"Description={what} (hand-made, as in the seeds)",
         "",
         "[Service]",
         f"ExecStart={command_line(args)}",
@@ -138,6 +120,17 @@ def gateway_unit(config_file: Path, port: int, key: str) -> str:
         "WantedBy=default.target",
     ]
     return "\n".join(lines) + "\n"
+
+
+def gateway_unit(config_file: Path, port: int, key: str) -> str:
+    uvicorn = parts.litellm_venv() / "bin" / "uvicorn"
+    args = [
+        str(uvicorn), "litellm.proxy.proxy_server:app",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--log-level", "warning", "--no-access-log",
+    ]  # fmt: skip
+    environment = {**OFFLINE_ENV, "CONFIG_FILE_PATH": str(config_file), "LITELLM_MASTER_KEY": key}
+    return hand_made_unit("LiteLLM proxy", args, environment)
 
 
 def answers(url: str, timeout_s: float = 1.0) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -375,11 +376,10 @@ class Store:
     def owned_records(self) -> list[ProviderRecord]:
         return [r for r in self.records.values() if r.owned is not None]
 
-    def availability(self, restart_grace_s: float = 0.0) -> Availability:
-        """Which providers serve which models right now (input of the gateway render). With
-        `restart_grace_s`, one being restarted after it served counts for that long."""
+    def availability(self, restarting: Collection[str] = ()) -> Availability:
+        """Which providers serve which models right now (input of the gateway render);
+        `restarting`: providers in their restart grace, counted as serving what is set."""
         up: dict[str, frozenset[str] | None] = {}
-        restarting = self._restarting(restart_grace_s)
         for name, record in self.records.items():
             if not record.provider.is_local or name in restarting:
                 up[name] = None  # clouds: trusted until a request fails; restarting: as set
@@ -402,8 +402,8 @@ class Store:
         counts for `supervision.restart_grace_s`: LiteLLM fails its requests over at once,
         and a reload costs more), and the seconds until the first such grace ends."""
         assert self.config is not None
-        grace_s = self.config.settings.supervision.restart_grace_s
-        return self.availability(grace_s), min(self._restarting(grace_s).values(), default=None)
+        restarting = self._restarting(self.config.settings.supervision.restart_grace_s)
+        return self.availability(restarting), min(restarting.values(), default=None)
 
     def model_paths(self) -> dict[str, list[str]]:
         """Configured GGUF path -> the owned llama servers that load it."""
