@@ -160,6 +160,10 @@ class GatewaySettings:
     environment_files: tuple[str, ...] = ()
     litellm_venv: str | None = None
     keep_configs: int = 5
+    # LiteLLM processes serving on the one socket, both kept current in-process: 2 costs a
+    # second process's memory (~400 MiB) and makes a killed instance cost milliseconds, not
+    # the seconds a new LiteLLM takes to start
+    instances: int = 1
     litellm_settings: Mapping[str, Any] = field(default_factory=dict)
     router_settings: Mapping[str, Any] = field(default_factory=dict)
     general_settings: Mapping[str, Any] = field(default_factory=dict)
@@ -176,9 +180,6 @@ class SupervisionSettings:
     revive_initial_s: float = 10.0  # a unit systemd gave up on is started again after this,
     revive_max_s: float = 300.0  # doubling each time up to this
     hung_grace_s: float = 10.0  # an owned server hung this long (no CPU progress) is killed
-    # a server that was serving and is being restarted (a crash systemd restarts, a roll)
-    # stays in the gateway this long: LiteLLM's fallbacks take its requests meanwhile
-    restart_grace_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -665,15 +666,19 @@ _SETTINGS_KEYS = (
     "providers",
 )
 _PROBE_KEYS = ("interval_s", "timeout_s")
-_MAY_BE_ZERO = ("restart_grace_s",)  # 0: a restarting server leaves the gateway at once
+_MAY_BE_ZERO: tuple[str, ...] = ()
 _SUPERVISION_KEYS = (
     "start_grace_s",
     "ready_wait_s",
     "revive_initial_s",
     "revive_max_s",
     "hung_grace_s",
-    "restart_grace_s",
 )
+# Accepted from older configurations, with a warning: what they did is no longer done.
+_RETIRED_SUPERVISION_KEYS = {
+    "restart_grace_s": "routing follows the servers' state in-process now: a restarting "
+    "server leaves the gateway at once and comes back as soon as it answers",
+}
 _GATEWAY_KEYS = (
     "owned",
     "host",
@@ -682,6 +687,7 @@ _GATEWAY_KEYS = (
     "environment_files",
     "litellm_venv",
     "keep_configs",
+    "instances",
     "litellm_settings",
     "router_settings",
     "general_settings",
@@ -818,7 +824,11 @@ def _parse_supervision(reader: _Reader, raw: Any) -> SupervisionSettings:
     body = reader.mapping(("supervision",), raw, "write `supervision: {revive_initial_s: 10}`")
     if body is None:
         return SupervisionSettings()
-    reader.unknown_keys(("supervision",), body, _SUPERVISION_KEYS)
+    reader.unknown_keys(("supervision",), body, (*_SUPERVISION_KEYS, *_RETIRED_SUPERVISION_KEYS))
+    for key, why in _RETIRED_SUPERVISION_KEYS.items():
+        if key in body:
+            reader.warn(("supervision", key), "retired-key", f"{key} is no longer used: {why}",
+                        f"remove {key}")  # fmt: skip
     values: dict[str, float] = {}
     for key in _SUPERVISION_KEYS:
         if key not in body:
@@ -872,6 +882,16 @@ def _parse_gateway(reader: _Reader, raw: Any) -> GatewaySettings:
         )
         if keep is not None:
             values["keep_configs"] = keep
+    if "instances" in body:
+        count = reader.integer(
+            ("gateway", "instances"), body["instances"], "1 or 2 LiteLLM processes", minimum=1
+        )
+        if count is not None and count > 2:
+            reader.error(
+                ("gateway", "instances"), "out-of-range", "instances is 1 or 2", "use 1 or 2"
+            )
+        elif count is not None:
+            values["instances"] = count
     if "environment_files" in body:
         files = reader.sequence(
             ("gateway", "environment_files"),

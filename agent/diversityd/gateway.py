@@ -2,8 +2,14 @@
 
 When a provider is down, each name it served stays in `model_list`, served by the first live
 model reached by walking its chain in order (descending into a dead member's own chain), so
-clients asking for it see no failed hop. A name with no live fallback is left out, and no
-fallback ever points at a name that is not in the list.
+clients asking for it see no failed hop. A name with no live fallback stays listed, answered
+by the gateway launcher with a retryable 503 that says why; no fallback points at it.
+
+The config has two parts (`GatewayPlan.routes`, `GatewayPlan.process_settings`): the
+routes (deployments and fallbacks) follow the providers' state and reach a running LiteLLM
+in-process; the rest is fixed when a LiteLLM process starts, and a change there needs a new
+process. Every deployment has a stable id chosen here (`deployment_id`), so "replace this
+deployment" means the same thing in the daemon, the launcher and LiteLLM's headers.
 """
 
 from __future__ import annotations
@@ -51,6 +57,13 @@ ROUTER_DEFAULTS: Mapping[str, Any] = {
     "cooldown_time": 10,
 }
 _OLLAMA_PREFIXES = ("ollama/", "ollama_chat/")
+# model_info keys of ours (LiteLLM keeps model_info as given and passes it back in hooks)
+PROVIDER_INFO = "diversityd_provider"  # the provider whose server a deployment reaches
+JUDGED_INFO = "diversityd_judged"  # the daemon probes it and alone decides if it is used
+UNAVAILABLE_INFO = "diversityd_unavailable"  # the launcher answers it: 503 and this text
+# Nothing may answer there: a name with no live server is answered inside the launcher, and
+# an unprivileged local user cannot bind port 1 (the daemon's own port could be taken).
+UNAVAILABLE_API_BASE = "http://127.0.0.1:1/v1"
 _SECRET_KEY = re.compile(r"(pass(word)?|secret|token|api_?key|master_?key)$", re.IGNORECASE)
 
 
@@ -99,6 +112,44 @@ class GatewayPlan:
         return HEADER + yaml.safe_dump(
             self.document, sort_keys=False, default_flow_style=False, allow_unicode=True, width=4096
         )
+
+    def routes(self) -> dict[str, Any]:
+        """What follows the providers' state: sent to a running LiteLLM in-process."""
+        return routes_of(self.document)
+
+    def process_settings(self) -> dict[str, Any]:
+        """What a LiteLLM process reads once, at start: a change here needs a new process."""
+        return process_settings_of(self.document)
+
+
+def routes_of(document: Mapping[str, Any]) -> dict[str, Any]:
+    router = document.get("router_settings") or {}
+    return {
+        "model_list": list(document.get("model_list") or []),
+        "fallbacks": list(router.get("fallbacks") or []),
+    }
+
+
+def process_settings_of(document: Mapping[str, Any]) -> dict[str, Any]:
+    """The document without its routes (also applied to what a running launcher loaded)."""
+    rest = {k: v for k, v in document.items() if k != "model_list"}
+    router = rest.get("router_settings")
+    if isinstance(router, Mapping):
+        rest["router_settings"] = {k: v for k, v in router.items() if k != "fallbacks"}
+    return rest
+
+
+def deployment_id(model_name: str, provider: str, backend: str) -> str:
+    """Stable across renders and processes: the same server answering the same name under
+    the same backend name is the same deployment (LiteLLM's `x-litellm-model-id`)."""
+    return f"{model_name}@{provider}" + ("" if backend == model_name else f":{backend}")
+
+
+def judged_by_daemon(deployment: Deployment) -> bool:
+    """A local server doing its own inference: the daemon probes it (for free) and its
+    state alone decides whether requests go there. A cloud, or a local server relaying one
+    (an Ollama `*-cloud` model), is never probed: LiteLLM's cooldowns judge it."""
+    return deployment.provider.is_local and deployment.upstream is None
 
 
 def litellm_params(
@@ -177,7 +228,7 @@ LITELLM_DEFAULTS: Mapping[str, Any] = {
     "callbacks": ["prometheus"],
     "require_auth_for_metrics_endpoint": False,
 }
-UNAVAILABLE_RETRY_S = 10  # after the first answer, LiteLLM says "retry in" this long (429)
+UNAVAILABLE_RETRY_S = 10  # the launcher's 503 for a name no server can serve: Retry-After
 
 
 def render_gateway(
@@ -185,13 +236,13 @@ def render_gateway(
     catalog: Catalog,
     availability: Availability,
     *,
-    unavailable_base: str | None = None,
+    states: Mapping[str, str] | None = None,
+    unavailable: bool = True,
 ) -> GatewayPlan:
     """The gateway's config. A name no live server and no live fallback can serve stays
-    listed when `unavailable_base` (the daemon's `/unavailable/v1`) is given: LiteLLM
-    asks the daemon, which answers 503 naming the provider and its state, and then holds
-    the name in cooldown (429 with Retry-After): statuses clients retry, where an unknown
-    name is a 400 they do not."""
+    listed (unless `unavailable` is False): the launcher answers it with a 503 and
+    Retry-After naming the providers and their `states`, a status clients retry, where an
+    unknown name is a 400 they do not."""
     chains = {name: chain.targets for name, chain in config.chains.items()}
     timeouts = config.settings.gateway.timeouts
     live_deployments: dict[str, tuple[Deployment, ...]] = {
@@ -213,8 +264,9 @@ def render_gateway(
         if not serving:
             if not walk:
                 left_out.append(name)
-                if unavailable_base is not None:
-                    model_list.append(unavailable_deployment(name, unavailable_base))
+                if unavailable:
+                    reason = why_unavailable(config, catalog, name, states or {})
+                    model_list.append(unavailable_deployment(name, reason))
                 continue
             substitute, walk = walk[0], walk[1:]
             substituted[name] = substitute
@@ -226,21 +278,15 @@ def render_gateway(
                 if target not in walk:
                     walk.append(target)
         for deployment in serving:
-            model_list.append(
-                {
-                    "model_name": name,
-                    "litellm_params": litellm_params(deployment, timeouts),
-                    "model_info": {
-                        "cooldown_time": timing_of(deployment.provider, timeouts).cooldown_s
-                    },
-                }
-            )
+            model_list.append(deployment_entry(name, deployment, timeouts))
         served_by[name] = tuple(d.provider.name for d in serving)
         if walk:
             fallbacks[name] = tuple(walk)
 
     router_settings: dict[str, Any] = dict(ROUTER_DEFAULTS)
-    router_settings["max_fallbacks"] = max(5, _longest_path(fallbacks))
+    # From the configured chains, not the live ones: fixed at a process's start, it must
+    # not change with the providers' state (that would cost a new process per change).
+    router_settings["max_fallbacks"] = max(5, _longest_path(chains))
     router_settings.update(config.settings.gateway.router_settings)
     router_settings["fallbacks"] = [{name: list(targets)} for name, targets in fallbacks.items()]
     general_settings: dict[str, Any] = dict(config.settings.gateway.general_settings)
@@ -257,24 +303,43 @@ def render_gateway(
     )
 
 
-def unavailable_base(settings: Settings) -> str | None:
-    """Where the gateway asks for the names no server can serve now: the daemon's own."""
-    url = settings.http.url
-    return f"{url}/unavailable/v1" if url else None
+def deployment_entry(
+    name: str, deployment: Deployment, timeouts: Mapping[str, Mapping[str, float]]
+) -> dict[str, Any]:
+    """One `model_list` entry: `name` answered by `deployment`'s server."""
+    provider = deployment.provider
+    judged = judged_by_daemon(deployment)
+    return {
+        "model_name": name,
+        "litellm_params": litellm_params(deployment, timeouts),
+        "model_info": {
+            "id": deployment_id(name, provider.name, deployment.backend_model),
+            # 0: LiteLLM never cools a server the daemon judges down (LiteLLM's guess could
+            # leave a live fallback unused behind a 429); the daemon takes it out instead
+            "cooldown_time": 0 if judged else timing_of(provider, timeouts).cooldown_s,
+            PROVIDER_INFO: provider.name,
+            JUDGED_INFO: judged,
+        },
+    }
 
 
-def unavailable_deployment(name: str, base: str) -> dict[str, Any]:
+def unavailable_deployment(name: str, reason: str) -> dict[str, Any]:
+    """Listed (clients see the name), answered by the launcher before LiteLLM routes it."""
     return {
         "model_name": name,
         "litellm_params": {
             "model": f"openai/{name}",
-            "api_base": base,
-            "api_key": "none",  # the daemon's endpoint asks for no key
+            "api_base": UNAVAILABLE_API_BASE,
+            "api_key": NO_KEY,
             "timeout": 5,
             "stream_timeout": 5,
         },
-        # the mark: the gateway launcher's warm-up leaves this answer alone
-        "model_info": {"cooldown_time": UNAVAILABLE_RETRY_S, "diversityd_unavailable": True},
+        "model_info": {
+            "id": f"{name}@unavailable",
+            "cooldown_time": 0,
+            UNAVAILABLE_INFO: reason,
+            "retry_after_s": UNAVAILABLE_RETRY_S,
+        },
     }
 
 

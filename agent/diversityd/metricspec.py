@@ -68,7 +68,9 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("diversityd_gateway_pinned", Kind.GAUGE, (),
                "1 while a rollback pins the gateway's config (automatic reloads paused)."),
     MetricSpec("diversityd_gateway_reloads_total", Kind.COUNTER, ("outcome",),
-               "Blue/green reloads of the gateway, by outcome (ok, failed)."),
+               "New gateway processes started for a change (blue/green), by outcome (ok, failed)."),
+    MetricSpec("diversityd_gateway_route_updates_total", Kind.COUNTER, ("outcome",),
+               "Route changes sent to the running gateway in-process, by outcome (ok, failed)."),
     MetricSpec("diversityd_gateway_config_info", Kind.GAUGE, ("sha256", "history_id"),
                "1 for the gateway config in force."),
     # GPUs

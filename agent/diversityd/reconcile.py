@@ -15,7 +15,7 @@ import enum
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from diversityd.state import RESTARTING_STATES, ProviderState, UnitSnapshot
+from diversityd.state import ProviderState, UnitSnapshot
 
 
 @dataclass(frozen=True)
@@ -143,29 +143,6 @@ def gave_up(state: ProviderState, changed_at: float | None, now: float) -> bool:
         and changed_at is not None
         and now - changed_at >= FAILED_SETTLE_S
     )
-
-
-def restart_grace_left(
-    state: ProviderState,
-    restarting_since: float | None,
-    state_since: float | None,
-    now: float,
-    grace_s: float,
-) -> float | None:
-    """Seconds a server being restarted after it served still stays in the gateway (None:
-    not, or no longer). For `grace_s` a refused connection fails over at once inside
-    LiteLLM, while leaving it out and taking it back costs two gateway reloads, each a cold
-    LiteLLM taking traffic. `failed` and `stopped` count only for the instant systemd's
-    Restart= shows them (FAILED_SETTLE_S): one that stays so was given up on or stopped, and
-    is left out (as is a hung server: `restarting_since` is None after a hang). Monotonic
-    times; the caller leaves out one stopped on purpose or held."""
-    if state not in RESTARTING_STATES or restarting_since is None:
-        return None
-    left = restarting_since + grace_s - now
-    if state in (ProviderState.FAILED, ProviderState.STOPPED):
-        settled_at = (state_since if state_since is not None else now) + FAILED_SETTLE_S
-        left = min(left, settled_at - now)
-    return left if left > 0 else None
 
 
 def revival_delay_s(attempts: int, initial_s: float, max_s: float) -> float:

@@ -262,24 +262,6 @@ def is_serving(state: ProviderState) -> bool:
 
 # What systemd's Restart= walks a killed server through (auto-restart shows as failed,
 # then inactive between the stop and start of the restart job, for a moment each).
-RESTARTING_STATES = (
-    ProviderState.DOWN,
-    ProviderState.FAILED,
-    ProviderState.STOPPED,
-    ProviderState.STARTING,
-)
-
-
-def restarting_since(
-    previous: ProviderState, state: ProviderState, at: float, since: float | None
-) -> float | None:
-    """When a server started being restarted: set as it leaves a serving state for one of
-    RESTARTING_STATES, kept through them, cleared by any other (hung, ready again)."""
-    if state not in RESTARTING_STATES:
-        return None
-    return at if is_serving(previous) else since
-
-
 def probe_interval(state: ProviderState, failures: int, base_s: float) -> float:
     """How long until the next probe: fast while starting (readiness gates restarts), the
     base interval while up or stopped, backing off while down (never slower than 30 s)."""

@@ -117,6 +117,24 @@ class GatewayReload(TypedDict):
     error: NotRequired[str]
 
 
+class GatewayChange(TypedDict):
+    """How the last change reached the gateway: in-process or a new process."""
+
+    change: str  # gatewaysync.Change
+    reason: str
+    at: str
+    elapsed_ms: float
+    ok: bool
+    error: NotRequired[str]
+
+
+class GatewayInstanceStatus(TypedDict):
+    unit: str
+    state: str
+    pid: int | None
+    routes_digest: str | None
+
+
 class GatewayStatus(TypedDict):
     owned: bool
     state: str
@@ -130,6 +148,9 @@ class GatewayStatus(TypedDict):
     key_file: NotRequired[str]
     last_reload: NotRequired[GatewayReload | None]
     reloads: NotRequired[int]
+    route_updates: NotRequired[int]
+    last_change: NotRequired[GatewayChange | None]
+    instances: NotRequired[list[GatewayInstanceStatus]]
     in_sync: NotRequired[bool]
     pinned: NotRequired[str | None]
     models: NotRequired[list[str]]

@@ -337,6 +337,11 @@ class GatewayPaths:
     litellm_python: str
     launcher: str  # gatewaylauncher.py
     key_is_environment: bool = True  # LITELLM_MASTER_KEY=... form: EnvironmentFile= reads it
+    # the instances' control sockets, `{control_dir}/<color>.sock` (a private folder)
+    control_dir: str = ""
+
+    def control_socket(self, color: str) -> str:
+        return f"{self.control_dir}/{color}.sock"
 
 
 def listen_address(host: str, port: int) -> str:
@@ -363,6 +368,7 @@ def render_gateway_units(
             "--config", f"{paths.config_dir}/{_INSTANCE}.yaml",
             "--key-file", paths.key_file,
             "--graceful-s", f"{graceful_s:g}",
+            "--control", paths.control_socket(_INSTANCE),
         ]
     ).replace(_INSTANCE, "%i")  # fmt: skip
     # A bare adopted key is read by the launcher only: systemd would log part of it.

@@ -206,11 +206,13 @@ def test_unknown_settings_key_suggests_the_right_one() -> None:
     assert "port" in (finding.hint or "")
 
 
-def test_restart_grace_may_be_zero_and_other_waits_may_not() -> None:
-    assert codes(check(settings="supervision:\n  restart_grace_s: 0\n")) == []
-    negative = only(check(settings="supervision:\n  restart_grace_s: -1\n"), "out-of-range")
-    assert negative.key_path == "supervision.restart_grace_s"
-    assert negative.file == "/cfg/diversityd.yaml"
+def test_the_retired_restart_grace_is_a_warning_and_waits_may_not_be_zero() -> None:
+    retired = only(
+        check(settings="supervision:\n  restart_grace_s: 10\n"), "retired-key", Severity.WARNING
+    )
+    assert retired.severity is Severity.WARNING
+    assert retired.key_path == "supervision.restart_grace_s"
+    assert retired.file == "/cfg/diversityd.yaml"
     zero_hang = only(check(settings="supervision:\n  hung_grace_s: 0\n"), "out-of-range")
     assert zero_hang.key_path == "supervision.hung_grace_s"
 

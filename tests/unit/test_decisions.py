@@ -4,7 +4,6 @@ no bus, no systemd, no asyncio."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from diversityd.reconcile import (
     hung_too_long,
     is_ready_since,
     judge_model_target,
-    restart_grace_left,
     start_order,
     units_to_roll,
 )
@@ -44,7 +42,6 @@ from diversityd.state import (
     apply_unit_change,
     is_serving,
     probe_interval,
-    restarting_since,
     state_of,
 )
 
@@ -329,48 +326,3 @@ def test_a_process_silent_past_its_start_grace_is_hung_unless_it_works() -> None
     assert state_of(frozen, owned=True, overdue=True) is ProviderState.HUNG
     loading = apply_probe(frozen, probe(ProbeOutcome.REFUSED), pid=100, cpu_s=3.0)
     assert state_of(loading, owned=True, overdue=True) is ProviderState.STARTING
-
-
-@pytest.mark.parametrize(
-    ("state", "state_since", "now", "left"),
-    [
-        (ProviderState.DOWN, 100.0, 105.0, 5.0),  # crashed, systemd restarting it
-        (ProviderState.STARTING, 101.0, 109.5, 0.5),  # loading again
-        (ProviderState.STARTING, 101.0, 110.0, None),  # the grace is over: left out
-        (ProviderState.HUNG, 100.0, 100.5, None),  # its requests would wait: out at once
-        (ProviderState.STOPPED, 104.0, 104.2, 1.3),  # between the restart job's stop, start
-        (ProviderState.STOPPED, 104.0, 106.0, None),  # stays stopped: someone stopped it
-        (ProviderState.FAILED, 104.0, 104.1, 1.4),  # auto-restart, as systemd 252 shows it
-        (ProviderState.FAILED, 104.0, 105.6, None),  # systemd gave up: out at once
-    ],
-)
-def test_a_server_restarting_after_it_served_stays_in_the_gateway_for_a_grace(
-    state: ProviderState, state_since: float, now: float, left: float | None
-) -> None:
-    got = restart_grace_left(state, 100.0, state_since, now, grace_s=10.0)
-    assert got == (pytest.approx(left) if left is not None else None)
-
-
-def test_a_server_that_never_served_gets_no_restart_grace() -> None:
-    assert restart_grace_left(ProviderState.STARTING, None, 100.0, 100.5, 10.0) is None
-
-
-def test_a_kill_walks_through_restart_states_with_one_grace_and_a_hang_gets_none() -> None:
-    # what the daemon saw of `kill -9` of llama-server under systemd 252's Restart=
-    walk = [
-        ProviderState.READY,
-        ProviderState.STARTING,
-        ProviderState.FAILED,
-        ProviderState.DOWN,
-        ProviderState.STOPPED,
-        ProviderState.STARTING,
-    ]
-    since: float | None = None
-    for at, (previous, state) in enumerate(itertools.pairwise(walk), start=100):
-        since = restarting_since(previous, state, float(at), since)
-    assert since == 100.0  # from the moment it stopped serving, not the last transition
-    assert restarting_since(ProviderState.STARTING, ProviderState.READY, 106.0, since) is None
-    # hung, then killed by the daemon: it was left out when it hung, no grace after
-    hung = restarting_since(ProviderState.READY, ProviderState.HUNG, 100.0, None)
-    assert hung is None
-    assert restarting_since(ProviderState.HUNG, ProviderState.DOWN, 103.0, hung) is None

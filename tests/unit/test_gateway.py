@@ -10,7 +10,11 @@ from diversityd.adapters import gatewaylauncher
 from diversityd.catalog import build_catalog
 from diversityd.config import Config, parse_config
 from diversityd.gateway import (
+    JUDGED_INFO,
     MASTER_KEY_REFERENCE,
+    PROVIDER_INFO,
+    UNAVAILABLE_API_BASE,
+    UNAVAILABLE_INFO,
     Availability,
     GatewayPlan,
     render_gateway,
@@ -111,7 +115,6 @@ def test_params_per_provider_type() -> None:
         params = entry["litellm_params"]
         assert params["timeout"] < 600  # never LiteLLM's 6000 s on a hung backend
         assert params["stream_timeout"] <= params["timeout"]
-        assert entry["model_info"]["cooldown_time"] > 0
         key = params.get("api_key")
         assert key is None or key == "none" or key.startswith("os.environ/")
 
@@ -152,7 +155,11 @@ def test_a_down_providers_names_are_served_by_the_first_live_model_of_their_chai
 
 def test_a_name_with_no_live_fallback_is_left_out_and_nothing_points_at_it() -> None:
     plan = render(down=frozenset({"b", "ollama"}))
-    names = {e["model_name"] for e in plan.document["model_list"]}
+    names = {
+        e["model_name"]
+        for e in plan.document["model_list"]
+        if UNAVAILABLE_INFO not in e["model_info"]
+    }
     assert "b-model" not in names
     assert "b-model" in plan.left_out
     # llama3.1 (ollama down) is served by a-model, first in its chain
@@ -175,37 +182,79 @@ def test_rendering_is_deterministic() -> None:
     assert render(down=frozenset({"a"})).text() == render(down=frozenset({"a"})).text()
 
 
-def test_a_name_nothing_serves_stays_listed_answered_by_the_daemon() -> None:
+def test_a_name_nothing_serves_stays_listed_answered_inside_the_gateway() -> None:
     config = load()
     down = Availability.all_up_except(config, frozenset({"b", "ollama"}))
-    plan = render_gateway(
-        config, build_catalog(config), down, unavailable_base="http://127.0.0.1:9478/x/v1"
-    )
+    states = {"b": "failed", "ollama": "down"}
+    plan = render_gateway(config, build_catalog(config), down, states=states)
     (entry,) = [e for e in plan.document["model_list"] if e["model_name"] == "b-model"]
-    assert entry["litellm_params"]["api_base"] == "http://127.0.0.1:9478/x/v1"
-    assert entry["model_info"]["cooldown_time"] > 0  # then LiteLLM's 429 with Retry-After
+    # answered by the launcher (a 503 that says why); nothing may listen where it points
+    assert entry["model_info"][UNAVAILABLE_INFO].startswith("b-model cannot be served now: b is failed")
+    assert entry["litellm_params"]["api_base"] == UNAVAILABLE_API_BASE
     assert "b-model" in plan.left_out  # not served: status and drills still say so
     assert "b-model" not in fallbacks_of(plan)  # nothing falls back to it or from it
     for targets in fallbacks_of(plan).values():
         assert "b-model" not in targets
+    hidden = render_gateway(config, build_catalog(config), down, unavailable=False)
+    assert "b-model" not in {e["model_name"] for e in hidden.document["model_list"]}
 
 
-def test_the_gateway_warm_up_asks_every_served_name_and_not_the_unavailable_one(
-    tmp_path: Path,
-) -> None:
-    # a warm-up request failing on the daemon's answer would put it in LiteLLM's cooldown
+def test_the_daemon_judges_local_servers_and_litellm_the_clouds() -> None:
+    """Issue 17: LiteLLM's cooldown guesses answered 429 for a model whose fallback was up
+    (chaos seed 799709). A server the daemon probes is never cooled down by LiteLLM: the
+    daemon takes it out of the routes itself. A cloud (never probed: that would cost)
+    keeps LiteLLM's cooldown."""
+    plan = render()
+    info = {e["model_name"]: e["model_info"] for e in plan.document["model_list"]}
+    for local in ("llama3.1:latest", "a-model", "b-model", "v-model"):
+        assert info[local]["cooldown_time"] == 0
+        assert info[local][JUDGED_INFO] is True
+    for cloud in ("gpt-4o-mini", "ex"):
+        assert info[cloud]["cooldown_time"] > 0
+        assert info[cloud][JUDGED_INFO] is False
+
+
+def test_every_deployment_has_a_stable_id_across_states() -> None:
+    ids_up = {
+        (e["model_name"], e["model_info"][PROVIDER_INFO]): e["model_info"]["id"]
+        for e in render().document["model_list"]
+    }
+    ids_down = {
+        (e["model_name"], e["model_info"].get(PROVIDER_INFO)): e["model_info"]["id"]
+        for e in render(down=frozenset({"ollama"})).document["model_list"]
+    }
+    assert len(set(ids_up.values())) == len(ids_up)
+    for key, ident in ids_down.items():
+        if key in ids_up:
+            assert ids_up[key] == ident  # the same server for the same name: the same id
+    # llama3.1 served by a's server while ollama is down: a deployment of its own
+    assert ids_down[("llama3.1:latest", "a")] not in ids_up.values()
+
+
+def test_only_the_routes_change_with_the_providers_state() -> None:
+    """What a LiteLLM process fixes at start must not change with a provider's state, or
+    every crash would cost a new process (max_fallbacks followed the live chains)."""
+    all_up, some_down = render(), render(down=frozenset({"a", "ollama", "v"}))
+    assert all_up.process_settings() == some_down.process_settings()
+    assert all_up.routes() != some_down.routes()
+    assert "model_list" not in all_up.process_settings()
+    assert "fallbacks" not in all_up.process_settings()["router_settings"]
+    assert set(all_up.routes()) == {"model_list", "fallbacks"}
+
+
+def test_the_gateway_warm_up_asks_local_servers_only() -> None:
+    """Issue 17: a new process's warm-up sent real completions to every served model, cloud
+    models included (6 paid requests from 3 reloads). Only names served by local servers
+    doing their own inference are warmed, never one answered for want of a server."""
     config = load()
     down = Availability.all_up_except(config, frozenset({"b", "ollama"}))
-    plan = render_gateway(
-        config, build_catalog(config), down, unavailable_base="http://127.0.0.1:9478/x/v1"
-    )
-    path = tmp_path / "gateway.yaml"
-    path.write_text(plan.text())
-    warmed = gatewaylauncher.models_to_warm(str(path))
-    served = {e["model_name"] for e in plan.document["model_list"]} - set(plan.left_out)
-    assert "b-model" not in warmed
-    assert set(warmed) == served
-    assert gatewaylauncher.models_to_warm(str(tmp_path / "missing.yaml")) == []
+    plan = render_gateway(config, build_catalog(config), down)
+    warmed = gatewaylauncher.models_to_warm(plan.document)
+    assert "b-model" not in warmed  # unavailable: answered by the launcher
+    assert "gpt-4o-mini" not in warmed
+    assert "ex" not in warmed
+    assert set(warmed) == {"a-model", "v-model", "llama3.1:latest", "coder"}
+    assert gatewaylauncher.models_to_warm({}) == []
 
 
 def test_the_answer_for_an_unservable_name_says_who_and_in_what_state() -> None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from diversityd.catalog import build_catalog
 from diversityd.config import parse_config
 from diversityd.fallbacks import find_cycles
-from diversityd.gateway import Availability, render_gateway
+from diversityd.gateway import UNAVAILABLE_INFO, Availability, render_gateway
 
 NAMES = [f"m{i}" for i in range(12)]
 
@@ -109,15 +109,21 @@ def test_every_fallback_target_is_in_the_model_list(case: tuple[str, str, list[s
     assert config is not None, findings
     catalog = build_catalog(config)
     plan = render_gateway(config, catalog, Availability.all_up_except(config, frozenset(down)))
-    names = [entry["model_name"] for entry in plan.document["model_list"]]
-    listed = set(names)
+    served = [e for e in plan.document["model_list"] if UNAVAILABLE_INFO not in e["model_info"]]
+    unavailable = {
+        e["model_name"] for e in plan.document["model_list"] if UNAVAILABLE_INFO in e["model_info"]
+    }
+    assert unavailable == set(plan.left_out)  # listed, answered by the launcher: a 503
+    listed = {entry["model_name"] for entry in served}
     for entry in plan.document["router_settings"]["fallbacks"]:
         ((source, targets),) = entry.items()
         assert source in listed
         assert source not in targets
         assert len(targets) == len(set(targets))
-        assert set(targets) <= listed, (source, targets, listed)
-    for entry in plan.document["model_list"]:
+        assert set(targets) <= listed, (source, targets, listed)  # never a name nothing serves
+    ids = [entry["model_info"]["id"] for entry in plan.document["model_list"]]
+    assert len(ids) == len(set(ids))  # every deployment has its own stable id
+    for entry in served:
         api_base = entry["litellm_params"]["api_base"]
         port = int(api_base.split(":")[2].split("/")[0])
         serving = f"p{port - 9000}"

@@ -1,22 +1,26 @@
 """One LiteLLM proxy instance on the listening socket systemd passes (fd 3).
 
 Run by `diversityd-gateway@.service` with the LiteLLM venv's interpreter, as a script
-(`python .../gatewaylauncher.py --config X`): standard library only at import; LiteLLM,
-uvicorn, httpx and yaml (LiteLLM's own dependencies) are imported from that venv. It tells
-systemd `READY=1` once uvicorn serves (after LiteLLM has loaded the config and answered one
-request per served model in-process), so a start job ends exactly when the new proxy can
-answer at full speed: that is what lets diversityd stop the old instance without dropping
-or slowing a request.
+(`python .../gatewaylauncher.py --config X --control SOCKET`): standard library only at
+import; LiteLLM, uvicorn, httpx and yaml (LiteLLM's own dependencies) are imported from that
+venv, and gatewayruntime.py (beside this file: the control channel, routes in-process, the
+answer for a name no server can serve) is loaded by path. It tells systemd `READY=1` once
+uvicorn serves (after LiteLLM has loaded the config, the channel listens, and each name
+served by a local server has answered one request in-process), so a start job ends exactly
+when the new proxy can answer at full speed.
 """
 
 import argparse
 import asyncio
 import contextlib
+import hashlib
+import importlib.util
 import logging
 import os
 import re
 import socket
 import sys
+from types import ModuleType
 from typing import Any, TextIO
 
 OFFLINE_SWITCHES = (
@@ -34,7 +38,9 @@ LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Proxy", "LiteLLM Router")
 # deployment): paid here, before the socket is accepted from, not by a client's request.
 WARM_UP_BUDGET_S = 6.0
 WARM_UP_REQUEST_TIMEOUT_S = 3.0
-UNAVAILABLE_MARK = "diversityd_unavailable"  # model_info of the daemon's `unavailable` answer
+UNAVAILABLE_MARK = "diversityd_unavailable"  # model_info: answered here, not by a server
+JUDGED_MARK = "diversityd_judged"  # model_info: a local server doing its own inference
+RUNTIME_FILE = "gatewayruntime.py"
 
 
 class PlainText:
@@ -125,34 +131,68 @@ def listening_fd() -> int:
     return SYSTEMD_FIRST_FD
 
 
-def models_to_warm(config_path: str) -> list[str]:
-    """The model names of the config with a server behind them: not those only answered by
-    diversityd's `unavailable` endpoint (a warm-up's failure would put that answer, which
-    names the provider and its state, in LiteLLM's cooldown)."""
+def read_document(config_path: str) -> dict[str, Any]:
+    """The config this process starts on (empty if it cannot be read: LiteLLM says why)."""
     try:
         import yaml  # LiteLLM's own dependency
 
         with open(config_path, encoding="utf-8") as handle:
             document = yaml.safe_load(handle) or {}
     except Exception:  # noqa: BLE001 - no warm-up is better than no gateway
-        return []
-    names: list[str] = []
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def models_to_warm(document: dict[str, Any]) -> list[str]:
+    """The names every deployment of which is a local server doing its own inference: a
+    warm-up must never spend a request on a cloud (or a local server relaying one), nor ask
+    the names answered here for want of a server."""
+    verdicts: dict[str, bool] = {}
     for entry in document.get("model_list") or []:
-        info = entry.get("model_info") if isinstance(entry, dict) else None
-        if isinstance(entry, dict) and not (isinstance(info, dict) and info.get(UNAVAILABLE_MARK)):
-            name = str(entry.get("model_name", ""))
-            if name and name not in names:
-                names.append(name)
-    return names
+        if not isinstance(entry, dict):
+            continue
+        info = entry.get("model_info")
+        info = info if isinstance(info, dict) else {}
+        name = str(entry.get("model_name", ""))
+        local = bool(info.get(JUDGED_MARK)) and not info.get(UNAVAILABLE_MARK)
+        if name:
+            verdicts[name] = verdicts.get(name, True) and local
+    return [name for name, local in verdicts.items() if local]
+
+
+def load_runtime() -> ModuleType:
+    """gatewayruntime.py, beside this file, under a name of its own (this folder is not on
+    sys.path: its modules would shadow LiteLLM's)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), RUNTIME_FILE)
+    spec = importlib.util.spec_from_file_location("diversityd_gatewayruntime", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def launcher_sha() -> str:
+    """What code this process runs besides LiteLLM: a change means a new process."""
+    return code_sha(os.path.dirname(os.path.abspath(__file__)))
+
+
+def code_sha(folder: str) -> str:
+    digest = hashlib.sha256()
+    for name in (os.path.basename(__file__), RUNTIME_FILE):
+        with open(os.path.join(folder, name), "rb") as handle:
+            digest.update(handle.read())
+    return digest.hexdigest()
 
 
 async def warm_up(app: Any, key: str, models: list[str], budget_s: float = WARM_UP_BUDGET_S) -> str:
-    """One plain and one streamed one-token completion per model, sent in-process to the
-    app (no socket), all at once, bounded. They reach the servers: LiteLLM's own
+    """One plain and one streamed one-token completion per local model, sent in-process to
+    the app (no socket), all at once, bounded, with fallbacks off (a failing local server
+    must not pass the request on to a cloud). They reach the servers: LiteLLM's own
     `mock_response` is dropped by the proxy, and a warm-up inside the router alone still
     left 0.6 s on the first request. Measured on LiteLLM 1.106: a fresh instance's first
-    request took 1.0-1.2 s cold, 25-35 ms after this. A server that is down now fails its
-    part (LiteLLM cools it down, as a client's request would have)."""
+    request took 1.0-1.2 s cold, 25-35 ms after this."""
     import httpx
 
     headers = {"Authorization": f"Bearer {key}"}
@@ -170,6 +210,7 @@ async def warm_up(app: Any, key: str, models: list[str], budget_s: float = WARM_
                 "messages": [{"role": "user", "content": "hi"}],
                 "max_tokens": 1,
                 "stream": stream,
+                "disable_fallbacks": True,
             }
             try:
                 async with client.stream("POST", "/v1/chat/completions", json=body) as answer:
@@ -194,10 +235,11 @@ async def warm_up(app: Any, key: str, models: list[str], budget_s: float = WARM_
 
 
 class WarmServer:
-    """uvicorn's Server, with a warm-up between LiteLLM's startup and the first accept."""
+    """uvicorn's Server, with the control channel and a warm-up between LiteLLM's startup
+    and the first accept."""
 
     @staticmethod
-    def make(config: Any, models: list[str]) -> Any:
+    def make(config: Any, models: list[str], runtime: Any, control: str | None) -> Any:
         import uvicorn
 
         class Server(uvicorn.Server):  # type: ignore[misc]
@@ -206,10 +248,14 @@ class WarmServer:
 
                 async def started_then_warm() -> None:
                     await started()
-                    if not self.lifespan.should_exit:
-                        key = os.environ.get("LITELLM_MASTER_KEY", "")
-                        outcome = await warm_up(self.config.loaded_app, key, models)
-                        print(f"gateway {outcome}", file=sys.stderr, flush=True)
+                    if self.lifespan.should_exit:
+                        return
+                    if control:
+                        # On uvicorn's own loop: the router changes between requests.
+                        await runtime.serve(control)
+                    key = os.environ.get("LITELLM_MASTER_KEY", "")
+                    outcome = await warm_up(self.config.loaded_app, key, models)
+                    print(f"gateway {outcome}", file=sys.stderr, flush=True)
 
                 self.lifespan.startup = started_then_warm
                 await super().startup(sockets)
@@ -237,6 +283,7 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="the LiteLLM config this instance serves")
     parser.add_argument("--key-file", help="file holding the master key")
     parser.add_argument("--graceful-s", type=float, default=120.0, help="drain time on SIGTERM")
+    parser.add_argument("--control", help="unix socket for diversityd's control channel")
     args = parser.parse_args()
     sys.stdout = PlainText(sys.stdout)
     sys.stderr = PlainText(sys.stderr)
@@ -259,9 +306,13 @@ def main() -> None:
     fd = listening_fd()
 
     import uvicorn
+    from litellm.proxy.proxy_server import app
 
+    document = read_document(args.config)
+    runtime_module = load_runtime()
+    runtime = runtime_module.Runtime(document, launcher_sha=launcher_sha(), config=args.config)
     config = uvicorn.Config(
-        "litellm.proxy.proxy_server:app",
+        runtime_module.UnavailableAnswer(app, runtime, os.environ["LITELLM_MASTER_KEY"]),
         fd=fd,
         timeout_graceful_shutdown=int(args.graceful_s),
         log_level="warning",
@@ -269,7 +320,7 @@ def main() -> None:
     )
     asyncio.run(
         serve(
-            WarmServer.make(config, models_to_warm(args.config)),
+            WarmServer.make(config, models_to_warm(document), runtime, args.control),
             f"serving {os.path.basename(args.config)}",
         )
     )

@@ -185,5 +185,21 @@ def gateway_places(settings: Settings) -> tuple[GatewayFiles, Path, GatewayPaths
         environment_files=gateway.environment_files,
         litellm_python=python,
         launcher=str(Path(gatewaylauncher.__file__).resolve()),
+        control_dir=control_dir(state_dir),
     )
     return files, key_file, paths
+
+
+SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; `<color>.sock` and room to spare
+
+
+def control_dir(state_dir: Path) -> str:
+    """Where the instances' control sockets live: the state directory's `control/` (one per
+    daemon, so two stacks never share one), or, where that path is too long for a unix
+    socket, a folder of the runtime directory named after it."""
+    preferred = state_dir / "control"
+    if len(str(preferred)) + len("/green.sock") <= SOCKET_PATH_MAX:
+        return str(preferred)
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"  # noqa: S108 - a 0700 folder in it
+    tag = hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
+    return f"{runtime}/diversityd-{tag}"

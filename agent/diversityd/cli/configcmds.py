@@ -49,7 +49,7 @@ def validate(config_dir: Path | None, as_json: bool) -> None:
 )
 def render(config_dir: Path | None, down: tuple[str, ...]) -> None:
     """Print the LiteLLM gateway config diversityd would write."""
-    from diversityd.gateway import Availability, render_gateway, unavailable_base
+    from diversityd.gateway import Availability, render_gateway
 
     report = load_report(resolve_config_dir(config_dir))
     if not report.ok:
@@ -63,13 +63,12 @@ def render(config_dir: Path | None, down: tuple[str, ...]) -> None:
             hint=f"use one of: {', '.join(config.providers)}",
         )
     availability = Availability.all_up_except(config, frozenset(down))
-    plan = render_gateway(
-        config, report.catalog, availability, unavailable_base=unavailable_base(config.settings)
-    )
+    states = {name: "down" if name in down else "ready" for name in config.providers}
+    plan = render_gateway(config, report.catalog, availability, states=states)
     click.echo(plan.text(), nl=False)
     for name in plan.left_out:
         click.echo(
-            f"note: {name!r}: its provider is down and no fallback is live (the daemon "
-            "answers it with a retryable 503)",
+            f"note: {name!r}: its provider is down and no fallback is live (the gateway "
+            "answers it with a retryable 503 that says why)",
             err=True,
         )

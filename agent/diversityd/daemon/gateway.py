@@ -1,37 +1,41 @@
-"""Owning the LiteLLM gateway: blue/green reloads on one systemd-held socket.
+"""Owning the LiteLLM gateway: routes follow the providers' state in-process; a new process
+only for what a running one cannot take.
 
-LiteLLM cannot reload its config in place and takes ~12 s to start. So a reload writes the
-new config for the idle colour, starts that instance on the SAME listening socket (systemd's
-`diversityd-gateway.socket`), waits for its READY=1 (it really serves), and only then stops
-the old instance, which lets its requests in flight finish. A new instance that fails to
-start is stopped again: the old one never stopped serving and its config stays in place.
+Each instance runs the launcher (adapters/gatewaylauncher.py), which serves a control
+channel on LiteLLM's own event loop. When the providers' state changes, the daemon renders
+the config again (gateway.py) and sends the instances their new routes (deployments and
+fallbacks) over that channel: the router changes between two requests, within milliseconds
+of the state change, and each colour's config file is rewritten too, so a `Restart=` of an
+instance comes back on the current routes. A new process (gatewayswitch.py) is started only
+when what a process fixes at start changed (settings, the launcher, LiteLLM itself), when an
+instance's channel does not answer, or when no instance runs (gatewaysync.py decides).
 
-Reloads happen exactly when the rendered config's bytes change, debounced and rate-limited,
-never two at once. Gateway state is written only through the daemon's state loop.
+Gateway state is written only through the daemon's state loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import functools
 import time
 from collections.abc import Callable
 from typing import Any
 
+from diversityd.adapters import gatewaychannel
 from diversityd.adapters.files import read_text_or_none
 from diversityd.adapters.gatewaylauncher import key_file_is_environment
 from diversityd.adapters.litellm import gateway_places, prepare_key
-from diversityd.adapters.systemd import Systemd, SystemdError
-from diversityd.daemon.loop import StateLoop, checkpoint
+from diversityd.adapters.systemd import Systemd
+from diversityd.daemon.gatewayrecord import GatewayRecord
+from diversityd.daemon.gatewayswitch import ProcessSwitch
+from diversityd.daemon.loop import StateLoop
 from diversityd.daemon.metrics import Metrics
 from diversityd.daemon.statefile import StateFile
-from diversityd.daemon.store import GatewayRecord, Store, sha256_text
-from diversityd.gateway import GatewayPlan, drain_seconds, render_gateway, unavailable_base
+from diversityd.daemon.store import Store, sha256_text
+from diversityd.gateway import GatewayPlan, drain_seconds, render_gateway
+from diversityd.gatewaysync import Change, InstanceView, Wanted, decide
 from diversityd.log import get_logger
-from diversityd.state import UnitSnapshot
-from diversityd.statusdoc import GatewayReload
+from diversityd.statusdoc import GatewayChange, GatewayReload
 from diversityd.timefmt import iso_now
 from diversityd.units import (
     GATEWAY_COLORS,
@@ -44,11 +48,10 @@ from diversityd.units import (
 
 log = get_logger()
 
-DEBOUNCE_S = 1.0  # let a burst of state changes settle into one reload
-MIN_INTERVAL_S = 5.0  # between the starts of two reloads
-START_TIMEOUT_S = 200.0
+MIN_INTERVAL_S = 5.0  # between the starts of two new processes
 FIRST_RENDER_WAIT_S = 120.0  # at start-up, wait this long for the providers' first answers
-RETRY_FIRST_S, RETRY_MAX_S = 30.0, 600.0  # a config whose proxy would not start
+CHANNEL_TRIES = 3  # a channel that does not answer this many times in a row: a new process
+CHANNEL_RETRY_S = 1.0
 
 
 class GatewayManager:
@@ -65,7 +68,6 @@ class GatewayManager:
         self.loop = loop
         self.store = store
         self.systemd = systemd
-        self.statefile = statefile
         self.metrics = metrics
         self._on_unit_change = on_unit_change  # the bus callback every watched unit shares
         config = store.config
@@ -78,14 +80,22 @@ class GatewayManager:
             config_dir=str(self.files.config_dir),
             pinned=store.gateway_pin,  # a rollback outlives a daemon restart
         )
-        # Wakes the reload loop: the providers' state (so the render) may have changed.
+        # Wakes the sync loop: the providers' state (so the render) may have changed.
         self._dirty = asyncio.Event()
-        # One blue/green switch at a time (automatic reloads and rollbacks).
-        self._switching = asyncio.Lock()
-        self._failures = 0  # reloads failed in a row: the next try waits longer
-        self._retry_at = 0.0
-        self._draining: asyncio.Future[str] | None = None  # the old instance stopping
-        self._last_start = 0.0
+        self._channel_failures = 0
+        self._waiting: list[asyncio.Future[GatewayChange]] = []  # `reload` asks how it went
+        self.switch = ProcessSwitch(
+            loop,
+            store,
+            systemd,
+            statefile,
+            metrics,
+            files=self.files,
+            record=self.record,
+            graceful_s=self.graceful_s,
+            instances=gateway.instances,
+            wake=self._dirty.set,
+        )
         self.prepare_key()  # before the first render: the units name the key file
 
     # -- units and files ------------------------------------------------------------------
@@ -116,6 +126,12 @@ class GatewayManager:
     def instance_units() -> list[str]:
         return [gateway_instance(color) for color in GATEWAY_COLORS]
 
+    async def apply(
+        self, text: str, plan: GatewayPlan | None, *, reason: str, pin: str | None = None
+    ) -> GatewayReload | None:
+        """A new process on `text` (a rollback)."""
+        return await self.switch.apply(text, plan, reason=reason, pin=pin)
+
     # -- events from the state loop (synchronous, single writer) -----------------------------
 
     def mark_dirty(self) -> None:
@@ -127,32 +143,44 @@ class GatewayManager:
         if base is None:
             return
         snapshot = record.instances[unit] = base.merged(changed)
+        color = next(c for c in GATEWAY_COLORS if gateway_instance(c) == unit)
+        if snapshot.active_state != "active":
+            record.routes_at.pop(color, None)  # a process that comes back says what it serves
+        came_up = base.active_state != "active" and snapshot.active_state == "active"
         if unit == record.unit:
             record.snapshot = snapshot
             if snapshot.active_state in ("failed", "inactive") and not record.reloading:
                 log.error("gateway.instance_down", unit=unit, state=snapshot.active_state)
                 self._dirty.set()  # the loop starts one on the current config
-        elif base.active_state != "active" and snapshot.active_state == "active":
-            # Just started by traffic on the socket (the `Service=` colour) while none ran,
-            # or by hand: it is the one serving now; its config file is the last applied one
-            # (both colours' files are written). (A reload's own start happens while
-            # `reloading`, and an old instance draining was active already.)
-            if record.reloading:
-                return
-            color = next(c for c in GATEWAY_COLORS if gateway_instance(c) == unit)
-            record.color, record.snapshot = color, snapshot
-            record.applied_text = read_text_or_none(self.files.config_path(color))
-            log.warning("gateway.adopted", unit=unit, pid=snapshot.main_pid)
+            elif came_up:
+                self._dirty.set()  # restarted by systemd: resynchronised before anything
+        elif came_up and not record.reloading:
+            if self.switch.instances == 1 or record.color is None:
+                # Started by traffic on the socket (the `Service=` colour) while none ran,
+                # or by hand: it serves now; its config file is the last applied one (both
+                # colours' files are written). (A switch's own start happens `reloading`.)
+                record.color, record.snapshot = color, snapshot
+                record.applied_text = read_text_or_none(self.files.config_path(color))
+                log.warning("gateway.adopted", unit=unit, pid=snapshot.main_pid)
             self._dirty.set()
+        elif self.switch.instances == 2 and snapshot.active_state in ("failed", "inactive"):
+            self._dirty.set()  # the second instance is started again
 
     def render(self) -> GatewayPlan:
         config = self.store.config
         assert config is not None
-        availability, grace_left_s = self.store.gateway_availability()
-        if grace_left_s is not None:  # rendered again when it ends, the server back or not
-            asyncio.get_running_loop().call_later(grace_left_s + 0.05, self._dirty.set)
-        base = unavailable_base(config.settings)
-        return render_gateway(config, self.store.catalog, availability, unavailable_base=base)
+        states = {name: r.state.value for name, r in self.store.records.items()}
+        return render_gateway(config, self.store.catalog, self.store.availability(), states=states)
+
+    async def next_change(self, timeout_s: float) -> GatewayChange | None:
+        """How the next change reaches the gateway (for `reload`), once it is decided."""
+        future: asyncio.Future[GatewayChange] = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        self._dirty.set()
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            return None
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -166,10 +194,11 @@ class GatewayManager:
                 await asyncio.sleep(5)
 
     async def _run(self, startup_done: asyncio.Event) -> None:
-        """Adopt what runs, then reload whenever the rendered bytes change."""
+        """Adopt what runs, then bring the instances to what the state renders, whenever
+        it may have changed."""
         systemd = self.systemd
         await systemd.watch(self.instance_units(), self._on_unit_change)
-        await self._adopt_running()
+        await self.switch.adopt_running()
         snapshot = await systemd.snapshot(GATEWAY_SOCKET)
         if snapshot.active_state != "active":
             await systemd.start(GATEWAY_SOCKET)
@@ -181,190 +210,187 @@ class GatewayManager:
         self._dirty.set()
         while True:
             await self._dirty.wait()
-            await asyncio.sleep(DEBOUNCE_S)
             self._dirty.clear()
-            wait = self._last_start + MIN_INTERVAL_S - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            record = self.record
-            serving = record.state() in ("ready", "starting", "reloading")
-            if record.pinned:
-                if not serving and record.applied_text is not None:
-                    await self.apply(record.applied_text, None, reason="serving instance down",
-                                     pin=record.pinned)  # fmt: skip
-                continue
-            plan = self.render()
-            text = plan.text()
+            await self._sync()
 
-            def observe(p: GatewayPlan = plan, t: str = text) -> None:
-                self.record.plan = p
-                self.record.in_sync = t == self.record.applied_text
-
-            await self.loop.call(observe)
-            if text == record.applied_text and serving:
-                continue
-            if sha256_text(text) == record.failed_sha and time.monotonic() < self._retry_at:
-                continue  # this config's proxy would not start: tried again after a while
-            reason = "providers changed" if text != record.applied_text else "instance down"
-            await self.apply(text, plan, reason=reason, automatic=serving)
-
-    async def _adopt_running(self) -> None:
-        """After a daemon restart: the instance that runs is the current one."""
-        running: list[tuple[int, str, UnitSnapshot]] = []
-        for color in GATEWAY_COLORS:
-            unit = gateway_instance(color)
-            snapshot = await self.systemd.snapshot(unit)
-            await self.loop.call(
-                functools.partial(self.record.instances.__setitem__, unit, snapshot)
-            )
-            if snapshot.active_state in ("active", "activating"):
-                running.append((snapshot.active_enter_us, color, snapshot))
-        if not running:
+    async def _sync(self) -> None:
+        record = self.record
+        if record.pinned:
+            if record.state() not in ("ready", "starting", "reloading") and record.applied_text:
+                await self._new_process(record.applied_text, None, "serving instance down")
             return
-        running.sort()
-        _, color, snapshot = running[-1]
-        text = read_text_or_none(self.files.config_path(color))
-
-        def adopt() -> None:
-            self.record.color = color
-            self.record.snapshot = snapshot
-            self.record.applied_text = text
-            self.record.applied_at = time.time()
-
-        await self.loop.call(adopt)
-        log.info("gateway.adopted", unit=gateway_instance(color), pid=snapshot.main_pid)
-        for _, other, _ in running[:-1]:  # a reload interrupted by a daemon restart
-            await self.systemd.stop(gateway_instance(other))
-
-    async def apply(
-        self,
-        text: str,
-        plan: GatewayPlan | None,
-        *,
-        reason: str,
-        pin: str | None = None,
-        automatic: bool = False,
-    ) -> GatewayReload | None:
-        """Blue/green: start the idle colour on the new config; once it serves, the old one
-        drains (in the background; the next reload waits for it). An automatic reload is
-        dropped (None) when, by the time it may switch, a rollback has pinned the gateway
-        or the config is already in force."""
-        async with self._switching:
-            if self._draining is not None:
-                await asyncio.gather(self._draining, return_exceptions=True)
-                self._draining = None
-            if automatic and (self.record.pinned or text == self.record.applied_text):
-                return None
-            await self.loop.call(lambda: setattr(self.record, "reloading", True))
-            try:
-                return await self._switch(text, plan, reason, pin)
-            finally:
-                await self.loop.call(lambda: setattr(self.record, "reloading", False))
-
-    async def _switch(
-        self, text: str, plan: GatewayPlan | None, reason: str, pin: str | None
-    ) -> GatewayReload:
-        systemd = self.systemd
-        self._last_start = time.monotonic()
-        started = time.monotonic()
-        if self.record.color is None:
-            await self._adopt_running()  # socket activation may have started one meanwhile
-        old_color = self.record.color
-        new_color = next(c for c in GATEWAY_COLORS if c != old_color)
-        new_unit = gateway_instance(new_color)
-        self.files.write_config(new_color, text)
-        entry = self.files.archive(text)
-        checkpoint("gateway.config_written")
-        log.info("gateway.reloading", unit=new_unit, path=str(entry.path), state=reason)
-        await systemd.reset_failed(new_unit)
-        try:
-            # The idle colour should not run; if it does (still draining, started by hand),
-            # it serves an older config: a start would be a no-op, a restart loads this one.
-            idle = await systemd.snapshot(new_unit)
-            verb = systemd.restart if idle.running else systemd.start
-            outcome = await verb(new_unit, timeout_s=START_TIMEOUT_S)
-            snapshot: UnitSnapshot | None = await systemd.snapshot(new_unit)
-        except SystemdError as exc:
-            outcome, snapshot = str(exc), None
-        ok = outcome == "done" and snapshot is not None and snapshot.active_state == "active"
-        self.metrics.gateway_reloaded(ok)
-        result: GatewayReload = {
-            "ok": ok,
-            "at": iso_now(),
-            "elapsed_ms": round((time.monotonic() - started) * 1000, 1),
-            "instance": new_unit,
-            "history_id": entry.id,
-            "reason": reason,
-        }
-        if result["ok"]:
-            assert snapshot is not None
-            serving = snapshot
-            checkpoint("gateway.instance_ready")
-
-            def switch() -> None:
-                record = self.record
-                record.instances[new_unit] = serving
-                record.color, record.snapshot = new_color, serving
-                record.applied_text, record.applied_at = text, time.time()
-                record.history_id, record.last_reload = entry.id, result
-                record.failed_sha = None
-                record.reloads += 1
-                record.in_sync = plan is not None
-                record.pinned = pin
-                self.store.gateway_pin = pin
-                if plan is not None:
-                    record.plan = plan
-                self.statefile.save_in_loop()
-
-            await self.loop.call(switch)
-            checkpoint("gateway.switched")
-            self._failures = 0
-            if old_color is not None:
-                # A proxy reads its config at start only: the old colour's file may be the
-                # current config at once. Whatever starts it next (socket activation when
-                # none runs, a hand) serves what is in force.
-                self.files.write_config(old_color, text)
-            log.info(
-                "gateway.reloaded", unit=new_unit, elapsed_ms=result["elapsed_ms"], job=entry.id
+        if self.switch.busy:
+            return  # the switch wakes the loop when it ends
+        plan = self.render()
+        text = plan.text()
+        await self.loop.call(lambda: setattr(self.record, "plan", plan))
+        running = record.running_colors()
+        if not running:
+            await self._new_process(text, plan, "no gateway instance runs")
+            return
+        paths = self.paths
+        views = list(
+            await asyncio.gather(
+                *(gatewaychannel.hello(c, paths.control_socket(c)) for c in running)
             )
-            if old_color is not None:
-                # The old proxy drains its requests in flight (graceful SIGTERM), then exits.
-                self._draining = asyncio.ensure_future(
-                    systemd.stop(gateway_instance(old_color), timeout_s=self.graceful_s() + 60)
-                )
-            return result
-        result["error"] = (
-            f"{new_unit} did not become ready ({outcome}); the previous gateway keeps "
-            f"serving; see `journalctl --user -u {new_unit}`"
         )
-        with contextlib.suppress(SystemdError):
-            await systemd.stop(new_unit)  # no Restart= loop on a broken config
-
-        def keep_old() -> None:
-            self.record.last_reload = result
-            self.record.failed_sha = sha256_text(text)
-
-        await self.loop.call(keep_old)
-        # Tried again later (a start can fail for want of memory, say): backoff from 30 s.
-        delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2**self._failures)
-        self._failures += 1
-        self._retry_at = time.monotonic() + delay
-        asyncio.get_running_loop().call_later(delay, self._dirty.set)
-        log.error(
-            "gateway.reload_failed",
-            unit=new_unit,
-            elapsed_ms=result["elapsed_ms"],
-            error=result["error"],
+        routes = plan.routes()
+        wanted = Wanted(
+            process_settings=plan.process_settings(),
+            routes_digest=gatewaychannel.routes_digest(routes),
+            launcher_sha=gatewaychannel.launcher_sha(),
+            litellm=gatewaychannel.installed_litellm(paths.litellm_python),
         )
-        return result
+        decisions = decide(views, wanted)
+        if self._channel_silent(views):
+            return
+        process = [d.reason for d in decisions.values() if d.change is Change.PROCESS]
+        if process:
+            await self._new_process(text, plan, process[0])
+            return
+        stale = [c for c, d in decisions.items() if d.change is Change.ROUTES]
+        if stale:
+            await self._push(text, routes, stale, wanted.routes_digest)
+        else:
+            self._keep_files(text)
+            await self.loop.call(
+                lambda: self._in_sync(text, dict.fromkeys(running, wanted.routes_digest))
+            )
+            self._answer(None)
+        if self.switch.instances == 2 and len(running) < 2 and record.applied_text:
+            self.loop.spawn(self.switch.start_second(record.applied_text), name="gateway-second")
+
+    def _channel_silent(self, views: list[InstanceView]) -> bool:
+        """A channel that does not answer may belong to a busy proxy: asked again a few
+        times before a new process replaces it."""
+        if all(v.answered for v in views):
+            self._channel_failures = 0
+            return False
+        self._channel_failures += 1
+        if self._channel_failures >= CHANNEL_TRIES:
+            self._channel_failures = 0
+            return False
+        silent = next(v for v in views if not v.answered)
+        log.warning(
+            "gateway.channel_silent", unit=gateway_instance(silent.color), error=silent.error
+        )
+        asyncio.get_running_loop().call_later(CHANNEL_RETRY_S, self._dirty.set)
+        return True
+
+    async def _push(
+        self, text: str, routes: dict[str, Any], colors: list[str], digest: str
+    ) -> None:
+        """New routes to running instances, in-process; their config files first."""
+        started = time.monotonic()
+        self._keep_files(text)
+        results = await asyncio.gather(
+            *(gatewaychannel.push_routes(self.paths.control_socket(c), routes) for c in colors),
+            return_exceptions=True,
+        )
+        failed = {
+            c: r for c, r in zip(colors, results, strict=True) if isinstance(r, BaseException)
+        }
+        elapsed_ms = round((time.monotonic() - started) * 1000, 2)
+        self.metrics.gateway_routes_updated(not failed)
+        if failed:
+            color, error = next(iter(failed.items()))
+            log.error("gateway.routes_failed", unit=gateway_instance(color), error=str(error))
+            await self._new_process(text, self.record.plan, f"{gateway_instance(color)}: {error}")
+            return
+        acked = dict.fromkeys(colors, digest)
+
+        def update() -> None:
+            self._in_sync(text, acked)
+            self.record.route_updates += 1
+            self.record.last_change = describe_change(Change.ROUTES, "the providers' state changed",
+                                                   elapsed_ms)  # fmt: skip
+
+        await self.loop.call(update)
+        changed = [r for r in results if isinstance(r, dict)]
+        log.info(
+            "gateway.routes_updated",
+            unit=",".join(gateway_instance(c) for c in colors),
+            elapsed_ms=elapsed_ms,
+            state=_summary(changed[0]) if changed else None,
+        )
+        self._answer(self.record.last_change)
+
+    def _in_sync(self, text: str, acked: dict[str, str]) -> None:
+        """(In the state loop.) The instances serve what was rendered from the state."""
+        record = self.record
+        record.routes_at.update(acked)
+        if record.applied_text != text:
+            record.applied_text, record.applied_at = text, time.time()
+        record.in_sync = True
+
+    def _keep_files(self, text: str) -> None:
+        """Both colours' files hold the config in force: a restarted instance serves it."""
+        for color in GATEWAY_COLORS:
+            if read_text_or_none(self.files.config_path(color)) != text:
+                self.files.write_config(color, text)
+
+    async def _new_process(self, text: str, plan: GatewayPlan | None, reason: str) -> None:
+        record = self.record
+        if sha256_text(text) == record.failed_sha and time.monotonic() < self.switch.retry_at:
+            return  # this config's proxy would not start: tried again after a while
+        wait = self.switch.last_start + MIN_INTERVAL_S - time.monotonic()
+        if wait > 0:
+            asyncio.get_running_loop().call_later(wait, self._dirty.set)
+            return
+        await self.loop.call(lambda: setattr(self.record, "in_sync", False))
+        started = time.monotonic()
+        self._answer_pending(Change.PROCESS, reason)
+        result = await self.switch.apply(text, plan, reason=reason, automatic=True)
+        if result is None:
+            return
+        elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+
+        def update() -> None:
+            self.record.last_change = describe_change(Change.PROCESS, reason, elapsed_ms,
+                                                   result.get("error"))  # fmt: skip
+            if result["ok"] and plan is not None:
+                self.record.routes_at = {}
+                self.record.in_sync = True
+
+        await self.loop.call(update)
+
+    def _answer_pending(self, change: Change, reason: str) -> None:
+        self._answer(describe_change(change, reason, 0.0))
+
+    def _answer(self, change: GatewayChange | None) -> None:
+        waiting, self._waiting = self._waiting, []
+        for future in waiting:
+            if not future.done():
+                future.set_result(change or describe_change(Change.NONE, "in sync", 0.0))
 
     # -- control --------------------------------------------------------------------------------
 
     def unpin(self) -> None:
-        """Called from the state loop on a configuration reload: automatic reloads resume."""
+        """Called from the state loop on a configuration reload: automatic changes resume."""
         self.record.pinned = None
         self.record.failed_sha = None
         if self.store.gateway_pin is not None:
             self.store.gateway_pin = None
-            self.statefile.save_in_loop()
+            self.switch.statefile.save_in_loop()
         self._dirty.set()
+
+
+def describe_change(
+    change: Change, reason: str, elapsed_ms: float, error: str | None = None
+) -> GatewayChange:
+    entry: GatewayChange = {
+        "change": change.value,
+        "reason": reason,
+        "at": iso_now(),
+        "elapsed_ms": elapsed_ms,
+        "ok": error is None,
+    }
+    if error is not None:
+        entry["error"] = error
+    return entry
+
+
+def _summary(changed: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{len(changed.get(key) or [])} {key}" for key in ("added", "removed", "updated")
+    )

@@ -16,7 +16,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from diversityd import __version__
-from diversityd.daemon.store import GatewayRecord, Store, sha256_text
+from diversityd.daemon.gatewayrecord import GatewayRecord
+from diversityd.daemon.store import Store, sha256_text
 from diversityd.drill import DrillReport
 from diversityd.gateway import chain_health
 from diversityd.metricspec import METRICS, PROBE_BUCKETS_S, Kind
@@ -53,6 +54,7 @@ class Metrics:
         self._restarts = _counter(self.registry, "diversityd_provider_restarts_total")
         self._revivals = _counter(self.registry, "diversityd_provider_revivals_total")
         self._reloads = _counter(self.registry, "diversityd_gateway_reloads_total")
+        self._route_updates = _counter(self.registry, "diversityd_gateway_route_updates_total")
         self._nvml_errors = _counter(self.registry, "diversityd_nvml_errors_total")
         self._drills = _counter(self.registry, "diversityd_drills_total")
         self._drill_requests = _counter(self.registry, "diversityd_drill_requests_total")
@@ -92,6 +94,9 @@ class Metrics:
 
     def gateway_reloaded(self, ok: bool) -> None:
         self._reloads.labels(outcome="ok" if ok else "failed").inc()
+
+    def gateway_routes_updated(self, ok: bool) -> None:
+        self._route_updates.labels(outcome="ok" if ok else "failed").inc()
 
     def nvml_failed(self) -> None:
         self._nvml_errors.inc()

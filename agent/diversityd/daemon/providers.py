@@ -32,7 +32,6 @@ from diversityd.state import (
     apply_probe,
     apply_unit_change,
     probe_interval,
-    restarting_since,
     start_overdue,
     state_of,
 )
@@ -157,7 +156,6 @@ class ProviderSupervisor:
         record.last_state_change = at
         if previous is ProviderState.READY:
             record.left_ready_at = at
-        record.restarting_since = restarting_since(previous, state, at, record.restarting_since)
         if (wake := self._probe_wake.get(record.name)) is not None:
             wake.set()
         if state is ProviderState.FAILED and record.snapshot is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,10 @@ from typing import Any
 from diversityd.cardplan import GpuSnapshot
 from diversityd.catalog import Catalog
 from diversityd.config import Config, OwnedServer, Provider
-from diversityd.gateway import Availability, GatewayPlan, normalize_model_id
+from diversityd.gateway import Availability, normalize_model_id
 from diversityd.gpuplan import GpuPlan, GpuSettings
 from diversityd.persisted import Persisted, Revival
-from diversityd.reconcile import ModelTarget, restart_grace_left
+from diversityd.reconcile import ModelTarget
 from diversityd.state import (
     Observed,
     ProbeResult,
@@ -30,8 +29,6 @@ from diversityd.state import (
 )
 from diversityd.statusdoc import (
     CardStatus,
-    GatewayReload,
-    GatewayStatus,
     GpuStatus,
     ProviderStatus,
     ReloadOutcome,
@@ -39,7 +36,11 @@ from diversityd.statusdoc import (
     probe_status,
 )
 from diversityd.timefmt import iso_time
-from diversityd.units import RenderedUnit, UnitContext, gateway_instance, unit_name
+from diversityd.units import (
+    RenderedUnit,
+    UnitContext,
+    unit_name,
+)
 from diversityd.validation import Report
 from diversityd.vram import LLAMA_SERVER_KINDS
 
@@ -63,7 +64,6 @@ class ProviderRecord:
     last_state_change: float | None = None  # monotonic time of the last state change
     last_exit_seen: float | None = None  # monotonic time the daemon learnt a process died
     left_ready_at: float | None = None  # monotonic time it last stopped being ready
-    restarting_since: float | None = None  # left serving into systemd's Restart= walk
     n_gpu_layers: int | None = None
     vram_mib: int | None = None
     error: str | None = None
@@ -219,73 +219,6 @@ def sha256_text(text: str) -> str:
 
 
 @dataclass
-class GatewayRecord:
-    """What the daemon knows about its gateway."""
-
-    url: str
-    key_file: str
-    config_dir: str
-    color: str | None = None  # the instance serving now
-    snapshot: UnitSnapshot | None = None
-    instances: dict[str, UnitSnapshot] = field(default_factory=dict)  # merged from signals
-    applied_text: str | None = None
-    applied_at: float | None = None
-    history_id: str | None = None
-    plan: GatewayPlan | None = None
-    reloading: bool = False
-    pinned: str | None = None  # a rollback's history id: no automatic reloads until `reload`
-    failed_sha: str | None = None  # a config whose proxy would not start: not retried
-    last_reload: GatewayReload | None = None
-    reloads: int = 0
-    in_sync: bool = False  # the config in force is what the providers' state renders now
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def unit(self) -> str | None:
-        return gateway_instance(self.color) if self.color else None
-
-    def state(self) -> str:
-        if self.reloading:
-            return "reloading"
-        if self.snapshot is None:
-            return "unknown"
-        return {
-            "active": "ready",
-            "activating": "starting",
-            "deactivating": "down",
-            "failed": "failed",
-            "inactive": "stopped",
-        }.get(self.snapshot.active_state, "unknown")
-
-    def settled(self) -> bool:
-        """Serving the config the providers' state renders now, no reload under way."""
-        return self.in_sync and not self.reloading and self.state() == "ready"
-
-    def to_status(self) -> GatewayStatus:
-        plan = self.plan
-        return {
-            "owned": True,
-            "url": self.url,
-            "state": self.state(),
-            "unit": self.unit,
-            "pid": self.snapshot.main_pid if self.snapshot and self.snapshot.main_pid else None,
-            "config": f"{self.config_dir}/{self.color}.yaml" if self.color else None,
-            "config_sha256": sha256_text(self.applied_text) if self.applied_text else None,
-            "applied_at": iso_time(self.applied_at) if self.applied_at else None,
-            "history_id": self.history_id,
-            "key_file": self.key_file,
-            "last_reload": self.last_reload,
-            "reloads": self.reloads,
-            "in_sync": self.in_sync,
-            "pinned": self.pinned,
-            "models": sorted(plan.served_by) if plan else [],
-            "substituted": dict(plan.substituted) if plan else {},
-            "left_out": list(plan.left_out) if plan else [],
-            "warnings": list(self.warnings),
-        }
-
-
-@dataclass
 class Store:
     config_dir: Path
     unit_context: UnitContext
@@ -376,34 +309,15 @@ class Store:
     def owned_records(self) -> list[ProviderRecord]:
         return [r for r in self.records.values() if r.owned is not None]
 
-    def availability(self, restarting: Collection[str] = ()) -> Availability:
-        """Which providers serve which models right now (input of the gateway render);
-        `restarting`: providers in their restart grace, counted as serving what is set."""
+    def availability(self) -> Availability:
+        """Which providers serve which models right now (input of the gateway render)."""
         up: dict[str, frozenset[str] | None] = {}
         for name, record in self.records.items():
-            if not record.provider.is_local or name in restarting:
-                up[name] = None  # clouds: trusted until a request fails; restarting: as set
+            if not record.provider.is_local:
+                up[name] = None  # clouds: trusted (LiteLLM's cooldowns judge them)
             elif is_serving(record.state):
                 up[name] = record.probe.models if record.probe else None
         return Availability(up=up)
-
-    def _restarting(self, grace_s: float) -> dict[str, float]:
-        """Providers in their restart grace (not stopped by the user, not held): seconds left."""
-        now = time.monotonic()
-        left = {
-            name: restart_grace_left(r.state, r.restarting_since, r.last_state_change, now, grace_s)
-            for name, r in self.records.items()
-            if not r.stopped_by_user and r.held is None
-        }
-        return {name: seconds for name, seconds in left.items() if seconds is not None}
-
-    def gateway_availability(self) -> tuple[Availability, float | None]:
-        """What the gateway is rendered from (a server being restarted after it served
-        counts for `supervision.restart_grace_s`: LiteLLM fails its requests over at once,
-        and a reload costs more), and the seconds until the first such grace ends."""
-        assert self.config is not None
-        restarting = self._restarting(self.config.settings.supervision.restart_grace_s)
-        return self.availability(restarting), min(restarting.values(), default=None)
 
     def model_paths(self) -> dict[str, list[str]]:
         """Configured GGUF path -> the owned llama servers that load it."""

@@ -1,0 +1,341 @@
+"""What runs inside a LiteLLM proxy process beside LiteLLM itself.
+
+Loaded by gatewaylauncher.py in LiteLLM's venv; imported by the daemon for the protocol
+(`routes_digest`, `call`). Standard library only at import.
+
+- **The control channel**: a unix socket (0600, in a 0700 folder) served on uvicorn's own
+  event loop. One JSON object a line each way. `hello` says what the process runs;
+  `routes` makes the router serve exactly the deployments and fallbacks given. The
+  router's mutating methods never await, so a change lands between two requests' steps,
+  never in the middle of one; nothing here touches the router from a thread.
+- **Routes in-process** with LiteLLM 1.106's narrowest calls: `Router.delete_deployment`,
+  `Router.upsert_deployment` (keyed by the `model_info.id` diversityd chose),
+  `Router.update_settings(fallbacks=...)`, then the proxy's own `llm_model_list` is
+  reassigned (`/v1/models` and LiteLLM's health checks read it, not the router).
+  `os.environ/NAME` values are resolved as the proxy does at load time: `upsert` would
+  send the literal string as a key.
+- **The answer for a name no server can serve** (`model_info.diversityd_unavailable`): a
+  503 with Retry-After naming the providers and their states, given here before LiteLLM
+  routes the request, so it never leaves the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+PROTOCOL = 1
+MAX_LINE = 32 * 1024 * 1024  # a whole model list, with room
+UNAVAILABLE_INFO = "diversityd_unavailable"  # as gateway.py writes it (the core)
+RETRY_AFTER_INFO = "retry_after_s"
+# Bearer for OpenAI-style clients; the others as LiteLLM's auth accepts them
+KEY_HEADERS = (b"authorization", b"x-api-key", b"api-key", b"x-litellm-api-key")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class ChannelError(RuntimeError):
+    """A control request that could not be carried out (says why)."""
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def routes_digest(routes: Mapping[str, Any]) -> str:
+    """Which routes a process serves, comparable across the daemon and the launcher."""
+    body = {
+        "model_list": routes.get("model_list") or [],
+        "fallbacks": routes.get("fallbacks") or [],
+    }
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
+def routes_in(document: Mapping[str, Any]) -> dict[str, Any]:
+    """The routes of a whole LiteLLM config (as gateway.routes_of in the core)."""
+    router = document.get("router_settings") or {}
+    return {
+        "model_list": list(document.get("model_list") or []),
+        "fallbacks": list(router.get("fallbacks") or []) if isinstance(router, Mapping) else [],
+    }
+
+
+def unavailable_answers(model_list: list[Any]) -> dict[str, tuple[str, int]]:
+    """Name -> (why, retry after s) for the names answered here, not by a server."""
+    answers: dict[str, tuple[str, int]] = {}
+    for entry in model_list:
+        info = entry.get("model_info") if isinstance(entry, dict) else None
+        if isinstance(info, dict) and info.get(UNAVAILABLE_INFO):
+            reason = info[UNAVAILABLE_INFO]
+            text = reason if isinstance(reason, str) else "no server can serve this model now"
+            answers[str(entry.get("model_name"))] = (text, int(info.get(RETRY_AFTER_INFO, 10)))
+    return answers
+
+
+def resolve_references(params: Mapping[str, Any]) -> dict[str, Any]:
+    """`os.environ/NAME` values resolved as LiteLLM's Router.set_model_list does when the
+    proxy loads a config (1.106: `get_secret`, leaving `*_ref` secret pointers alone)."""
+    from litellm.types.router import holds_secret_pointer
+    from litellm.utils import get_secret
+
+    resolved = dict(params)
+    for key, value in params.items():
+        reference = isinstance(value, str) and value.startswith("os.environ/")
+        if reference and not holds_secret_pointer(key):
+            resolved[key] = get_secret(value)
+    return resolved
+
+
+def apply_routes(routes: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Make the proxy's router serve exactly these deployments and fallbacks. Synchronous
+    and never awaiting: called on the proxy's event loop, it lands between requests."""
+    from litellm.proxy import proxy_server
+    from litellm.types.router import Deployment, LiteLLM_Params
+
+    router = proxy_server.llm_router  # set during the proxy's startup: read it now
+    if router is None:
+        raise ChannelError("the proxy has no router yet")
+    desired: dict[str, dict[str, Any]] = {}
+    for entry in routes.get("model_list") or []:
+        ident = (entry.get("model_info") or {}).get("id")
+        if not ident:
+            raise ChannelError(f"deployment of {entry.get('model_name')!r} has no model_info.id")
+        desired[str(ident)] = entry
+    # Built first: a deployment LiteLLM refuses leaves the router as it was.
+    deployments = {
+        ident: Deployment(
+            model_name=str(entry["model_name"]),
+            litellm_params=LiteLLM_Params(**resolve_references(entry["litellm_params"])),
+            model_info=dict(entry.get("model_info") or {}),
+        )
+        for ident, entry in desired.items()
+    }
+    removed = [ident for ident in router.get_model_ids() if ident not in desired]
+    for ident in removed:
+        router.delete_deployment(id=ident)
+    added: list[str] = []
+    updated: list[str] = []
+    for ident, deployment in deployments.items():
+        existed = router.has_model_id(ident)
+        if router.upsert_deployment(deployment) is not None:
+            (updated if existed else added).append(ident)
+    router.update_settings(fallbacks=list(routes.get("fallbacks") or []))
+    proxy_server.llm_model_list = router.get_model_list()
+    return {"added": added, "removed": removed, "updated": updated}
+
+
+def peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", raw)
+    return int(uid)
+
+
+class Runtime:
+    """This process's routing as the daemon last set it, and the channel that sets it."""
+
+    def __init__(self, document: Mapping[str, Any], *, launcher_sha: str, config: str) -> None:
+        self.started_document = dict(document)
+        self.launcher_sha = launcher_sha
+        self.config = config
+        routes = routes_in(document)
+        self.digest = routes_digest(routes)
+        self.unavailable = unavailable_answers(routes["model_list"])
+        self.changes = 0  # routes applied in-process since start
+        self.server: asyncio.AbstractServer | None = None
+
+    def hello(self) -> dict[str, Any]:
+        version = "unknown"
+        with contextlib.suppress(Exception):
+            from importlib.metadata import version as package_version
+
+            version = package_version("litellm")
+        return {
+            "protocol": PROTOCOL,
+            "pid": os.getpid(),
+            "litellm": version,
+            "launcher_sha": self.launcher_sha,
+            "config": self.config,
+            "started_document": self.started_document,
+            "routes_digest": self.digest,
+            "changes": self.changes,
+        }
+
+    def set_routes(self, routes: Mapping[str, Any]) -> dict[str, Any]:
+        started = time.monotonic()
+        digest = routes_digest(routes)
+        if digest == self.digest:
+            return {"routes_digest": digest, "unchanged": True, "elapsed_ms": 0.0}
+        changed = apply_routes(routes)
+        self.digest = digest
+        self.unavailable = unavailable_answers(list(routes.get("model_list") or []))
+        self.changes += 1
+        return {
+            "routes_digest": digest,
+            **changed,
+            "elapsed_ms": round((time.monotonic() - started) * 1000, 2),
+        }
+
+    def dispatch(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "hello":
+            return self.hello()
+        if op == "routes":
+            routes = request.get("routes")
+            if not isinstance(routes, dict):
+                raise ChannelError("routes: expected an object with model_list and fallbacks")
+            return self.set_routes(routes)
+        raise ChannelError(f"unknown op {op!r}")
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if peer_uid(writer) not in (None, os.getuid()):
+                return  # the socket is 0600; a peer of another user is refused all the same
+            while line := await reader.readline():
+                try:
+                    answer = {"ok": True, **self.dispatch(json.loads(line))}
+                except Exception as exc:  # noqa: BLE001 - the daemon is told, the proxy goes on
+                    answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                writer.write(canonical_json(answer).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    async def serve(self, path: str) -> None:
+        """Listen on `path` (0600 in a 0700 folder); a stale socket from a killed process
+        is replaced."""
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        old_umask = os.umask(0o177)
+        try:
+            self.server = await asyncio.start_unix_server(self.handle, path=path, limit=MAX_LINE)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+
+
+def presented_keys(scope: Scope) -> list[bytes]:
+    keys: list[bytes] = []
+    for name, value in scope.get("headers") or []:
+        if name.lower() in KEY_HEADERS:
+            keys.append(value.removeprefix(b"Bearer ").removeprefix(b"bearer ").strip())
+    return keys
+
+
+class UnavailableAnswer:
+    """ASGI wrapper: a request for a name no server can serve now gets a 503 with
+    Retry-After and the reason, from here (LiteLLM would route it to a dead address).
+    Only for callers holding the master key; anyone else reaches LiteLLM's own 401."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime, master_key: str) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.key = master_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or not self.runtime.unavailable:
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        first: Message = {"type": "http.request", "body": b"", "more_body": True}
+        while first.get("more_body"):
+            first = await receive()
+            if first["type"] != "http.request":
+                await self.app(scope, _replay([first], receive), send)
+                return
+            chunks.append(first.get("body", b""))
+        body = b"".join(chunks)
+        answer = self._answer_for(scope, body)
+        if answer is None:
+            replayed = {"type": "http.request", "body": body, "more_body": False}
+            await self.app(scope, _replay([replayed], receive), send)
+            return
+        reason, retry_after = answer
+        payload = json.dumps(
+            {"error": {"message": reason, "type": "service_unavailable", "code": "503"}}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                    (b"retry-after", str(retry_after).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+    def _answer_for(self, scope: Scope, body: bytes) -> tuple[str, int] | None:
+        if not body.lstrip().startswith(b"{"):
+            return None
+        try:
+            model = json.loads(body).get("model")
+        except (ValueError, AttributeError):
+            return None
+        if not isinstance(model, str) or model not in self.runtime.unavailable:
+            return None
+        if not any(hmac.compare_digest(key, self.key) for key in presented_keys(scope)):
+            return None
+        return self.runtime.unavailable[model]
+
+
+def _replay(first: list[Message], receive: Receive) -> Receive:
+    pending = list(first)
+
+    async def replayed() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
+
+
+async def call(path: str, request: Mapping[str, Any], timeout_s: float = 5.0) -> dict[str, Any]:
+    """One request on a control channel and its answer (the daemon's side)."""
+
+    async def exchange() -> dict[str, Any]:
+        reader, writer = await asyncio.open_unix_connection(path, limit=MAX_LINE)
+        try:
+            writer.write(canonical_json(dict(request)).encode() + b"\n")
+            await writer.drain()
+            line = await reader.readline()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        if not line:
+            raise ChannelError(f"{path}: the gateway closed the channel without an answer")
+        answer = json.loads(line)
+        if not answer.get("ok"):
+            raise ChannelError(f"{path}: {answer.get('error', 'refused')}")
+        return dict(answer)
+
+    try:
+        return await asyncio.wait_for(exchange(), timeout_s)
+    except asyncio.TimeoutError as exc:  # noqa: UP041 - the launcher may run on Python 3.10
+        raise ChannelError(f"{path}: no answer within {timeout_s:g} s") from exc
+    except (OSError, ValueError) as exc:
+        raise ChannelError(f"{path}: {type(exc).__name__}: {exc}") from exc
