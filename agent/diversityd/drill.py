@@ -17,7 +17,7 @@ from typing import Any
 
 from diversityd.catalog import Catalog
 from diversityd.config import Config
-from diversityd.gateway import Availability, render_gateway
+from diversityd.gateway import JUDGED_INFO, Availability, GatewayPlan, render_gateway
 
 
 @dataclass(frozen=True)
@@ -44,14 +44,56 @@ class DrillMode(enum.StrEnum):
     HANG = "hang"  # SIGSTOP (alive, not answering); the drill sends SIGCONT
 
 
+def render_without(
+    config: Config, catalog: Catalog, availability: Availability, provider: str
+) -> GatewayPlan:
+    """The gateway's config while `provider` is down (as a drill makes it)."""
+    down = Availability(up={k: v for k, v in availability.up.items() if k != provider})
+    return render_gateway(config, catalog, down)
+
+
 def unprotected_models(
     config: Config, catalog: Catalog, availability: Availability, provider: str
 ) -> list[str]:
-    """The names `provider` serves that would have no live fallback while it is down."""
-    down = Availability(up={k: v for k, v in availability.up.items() if k != provider})
-    plan = render_gateway(config, catalog, down)
-    served = set(catalog.models_of(provider))
-    return sorted(served & set(plan.left_out))
+    """The names `provider` serves that would have no live local fallback while it is down
+    (nothing at all, or only a cloud, which a drill never asks)."""
+    plan = render_without(config, catalog, availability, provider)
+    local_names = {
+        entry["model_name"]
+        for entry in plan.document["model_list"]
+        if entry.get("model_info", {}).get(JUDGED_INFO)
+    }
+    chains = {name: targets for item in local_fallbacks(plan) for name, targets in item.items()}
+    return sorted(
+        name
+        for name in catalog.models_of(provider)
+        if name not in local_names and not chains.get(name)
+    )
+
+
+def cloud_answered(plan: GatewayPlan, models: Iterable[str]) -> list[str]:
+    """Of `models`, those the gateway sends to a cloud (or a local relay of one) right now:
+    a drill never asks them."""
+    judged: dict[str, bool] = {}
+    for entry in plan.document["model_list"]:
+        name = entry["model_name"]
+        judged[name] = judged.get(name, True) and bool(entry.get("model_info", {}).get(JUDGED_INFO))
+    return [m for m in models if m in judged and not judged[m]]
+
+
+def local_fallbacks(plan: GatewayPlan) -> list[dict[str, list[str]]]:
+    """The gateway's chains without the names a cloud serves (or a local server relaying
+    one): a drill's requests carry these, so no drill ever spends a paid request."""
+    local: dict[str, bool] = {}
+    for entry in plan.document["model_list"]:
+        name = entry["model_name"]
+        judged = bool(entry.get("model_info", {}).get(JUDGED_INFO))
+        local[name] = local.get(name, True) and judged
+    return [
+        {name: [t for t in targets if local.get(t)]}
+        for name, targets in plan.fallbacks.items()
+        if local.get(name)
+    ]
 
 
 DRILL_CLEAN_STREAK = 5  # answers in a row that needed no fallback: the gateway has settled

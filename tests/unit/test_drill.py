@@ -8,11 +8,13 @@ from diversityd.drill import (
     Answer,
     DrillMode,
     DrillReport,
+    cloud_answered,
+    local_fallbacks,
     overall_ok,
     percentile,
     unprotected_models,
 )
-from diversityd.gateway import Availability
+from diversityd.gateway import Availability, render_gateway
 
 PROVIDERS = """\
 providers:
@@ -46,6 +48,48 @@ def test_unprotected_models_are_those_left_without_a_live_fallback() -> None:
     # with b already down, a's model has no live fallback either
     b_down = Availability.all_up_except(config, frozenset({"b"}))
     assert unprotected_models(config, catalog, b_down, "a") == ["a-model"]
+
+
+CLOUDY_PROVIDERS = (
+    PROVIDERS
+    + """\
+  paid: {type: openai, api_key_env: OPENAI_API_KEY, models: [gpt-4o-mini]}
+"""
+)
+CLOUDY_MAPPINGS = """\
+fallback_chains:
+  a-model: {chain: [gpt-4o-mini, b-model]}
+  b-model: {chain: [gpt-4o-mini]}
+  c-model: {chain: [a-model]}
+"""
+
+
+def test_a_drill_never_counts_on_a_cloud_nor_asks_one() -> None:
+    """Issue 17: no probe, warm-up or drill may spend a paid request. A drill's requests
+    carry chains without the cloud names; a model only a cloud could take over is
+    unprotected (the drill is refused without --force), and one a cloud answers is never
+    asked."""
+    config, findings = parse_config(
+        {"providers.yaml": CLOUDY_PROVIDERS, "model-mappings.yaml": CLOUDY_MAPPINGS},
+        config_dir="/cfg",
+        hostname="box",
+    )
+    assert config is not None, findings
+    catalog = build_catalog(config)
+    everyone = Availability.all_up_except(config)
+    plan = render_gateway(config, catalog, everyone)
+    chains = {k: v for item in local_fallbacks(plan) for k, v in item.items()}
+    assert chains["a-model"] == ["b-model"]  # gpt-4o-mini left out
+    assert chains["b-model"] == []
+    assert "gpt-4o-mini" not in chains
+    # with a down, a-model is served by the first live member of its chain, the cloud: a
+    # drill of a is refused, and even with --force a-model is never asked
+    assert unprotected_models(config, catalog, everyone, "a") == ["a-model"]
+    assert unprotected_models(config, catalog, everyone, "b") == ["b-model"]  # only the cloud
+    a_down = Availability.all_up_except(config, frozenset({"a"}))
+    down_plan = render_gateway(config, catalog, a_down)
+    assert cloud_answered(down_plan, ["a-model", "c-model", "b-model"]) == ["a-model"]
+    assert unprotected_models(config, catalog, everyone, "c") == ["c-other"]  # c-model: a-model
 
 
 def test_settle_time_is_the_last_answer_that_needed_a_fallback() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 from typing import Any
 
 from diversityd.adapters import gatewaylauncher
@@ -189,7 +188,9 @@ def test_a_name_nothing_serves_stays_listed_answered_inside_the_gateway() -> Non
     plan = render_gateway(config, build_catalog(config), down, states=states)
     (entry,) = [e for e in plan.document["model_list"] if e["model_name"] == "b-model"]
     # answered by the launcher (a 503 that says why); nothing may listen where it points
-    assert entry["model_info"][UNAVAILABLE_INFO].startswith("b-model cannot be served now: b is failed")
+    assert entry["model_info"][UNAVAILABLE_INFO].startswith(
+        "b-model cannot be served now: b is failed"
+    )
     assert entry["litellm_params"]["api_base"] == UNAVAILABLE_API_BASE
     assert "b-model" in plan.left_out  # not served: status and drills still say so
     assert "b-model" not in fallbacks_of(plan)  # nothing falls back to it or from it

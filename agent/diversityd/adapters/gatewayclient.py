@@ -32,15 +32,20 @@ async def ask(
     *,
     stream: bool,
     max_tokens: int = 8,
+    fallbacks: list[dict[str, list[str]]] | None = None,
 ) -> Answer:
+    """`fallbacks`: this request's own chains (LiteLLM reads them from the body), instead
+    of the gateway's: a drill's keep to local servers, never a paid cloud."""
     started = time.monotonic()
-    body = {
+    body: dict[str, object] = {
         "model": model,
         "messages": [{"role": "user", "content": "Say something."}],
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": stream,
     }
+    if fallbacks is not None:
+        body["fallbacks"] = fallbacks
     headers = {"Authorization": f"Bearer {key}"}
 
     content = ""  # what a stream delivered before it ended or broke

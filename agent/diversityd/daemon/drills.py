@@ -19,7 +19,16 @@ from diversityd.daemon.jobs import Jobs
 from diversityd.daemon.loop import ProviderLocks, StateLoop
 from diversityd.daemon.metrics import Metrics
 from diversityd.daemon.store import Job, ProviderRecord, Store
-from diversityd.drill import Answer, DrillMode, DrillReport, drill_settled, overall_ok
+from diversityd.drill import (
+    Answer,
+    DrillMode,
+    DrillReport,
+    cloud_answered,
+    drill_settled,
+    local_fallbacks,
+    overall_ok,
+    render_without,
+)
 from diversityd.log import get_logger
 from diversityd.state import ProviderState
 
@@ -77,19 +86,29 @@ class Drills:
             return DrillReport(name, mode, (), time.monotonic(), False, "not ready to drill")
         plan = gateway.plan
         models = [m for m in record.models if plan is not None and m in plan.served_by]
+        if plan is not None and self.store.config is not None:
+            # never a paid request: not for a name a cloud answers now, or would answer
+            # while this provider is down (substituted for it)
+            down = render_without(self.store.config, self.store.catalog,
+                                  self.store.availability(), name)  # fmt: skip
+            cloud = {*cloud_answered(plan, models), *cloud_answered(down, models)}
+            models = [m for m in models if m not in cloud]
         try:
             key = await asyncio.to_thread(read_master_key, self.gateway.key_file)
         except (ValueError, OSError) as exc:
             return DrillReport(name, mode, (), time.monotonic(), False, str(exc))
         answers: list[Answer] = []
         stop = asyncio.Event()
+        chains = local_fallbacks(plan) if plan is not None else []
 
         async def send(model: str) -> None:
             async with new_client(DRILL_CLIENT_TIMEOUT_S) as client:
                 stream = False
                 while not stop.is_set():
                     stream = not stream  # plain and streaming, in turn
-                    answers.append(await ask(client, gateway.url, key, model, stream=stream))
+                    answers.append(
+                        await ask(client, gateway.url, key, model, stream=stream, fallbacks=chains)
+                    )
                     await asyncio.sleep(0.05)
 
         senders = [asyncio.ensure_future(send(model)) for model in models]

@@ -53,6 +53,9 @@ class Settings:
     chunk_delay: float = 0.0
     model_root: str | None = None
     log_requests: bool = True  # one stdout line per request
+    # a file that gets one JSON line per POST (path, model, the key it came with): a
+    # stand-in for a paid cloud counts what reached it
+    record: str | None = None
 
 
 @dataclass(frozen=True)
@@ -303,6 +306,7 @@ class StandinServer(ThreadingHTTPServer):
         self.socket.close()  # the unbound one TCPServer made; `listener` replaces it
         self.socket = listener
         self.server_address = address
+        self.record_lock = threading.Lock()
         self.server_name = str(address[0])
         self.server_port = int(address[1])
         self.settings = settings
@@ -483,11 +487,29 @@ class StandinHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
             elapsed_ms = (time.monotonic() - started) * 1000
             note = f" {self.log_note}" if self.log_note else ""
+            if self.settings.record and method == "POST":
+                self.record_request()
             if self.settings.log_requests and not (method == "GET" and self.path in PROBED_PATHS):
                 say(
                     f"{self.settings.flavor} {self.client_address[0]} {method} {self.path} "
                     f"{self.status_sent}{note} {elapsed_ms:.1f}ms"
                 )
+
+    def record_request(self) -> None:
+        try:
+            model = json.loads(self.body or b"{}").get("model")
+        except (ValueError, AttributeError):
+            model = None
+        line = json.dumps(
+            {
+                "path": self.route_path,
+                "model": model,
+                "authorization": self.headers.get("Authorization"),
+                "status": self.status_sent,
+            }
+        )
+        with self.standin.record_lock, open(self.settings.record or "", "a") as out:
+            out.write(line + "\n")
 
     def read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -657,6 +679,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_port: int) 
         default=0.0,
         metavar="SECONDS",
         help="pause between the chunks of a streamed answer",
+    )
+    parser.add_argument(
+        "--record",
+        metavar="FILE",
+        help="append one JSON line per POST request to FILE (path, model, Authorization)",
     )
 
 

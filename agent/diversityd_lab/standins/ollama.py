@@ -369,6 +369,7 @@ def settings_for(
     ready_delay: float = 0.0,
     chunk_delay: float = 0.0,
     log_requests: bool = True,
+    record: str | None = None,
 ) -> Settings:
     names = tuple(dict.fromkeys(normalize_model(name) for name in models))
     return Settings(
@@ -377,6 +378,7 @@ def settings_for(
         ready_delay=ready_delay,
         chunk_delay=chunk_delay,
         log_requests=log_requests,
+        record=record,
     )
 
 
@@ -415,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args: Any = build_parser().parse_args(argv)
-    settings = settings_for(args.models, ready_delay=args.ready_delay, chunk_delay=args.chunk_delay)
+    settings = settings_for(
+        args.models, ready_delay=args.ready_delay, chunk_delay=args.chunk_delay, record=args.record
+    )
     return run_until_signalled(OllamaHandler, settings, args.host, args.port)
 
 

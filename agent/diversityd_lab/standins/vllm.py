@@ -166,6 +166,7 @@ def settings_for(
     ready_delay: float = 0.0,
     chunk_delay: float = 0.0,
     log_requests: bool = True,
+    record: str | None = None,
 ) -> Settings:
     names = tuple(dict.fromkeys(served_model_names))
     return Settings(
@@ -175,6 +176,7 @@ def settings_for(
         chunk_delay=chunk_delay,
         model_root=model_root,
         log_requests=log_requests,
+        record=record,
     )
 
 
@@ -230,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_root=args.model_root,
         ready_delay=args.ready_delay,
         chunk_delay=args.chunk_delay,
+        record=args.record,
     )
     return run_until_signalled(VLLMHandler, settings, args.host, args.port)
 
