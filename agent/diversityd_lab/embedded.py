@@ -9,6 +9,7 @@ Ollama and vLLM stand-ins and the gateway. Ports are parameters, so tests run si
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import sys
@@ -28,6 +29,12 @@ LLAMA_NATIVE = "llama_cpp_native"
 LLAMA_PYTHON = "llama_cpp_python"
 OLLAMA = "ollama"
 VLLM = "vllm"
+# A paid cloud's stand-in (the vLLM stand-in recording every request), last in two chains:
+# nothing but a client's request whose every local server is down may ever reach it.
+PAID = "paid_cloud"
+PAID_MODEL = "paid-model"
+PAID_KEY_ENV = "PAID_CLOUD_KEY"
+PAID_KEY = "sk-lab-paid-cloud-key-0123456789"
 # The name each llama server answers to (its --alias / --model_alias).
 SERVED_NAMES = {LLAMA_NATIVE: "llama-cpp-native", LLAMA_PYTHON: "llama-cpp-default"}
 
@@ -57,6 +64,25 @@ class Stack:
 
     def base_url(self, provider: str) -> str:
         return f"http://127.0.0.1:{self.spec.ports[provider]}"
+
+    @property
+    def paid_record(self) -> Path:
+        """Every request the paid cloud's stand-in got, one JSON line each."""
+        return self.root / "paid-requests.jsonl"
+
+    def paid_requests(self) -> list[dict[str, Any]]:
+        if not self.paid_record.exists():
+            return []
+        return [json.loads(line) for line in self.paid_record.read_text().splitlines() if line]
+
+    def paid_cloud_command(self) -> list[str]:
+        """The paid cloud's stand-in (run by the test or benchmark, not by diversityd)."""
+        return [
+            self.spec.python, "-m", "diversityd_lab.standins.vllm",
+            "--port", str(self.spec.ports[PAID]),
+            "--served-model-name", PAID_MODEL,
+            "--record", str(self.paid_record),
+        ]  # fmt: skip
 
     def llama_endpoints(self) -> list[tuple[str, str]]:
         """(base URL, served name) of each llama server in the stack."""
@@ -128,6 +154,14 @@ def providers_document(spec: StackSpec) -> dict[str, Any]:
             "status": "active",
             "models": ["llama3.1:latest", "qwen2.5-coder:7b"],
         }
+    if PAID in spec.providers:
+        providers[PAID] = {
+            "type": "openai_compatible",
+            "base_url": f"http://127.0.0.1:{spec.ports[PAID]}/v1",
+            "status": "active",
+            "api_key_env": PAID_KEY_ENV,
+            "models": [PAID_MODEL],
+        }
     if VLLM in spec.providers:
         providers[VLLM] = {
             "type": "vllm",
@@ -150,6 +184,10 @@ def mappings_document(spec: StackSpec) -> dict[str, Any]:
         chains["llama-cpp-native"] = {"chain": ["qwen-coder-vllm"] if VLLM in have else []}
     if VLLM in have:
         chains["qwen-coder-vllm"] = {"chain": []}
+    if PAID in have:
+        for name in ("llama-cpp-native", "llama-cpp-default"):
+            if name in chains:
+                chains[name]["chain"].append(PAID_MODEL)
     if OLLAMA in have:
         chains["llama3.1:latest"] = {
             "chain": _present(have, ("llama-cpp-default", LLAMA_PYTHON), ("qwen-coder-vllm", VLLM))
@@ -221,6 +259,8 @@ def settings_document(spec: StackSpec, active_link: Path, state_dir: Path) -> di
             # Tiny local models answer in milliseconds: a hung one is given up on sooner.
             "timeouts": {"llama_cpp": {"timeout_s": 15, "stream_timeout_s": 5, "cooldown_s": 5}},
         }
+        if PAID in spec.providers:
+            document["gateway"]["environment_files"] = [str(state_dir.parent / "paid.env")]
     else:
         document["gateway"] = {"owned": False}
     document.update(spec.extra_settings)
@@ -236,6 +276,8 @@ def write_stack(root: Path, spec: StackSpec) -> Stack:
     write_tiny_models(models_dir)
     active_link = models_dir / "active" / "current.gguf"
     config_dir = root / "config"
+    if PAID in spec.providers:
+        write_atomic(root / "paid.env", f"{PAID_KEY_ENV}={PAID_KEY}\n", mode=0o600)
     for name, document in (
         ("providers.yaml", providers_document(spec)),
         ("model-mappings.yaml", mappings_document(spec)),

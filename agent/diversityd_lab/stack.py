@@ -46,6 +46,9 @@ class UserManager(Protocol):
     ) -> subprocess.CompletedProcess[str]: ...
 
 
+LOCAL = ("llama_cpp", "ollama", "vllm")  # probed; a cloud is not (it would cost)
+
+
 class StackTimeoutError(AssertionError):
     """A condition on the stack's status was not met in time (a test failure)."""
 
@@ -136,7 +139,8 @@ class RunningStack:
     def wait_all_ready(self, timeout_s: float = 60) -> dict[str, Any]:
         return self.wait_for(
             lambda d: (
-                d["daemon"].get("running") and all(p["state"] == "ready" for p in d["providers"])
+                d["daemon"].get("running")
+                and all(p["state"] == "ready" for p in d["providers"] if p["type"] in LOCAL)
             ),
             timeout_s,
         )

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,14 +19,22 @@ import yaml
 from diversityd.adapters.gatewayclient import ask, new_client
 from diversityd.adapters.litellm import read_master_key
 from diversityd.drill import Answer
-from diversityd_lab.embedded import LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM, StackSpec
+from diversityd_lab.embedded import (
+    LLAMA_NATIVE,
+    LLAMA_PYTHON,
+    OLLAMA,
+    PAID,
+    PAID_KEY,
+    VLLM,
+    StackSpec,
+)
 from diversityd_lab.privatemanager import PrivateManager
 from diversityd_lab.stack import RunningStack, free_port, start_stack
 from diversityd_lab.traffic import GatewayStream
 
 pytestmark = pytest.mark.integration
 
-PROVIDERS = (LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM)
+PROVIDERS = (LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM, PAID)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +52,8 @@ def gateway_stack(
         extra_settings={"supervision": {"hung_grace_s": 2}},
     )
     running = start_stack(shared_private_manager, tmp_path_factory.mktemp("gw"), spec)
+    with (running.stack.root / "paid.log").open("ab") as log:
+        paid = subprocess.Popen(running.stack.paid_cloud_command(), stdout=log, stderr=log)
     try:
         running.wait_all_ready(timeout_s=90)
         wait_gateway_ready(running)
@@ -53,6 +64,8 @@ def gateway_stack(
             "stop", "diversityd-gateway@blue.service", "diversityd-gateway@green.service",
             "diversityd-gateway.socket", check=False,
         )  # fmt: skip
+        paid.terminate()
+        paid.wait(10)
 
 
 def wait_gateway_ready(running: RunningStack, timeout_s: float = 120) -> dict[str, Any]:
@@ -121,51 +134,95 @@ def test_gateway_serves_what_the_daemon_says_is_served(gateway_stack: RunningSta
             assert answer.api_base == base, answer
 
 
-def test_a_reload_under_a_steady_stream_refuses_and_fails_nothing(
+def test_an_outside_stop_changes_the_routes_in_process_within_seconds(
     gateway_stack: RunningStack,
 ) -> None:
+    """Issue 17: a `systemctl --user stop` took 17.1 s to reach the gateway (a new LiteLLM
+    per change), and 13.5 s more after the server was back. Now the running instance gets
+    new routes over its control channel: no new process, and no request for the model
+    reaches the stopped server once the daemon has seen the stop."""
     before = wait_gateway_ready(gateway_stack)["gateway"]
     vllm_unit = f"diversityd-{VLLM}.service"
     with gateway_stream(gateway_stack, "llama-cpp-native") as stream:
         time.sleep(1)
-        gateway_stack.manager.systemctl("stop", vllm_unit)  # the rendered config changes
-        after = gateway_stack.wait_for(
-            lambda d: (
-                d["gateway"]["reloads"] > before["reloads"] and d["gateway"]["state"] == "ready"
-            ),
-            timeout_s=120,
-            poll_s=0.5,
+        stopped_at = time.monotonic()
+        gateway_stack.manager.systemctl("stop", vllm_unit)
+        out = gateway_stack.wait_for(
+            lambda d: "qwen-coder-vllm" in d["gateway"]["left_out"] and d["gateway"]["in_sync"],
+            timeout_s=60,
+            poll_s=0.1,
         )["gateway"]
+        routed_out_s = time.monotonic() - stopped_at
+        gateway_stack.manager.systemctl("start", vllm_unit)
+        started_at = time.monotonic()
+        back = gateway_stack.wait_for(
+            lambda d: "qwen-coder-vllm" in d["gateway"]["models"] and d["gateway"]["in_sync"],
+            timeout_s=60,
+            poll_s=0.1,
+        )["gateway"]
+        routed_back_s = time.monotonic() - started_at
         time.sleep(1)
+    assert out["reloads"] == back["reloads"] == before["reloads"]  # no new process
+    assert back["unit"] == before["unit"]
+    assert back["route_updates"] >= before["route_updates"] + 2  # out, and back in
+    assert back["last_change"]["change"] == "in-process"
+    # generous bounds (the benchmark measures it): 17.1 s before, the same again back
+    assert routed_out_s < 5, routed_out_s
+    assert routed_back_s < 10, routed_back_s  # vLLM's start and first probe included
+    assert stream.failed == [], stream.failed[:5]
+    assert len(stream.answers) >= 10
+    assert gateway_stack.journal_events("gateway.routes_updated")
+
+
+def test_a_setting_fixed_at_start_takes_a_new_process_and_fails_nothing(
+    gateway_stack: RunningStack,
+) -> None:
+    """What a running LiteLLM cannot take in-process (here a `litellm_settings` key) still
+    goes blue/green: the new process serves before the old one stops."""
+    before = wait_gateway_ready(gateway_stack)["gateway"]
+    settings_file = gateway_stack.stack.config_dir / "diversityd.yaml"
+    original = settings_file.read_text()
+    settings = yaml.safe_load(original)
+    settings["gateway"]["litellm_settings"] = {"drop_params": True}
     try:
+        with gateway_stream(gateway_stack, "llama-cpp-native") as stream:
+            time.sleep(1)
+            settings_file.write_text(yaml.safe_dump(settings))
+            reloaded = gateway_stack.ctl("reload")
+            after = gateway_stack.wait_for(
+                lambda d: (
+                    d["gateway"]["reloads"] > before["reloads"] and d["gateway"]["state"] == "ready"
+                ),
+                timeout_s=120,
+                poll_s=0.5,
+            )["gateway"]
+            time.sleep(1)
+        assert reloaded.returncode == 0, reloaded.stderr
+        assert "gateway: a new process" in reloaded.stdout, reloaded.stdout
+        assert "litellm_settings.drop_params" in reloaded.stdout
         assert after["unit"] != before["unit"]  # the other colour took over
         assert after["last_reload"]["ok"] is True
-        assert "qwen-coder-vllm" not in after["models"]  # no live fallback: left out
+        assert after["last_change"]["change"] == "new process"
         assert stream.failed == [], stream.failed[:5]
-        assert len(stream.answers) >= 20
-        old_state = gateway_stack.unit_property(before["unit"], "ActiveState")
-        assert old_state == "inactive"  # the old proxy was stopped after the new one served
-    finally:
-        gateway_stack.manager.systemctl("start", vllm_unit)
+        assert len(stream.answers) >= 10
         gateway_stack.wait_for(
-            lambda d: (
-                "qwen-coder-vllm" in d["gateway"]["models"] and d["gateway"]["state"] == "ready"
-            ),
+            lambda _: gateway_stack.unit_property(before["unit"], "ActiveState") == "inactive",
             timeout_s=120,
-            poll_s=0.5,
-        )
+        )  # the old proxy stopped after the new one served
+    finally:
+        settings_file.write_text(original)
+        gateway_stack.ctl("reload")
+        wait_gateway_ready(gateway_stack)
 
 
 def provider_doc(document: dict[str, Any], name: str) -> dict[str, Any]:
     return next(p for p in document["providers"] if p["name"] == name)
 
 
-def test_a_crash_systemd_mends_within_the_restart_grace_costs_no_reload(
-    gateway_stack: RunningStack,
-) -> None:
-    """Issue 12: each crash cost two gateway reloads (out, back in), each a cold LiteLLM
-    taking traffic: p99 under kill -9 was worse than LiteLLM alone's. LiteLLM fails a
-    refused connection over by itself; the gateway keeps the server for restart_grace_s."""
+def test_a_crash_costs_no_new_gateway_process(gateway_stack: RunningStack) -> None:
+    """Issue 12 kept a crashed server in the gateway for a grace, because each change cost
+    a new LiteLLM; issue 17: the routes follow (out at once, back when it answers) with no
+    new process at all."""
     document = wait_gateway_ready(gateway_stack)
     before = document["gateway"]
     pid = provider_doc(document, LLAMA_NATIVE)["pid"]
@@ -177,17 +234,60 @@ def test_a_crash_systemd_mends_within_the_restart_grace_costs_no_reload(
             lambda d: (
                 provider_doc(d, LLAMA_NATIVE)["state"] == "ready"
                 and provider_doc(d, LLAMA_NATIVE)["pid"] not in (None, pid)
+                and "llama-cpp-native" not in d["gateway"]["substituted"]
+                and d["gateway"]["in_sync"]
             ),
             timeout_s=60,
             poll_s=0.2,
         )
-        time.sleep(12)  # past the grace (10 s): its end renders again, to the same bytes
+        time.sleep(2)
     after = gateway_stack.status()["gateway"]
     assert after["reloads"] == before["reloads"], after["last_reload"]
     assert after["unit"] == before["unit"]
+    assert after["route_updates"] >= before["route_updates"] + 2  # out, and back in
     assert after["in_sync"] is True
     assert stream.failed == [], stream.failed[:5]
     assert len(stream.answers) >= 20
+    # the crashed server answers through the gateway again
+    answer = ask_once(gateway_stack, "llama-cpp-native", stream=False)
+    assert answer.api_base == gateway_stack.stack.base_url(LLAMA_NATIVE) + "/v1", answer
+
+
+def test_an_instance_restarted_by_systemd_comes_back_on_the_current_routes(
+    gateway_stack: RunningStack,
+) -> None:
+    """After every in-process change the instance's config file is rewritten too: a
+    `Restart=` of the instance (kill -9) loads the routes in force, not the ones it
+    started with."""
+    before = wait_gateway_ready(gateway_stack)["gateway"]
+    vllm_unit = f"diversityd-{VLLM}.service"
+    gateway_stack.manager.systemctl("stop", vllm_unit)
+    try:
+        changed = gateway_stack.wait_for(
+            lambda d: "qwen-coder-vllm" in d["gateway"]["left_out"] and d["gateway"]["in_sync"],
+            timeout_s=60,
+            poll_s=0.2,
+        )["gateway"]
+        assert changed["reloads"] == before["reloads"]
+        os.kill(changed["pid"], signal.SIGKILL)  # systemd's Restart= brings it back
+        back = gateway_stack.wait_for(
+            lambda d: (
+                d["gateway"]["state"] == "ready"
+                and d["gateway"]["pid"] not in (None, changed["pid"])
+                and d["gateway"]["in_sync"]
+            ),
+            timeout_s=120,
+            poll_s=0.5,
+        )["gateway"]
+        assert back["unit"] == changed["unit"]
+        # the restarted process answers qwen-coder-vllm as the routes in force say (vLLM is
+        # stopped: a 503 naming it); the routes it first started with sent it to vLLM
+        answer = ask_once(gateway_stack, "qwen-coder-vllm", stream=False)
+        assert answer.status == 503, answer
+        assert "vllm is stopped" in (answer.error or ""), answer
+    finally:
+        gateway_stack.manager.systemctl("start", vllm_unit)
+        wait_gateway_ready(gateway_stack)
 
 
 def test_a_broken_new_config_leaves_the_old_gateway_serving(gateway_stack: RunningStack) -> None:
@@ -230,15 +330,22 @@ def test_a_broken_new_config_leaves_the_old_gateway_serving(gateway_stack: Runni
 
 def test_history_and_rollback(gateway_stack: RunningStack) -> None:
     before = wait_gateway_ready(gateway_stack)["gateway"]
-    # one more config in the history: the gateway re-renders while vLLM is away
-    gateway_stack.manager.systemctl("stop", f"diversityd-{VLLM}.service")
-    wait_gateway_ready(gateway_stack)
+    # one more config in the history: a setting that takes a new process
+    settings_file = gateway_stack.stack.config_dir / "diversityd.yaml"
+    original = settings_file.read_text()
+    settings = yaml.safe_load(original)
+    settings["gateway"]["litellm_settings"] = {"drop_params": True}
+    settings_file.write_text(yaml.safe_dump(settings))
+    assert gateway_stack.ctl("reload").returncode == 0
     gateway_stack.wait_for(
-        lambda d: d["gateway"]["reloads"] > before["reloads"] and d["gateway"]["in_sync"]
+        lambda d: d["gateway"]["reloads"] > before["reloads"] and d["gateway"]["in_sync"],
+        timeout_s=120,
+        poll_s=0.5,
     )
-    gateway_stack.manager.systemctl("start", f"diversityd-{VLLM}.service")
+    settings_file.write_text(original)
+    assert gateway_stack.ctl("reload").returncode == 0
     gateway_stack.wait_for(
-        lambda d: "qwen-coder-vllm" in d["gateway"]["models"] and d["gateway"]["in_sync"],
+        lambda d: d["gateway"]["reloads"] > before["reloads"] + 1 and d["gateway"]["in_sync"],
         timeout_s=120,
         poll_s=0.5,
     )
@@ -375,7 +482,7 @@ def test_the_serving_gateway_stopped_by_hand_is_replaced_on_the_current_config(
     settings = yaml.safe_load(original)
     wait_gateway_ready(gateway_stack)
     try:
-        # reload until green serves a config blue never had (vLLM away)
+        # green serves a config blue never had (vLLM away, then a setting changed)
         gateway_stack.manager.systemctl("stop", vllm)
         before = gateway_stack.wait_for(
             lambda d: "qwen-coder-vllm" in d["gateway"]["left_out"] and d["gateway"]["in_sync"],
@@ -411,7 +518,7 @@ def test_the_serving_gateway_stopped_by_hand_is_replaced_on_the_current_config(
             time.sleep(2)
         assert after["config_sha256"] == before["config_sha256"]  # the current config...
         served = Path(after["config"]).read_text()
-        assert "unavailable" in served  # ...which sends qwen-coder-vllm to the daemon
+        assert "diversityd_unavailable" in served  # ...which answers qwen-coder-vllm itself
         assert gateway_stack.unit_property(after["unit"], "ActiveState") == "active"
         assert stream.failed == [], stream.failed[:5]  # waited on the held socket
         assert len(stream.answers) > 0
@@ -426,6 +533,8 @@ def test_the_serving_gateway_stopped_by_hand_is_replaced_on_the_current_config(
 def gateway_faults(gateway_stack: RunningStack) -> Iterator[Path]:
     """The daemon of `gateway_stack` reads the step to die at from the returned file."""
     manager = gateway_stack.manager
+    settings_file = gateway_stack.stack.config_dir / "diversityd.yaml"
+    original = settings_file.read_text()
     fault = gateway_stack.stack.root / "fault"
     drop_in = manager.unit_dir / "diversityd.service.d" / "fault.conf"
     drop_in.parent.mkdir(parents=True, exist_ok=True)
@@ -438,6 +547,7 @@ def gateway_faults(gateway_stack: RunningStack) -> Iterator[Path]:
     finally:
         fault.unlink(missing_ok=True)
         drop_in.unlink(missing_ok=True)
+        settings_file.write_text(original)
         manager.systemctl("daemon-reload")
         manager.systemctl("restart", "diversityd.service", timeout=60)
         gateway_stack.manager.systemctl("start", f"diversityd-{VLLM}.service")
@@ -445,21 +555,35 @@ def gateway_faults(gateway_stack: RunningStack) -> Iterator[Path]:
 
 
 @pytest.mark.parametrize(
-    "step", ["gateway.config_written", "gateway.instance_ready", "gateway.switched"]
+    "step",
+    [
+        "gateway.routes_written",
+        "gateway.config_written",
+        "gateway.instance_ready",
+        "gateway.switched",
+    ],
 )
 def test_a_daemon_killed_in_a_gateway_reload_leaves_one_gateway_in_sync(
     gateway_stack: RunningStack, gateway_faults: Path, step: str
 ) -> None:
-    """kill -9 of the daemon at each step of a blue/green reload: clients see nothing, and
-    once systemd has restarted the daemon one instance serves the config that renders."""
+    """kill -9 of the daemon at each step of a change of routes (in-process) or of a new
+    process (blue/green): clients see nothing, and once systemd has restarted the daemon
+    one instance serves what renders."""
     document = wait_gateway_ready(gateway_stack)
     daemon = document["daemon"]["pid"]
     vllm = f"diversityd-{VLLM}.service"
     verb = "stop" if gateway_stack.unit_property(vllm, "ActiveState") == "active" else "start"
+    settings_file = gateway_stack.stack.config_dir / "diversityd.yaml"
+    settings = yaml.safe_load(settings_file.read_text())
     gateway_faults.write_text(step)
     with gateway_stream(gateway_stack, "llama-cpp-native") as stream:
-        # vLLM goes (or comes back): what the gateway serves changes, so it reloads
-        gateway_stack.manager.systemctl(verb, vllm)
+        if step == "gateway.routes_written":
+            gateway_stack.manager.systemctl(verb, vllm)  # the routes change
+        else:  # a setting fixed at a process's start changes: a new process
+            drop = not settings["gateway"].get("litellm_settings", {}).get("drop_params")
+            settings["gateway"]["litellm_settings"] = {"drop_params": drop}
+            settings_file.write_text(yaml.safe_dump(settings))
+            gateway_stack.ctl("reload")
         gateway_stack.wait_for(
             lambda d: d["daemon"].get("running") is True and d["daemon"]["pid"] != daemon,
             timeout_s=240,
@@ -490,3 +614,40 @@ def test_a_daemon_killed_in_a_gateway_reload_leaves_one_gateway_in_sync(
         timeout_s=180,
         poll_s=1.0,
     )
+
+
+def test_nothing_but_a_client_ever_asks_the_paid_cloud(gateway_stack: RunningStack) -> None:
+    """Issue 17: each new LiteLLM's warm-up sent real completions to every model, clouds
+    included (a counting stand-in got 6 from 3 reloads, none from any client). The paid
+    cloud here ends two chains; by now this module has made new processes (warm-ups),
+    drilled every provider in every mode, probed for minutes, and never asked for it."""
+    wait_gateway_ready(gateway_stack)
+    assert gateway_stack.stack.paid_requests() == []
+    # one more new process, its warm-up included, and a drill whose chain ends at the cloud
+    before = gateway_stack.status()["gateway"]
+    settings_file = gateway_stack.stack.config_dir / "diversityd.yaml"
+    original = settings_file.read_text()
+    settings = yaml.safe_load(original)
+    settings["gateway"]["litellm_settings"] = {"drop_params": True}
+    try:
+        settings_file.write_text(yaml.safe_dump(settings))
+        assert gateway_stack.ctl("reload").returncode == 0
+        gateway_stack.wait_for(
+            lambda d: d["gateway"]["reloads"] > before["reloads"] and d["gateway"]["in_sync"],
+            timeout_s=120,
+            poll_s=0.5,
+        )
+        drill = gateway_stack.ctl(
+            "failover-test", LLAMA_PYTHON, "--mode", "stop", "--json", timeout=600
+        )
+        assert drill.returncode == 0, drill.stdout + drill.stderr
+    finally:
+        settings_file.write_text(original)
+        gateway_stack.ctl("reload")
+        wait_gateway_ready(gateway_stack)
+    assert gateway_stack.stack.paid_requests() == []
+    # a client may ask it by name, and the key goes out resolved (never os.environ/NAME)
+    answer = ask_once(gateway_stack, "paid-model", stream=False)
+    assert answer.ok, answer
+    (request,) = gateway_stack.stack.paid_requests()
+    assert request["authorization"] == f"Bearer {PAID_KEY}"

@@ -132,6 +132,14 @@ def reload(config_dir: Path | None, as_json: bool) -> None:
     elif result.get("ok"):
         restarting = ", ".join(result.get("restarting") or []) or "nothing"
         click.echo(f"reloaded; restarting {restarting}")
+        gateway = result.get("gateway")
+        if gateway:
+            how = {
+                "none": "unchanged",
+                "in-process": "routes changed in-process",
+                "new process": "a new process",
+            }.get(gateway.get("change"), gateway.get("change"))
+            click.echo(f"gateway: {how} ({gateway.get('reason')})")
     else:
         for error in result.get("errors", []):
             click.echo(Finding(Severity.ERROR, **error).format(), err=True)

@@ -28,6 +28,8 @@ from diversityd.validation import check_config_dir
 
 log = get_logger()
 
+GATEWAY_DECISION_WAIT_S = 20.0  # how a reload reached the gateway, for its answer
+
 
 class Commands:
     def __init__(
@@ -121,8 +123,12 @@ class Commands:
         await self.supervisor.refresh_snapshots(only_missing=True)
         await self.models.watch_all()
         written, job_id = await self.rollout.refresh_units("configuration reloaded")
+        gateway_change: dict[str, Any] | None = None
         if self.gateway is not None:
             await self.loop.call(self.gateway.unpin)
+            # in-process, a new process, or nothing: decided within a second or two
+            change = await self.gateway.next_change(GATEWAY_DECISION_WAIT_S)
+            gateway_change = dict(change) if change is not None else None
         self.supervisor.ensure_probe_tasks()
         added = [name for name in after if name not in before]
         if added:
@@ -143,6 +149,7 @@ class Commands:
             "restarting": written,
             "starting": added,
             "job": job_id,
+            "gateway": gateway_change,
         }
 
     def _owned_names(self, provider: str, verb: str) -> list[str]:

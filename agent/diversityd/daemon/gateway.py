@@ -28,7 +28,7 @@ from diversityd.adapters.litellm import gateway_places, prepare_key
 from diversityd.adapters.systemd import Systemd
 from diversityd.daemon.gatewayrecord import GatewayRecord
 from diversityd.daemon.gatewayswitch import ProcessSwitch
-from diversityd.daemon.loop import StateLoop
+from diversityd.daemon.loop import StateLoop, checkpoint
 from diversityd.daemon.metrics import Metrics
 from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import Store, sha256_text
@@ -224,7 +224,7 @@ class GatewayManager:
         plan = self.render()
         text = plan.text()
         await self.loop.call(lambda: setattr(self.record, "plan", plan))
-        running = record.running_colors()
+        running = record.running_colors(self.switch.instances)
         if not running:
             await self._new_process(text, plan, "no gateway instance runs")
             return
@@ -283,6 +283,7 @@ class GatewayManager:
         """New routes to running instances, in-process; their config files first."""
         started = time.monotonic()
         self._keep_files(text)
+        checkpoint("gateway.routes_written")
         results = await asyncio.gather(
             *(gatewaychannel.push_routes(self.paths.control_socket(c), routes) for c in colors),
             return_exceptions=True,

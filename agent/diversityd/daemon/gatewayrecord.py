@@ -37,6 +37,7 @@ class GatewayRecord:
     route_updates: int = 0  # changes applied in-process, over the control channel
     last_change: GatewayChange | None = None  # how the last change reached the gateway
     routes_at: dict[str, str] = field(default_factory=dict)  # color -> routes digest it serves
+    retiring: set[str] = field(default_factory=set)  # colours a switch is stopping/restarting
 
     @property
     def unit(self) -> str | None:
@@ -59,13 +60,17 @@ class GatewayRecord:
         """Serving the config the providers' state renders now, no reload under way."""
         return self.in_sync and not self.reloading and self.state() == "ready"
 
-    def running_colors(self) -> list[str]:
-        """The colours whose instance is active, the serving one last."""
+    def running_colors(self, instances: int = 1) -> list[str]:
+        """The colours whose instance serves and is kept current, the serving one last:
+        with one instance wanted, the serving one only (another running is being stopped,
+        or about to be); never one a switch is retiring."""
         running = [
             color
             for color in GATEWAY_COLORS
             if (snapshot := self.instances.get(gateway_instance(color))) is not None
             and snapshot.active_state == "active"
+            and color not in self.retiring
+            and (instances == 2 or color == self.color)
         ]
         return sorted(running, key=lambda c: c == self.color)
 

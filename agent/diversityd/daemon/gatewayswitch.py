@@ -105,7 +105,7 @@ class ProcessSwitch:
     async def start_second(self, text: str) -> None:
         """(Two instances.) The colour that does not run starts on the config in force."""
         async with self._switching:
-            running = self.record.running_colors()
+            running = self.record.running_colors(self.instances)
             missing = [c for c in GATEWAY_COLORS if c not in running]
             if not running or not missing:
                 return
@@ -211,6 +211,7 @@ class ProcessSwitch:
         self.files.write_config(other, text)
         other_unit = gateway_instance(other)
         timeout_s = self.graceful_s() + 60
+        await self.loop.call(lambda: self.record.retiring.add(other))
         if self.instances == 2:
             # The other instance serves the new config too (it drains first when it runs).
             self._old = asyncio.ensure_future(
@@ -221,7 +222,16 @@ class ProcessSwitch:
         elif old_color is not None:
             # The old proxy drains its requests in flight (graceful SIGTERM), then exits.
             self._old = asyncio.ensure_future(systemd.stop(other_unit, timeout_s=timeout_s))
+        if self._old is not None:
+            self._old.add_done_callback(lambda _: self._retired(other))
+        else:
+            await self.loop.call(lambda: self.record.retiring.discard(other))
         return result
+
+    def _retired(self, color: str) -> None:
+        """The old colour stopped (or restarted on the new config): back in the count."""
+        self.loop.post_call(lambda: self.record.retiring.discard(color))
+        self.wake()
 
     async def _failed(self, unit: str, text: str, result: GatewayReload, outcome: str) -> None:
         result["error"] = (

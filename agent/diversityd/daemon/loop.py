@@ -67,6 +67,11 @@ class StateLoop:
     def post(self, event: object) -> None:
         self._events.put_nowait(event)
 
+    def post_call(self, action: Callable[[], object]) -> None:
+        """Run `action` in the loop, soon; for callbacks that cannot await `call`."""
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._events.put_nowait(_Call(action, future))
+
     async def call(self, action: Callable[[], T]) -> T:
         """Run `action` in the loop (where state may be written); its result or exception."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
