@@ -180,6 +180,9 @@ class SupervisionSettings:
     revive_initial_s: float = 10.0  # a unit systemd gave up on is started again after this,
     revive_max_s: float = 300.0  # doubling each time up to this
     hung_grace_s: float = 10.0  # an owned server hung this long (no CPU progress) is killed
+    # before a planned stop, a server leaves the gateway's routes and its requests in flight
+    # get this long to finish (None: its type's whole-answer timeout, gateway.timeouts)
+    drain_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -666,13 +669,14 @@ _SETTINGS_KEYS = (
     "providers",
 )
 _PROBE_KEYS = ("interval_s", "timeout_s")
-_MAY_BE_ZERO: tuple[str, ...] = ()
+_MAY_BE_ZERO: tuple[str, ...] = ("drain_s",)  # 0: stopped at once, no drain
 _SUPERVISION_KEYS = (
     "start_grace_s",
     "ready_wait_s",
     "revive_initial_s",
     "revive_max_s",
     "hung_grace_s",
+    "drain_s",
 )
 # Accepted from older configurations, with a warning: what they did is no longer done.
 _RETIRED_SUPERVISION_KEYS = {

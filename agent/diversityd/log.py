@@ -12,7 +12,10 @@ from typing import Any
 import structlog
 
 # The field names every event may carry; values are rendered as text.
-FIELDS = ("provider", "unit", "model", "elapsed_ms", "error", "state", "pid", "path", "job")
+FIELDS = (
+    "provider", "unit", "model", "elapsed_ms", "error", "state", "pid", "path", "job",
+    "in_flight",
+)  # fmt: skip
 
 
 def get_logger(**initial: Any) -> Any:
@@ -48,6 +51,8 @@ EVENT_TEXT: dict[str, str] = {
     "gateway.routes_failed": "gateway routes not changed in-process; starting a new process",
     "gateway.channel_silent": "a gateway instance's control channel did not answer; asking again",
     "gateway.second_starting": "starting the second gateway instance",
+    "gateway.spare_stopped": "a spare gateway instance runs beside the serving one; stopping it",
+    "gateway.spare_stop_failed": "a spare gateway instance could not be stopped",
     "gateway.second_failed": "the second gateway instance did not start",
     "gateway.reloading": "reloading the gateway",
     "gateway.socket_started": "started the gateway's socket",
@@ -63,6 +68,8 @@ EVENT_TEXT: dict[str, str] = {
     "probe.changed": "probe result changed",
     "probe.failed": "a probe failed",
     "provider.hung_killed": "killed a hung server; systemd restarts it",
+    "provider.drained": "drained before a planned stop (out of the gateway's routes, "
+    "its requests in flight finished)",
     "provider.state": "provider state changed",
     "provider.stopped_by_user": "provider stopped from outside; left stopped",
     "state.damaged": "the state file is damaged; rebuilt from systemd and the unit files",

@@ -490,8 +490,8 @@ def test_the_serving_gateway_stopped_by_hand_is_replaced_on_the_current_config(
             poll_s=0.5,
         )["gateway"]
         if before["unit"] != "diversityd-gateway@green.service":
-            # colours alternate: one more reload (a config that renders differently)
-            settings["gateway"]["timeouts"]["vllm"] = {"cooldown_s": 11}
+            # colours alternate: one more new process (a setting fixed at its start)
+            settings["gateway"]["litellm_settings"] = {"drop_params": True}
             settings_file.write_text(yaml.safe_dump(settings))
             assert gateway_stack.ctl("reload").returncode == 0
             before = gateway_stack.wait_for(

@@ -239,7 +239,9 @@ class WarmServer:
     and the first accept."""
 
     @staticmethod
-    def make(config: Any, models: list[str], runtime: Any, control: str | None) -> Any:
+    def make(
+        config: Any, models: list[str], runtime_module: Any, runtime: Any, control: str | None
+    ) -> Any:
         import uvicorn
 
         class Server(uvicorn.Server):  # type: ignore[misc]
@@ -250,6 +252,9 @@ class WarmServer:
                     await started()
                     if self.lifespan.should_exit:
                         return
+                    import litellm
+
+                    litellm.callbacks.append(runtime_module.in_flight_hook(runtime.inflight))
                     if control:
                         # On uvicorn's own loop: the router changes between requests.
                         await runtime.serve(control)
@@ -311,8 +316,9 @@ def main() -> None:
     document = read_document(args.config)
     runtime_module = load_runtime()
     runtime = runtime_module.Runtime(document, launcher_sha=launcher_sha(), config=args.config)
+    answered = runtime_module.UnavailableAnswer(app, runtime, os.environ["LITELLM_MASTER_KEY"])
     config = uvicorn.Config(
-        runtime_module.UnavailableAnswer(app, runtime, os.environ["LITELLM_MASTER_KEY"]),
+        runtime_module.CountInFlight(answered, runtime.inflight),
         fd=fd,
         timeout_graceful_shutdown=int(args.graceful_s),
         log_level="warning",
@@ -320,7 +326,9 @@ def main() -> None:
     )
     asyncio.run(
         serve(
-            WarmServer.make(config, models_to_warm(document), runtime, args.control),
+            WarmServer.make(
+                config, models_to_warm(document), runtime_module, runtime, args.control
+            ),
             f"serving {os.path.basename(args.config)}",
         )
     )

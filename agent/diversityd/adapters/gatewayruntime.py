@@ -17,12 +17,19 @@ Loaded by gatewaylauncher.py in LiteLLM's venv; imported by the daemon for the p
 - **The answer for a name no server can serve** (`model_info.diversityd_unavailable`): a
   503 with Retry-After naming the providers and their states, given here before LiteLLM
   routes the request, so it never leaves the process.
+- **Requests in flight per deployment**, for the daemon's drain before a planned stop:
+  LiteLLM's own counters do not serve (its parallel-request slot is released when
+  `acompletion` returns, before a stream ends). A request is counted against the
+  deployment the router picked for it (a CustomLogger's pre-call check: a request waiting
+  on a one-at-a-time server counts too) until its last byte is sent or its client goes
+  (an ASGI wrapper around the whole proxy).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import hmac
 import json
@@ -36,6 +43,7 @@ from typing import Any
 PROTOCOL = 1
 MAX_LINE = 32 * 1024 * 1024  # a whole model list, with room
 UNAVAILABLE_INFO = "diversityd_unavailable"  # as gateway.py writes it (the core)
+PROVIDER_INFO = "diversityd_provider"
 RETRY_AFTER_INFO = "retry_after_s"
 # Bearer for OpenAI-style clients; the others as LiteLLM's auth accepts them
 KEY_HEADERS = (b"authorization", b"x-api-key", b"api-key", b"x-litellm-api-key")
@@ -137,6 +145,96 @@ def apply_routes(routes: Mapping[str, Any]) -> dict[str, list[str]]:
     return {"added": added, "removed": removed, "updated": updated}
 
 
+class RequestSlot:
+    """One client request: the deployment it is counted against, if any yet."""
+
+    __slots__ = ("deployment", "done")
+
+    def __init__(self) -> None:
+        self.deployment: str | None = None
+        self.done = False
+
+
+CURRENT_REQUEST: contextvars.ContextVar[RequestSlot | None] = contextvars.ContextVar(
+    "diversityd_request", default=None
+)
+
+
+class InFlight:
+    """Requests in flight per deployment id (only ever touched on the proxy's loop)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def assign(self, slot: RequestSlot, deployment: str) -> None:
+        """The router picked `deployment` for this request (again, after a fallback)."""
+        if slot.done or slot.deployment == deployment:
+            return
+        self._drop(slot)
+        slot.deployment = deployment
+        self.counts[deployment] = self.counts.get(deployment, 0) + 1
+
+    def leave(self, slot: RequestSlot) -> None:
+        if not slot.done:
+            slot.done = True
+            self._drop(slot)
+
+    def _drop(self, slot: RequestSlot) -> None:
+        if slot.deployment is not None:
+            left = self.counts.get(slot.deployment, 0) - 1
+            if left > 0:
+                self.counts[slot.deployment] = left
+            else:
+                self.counts.pop(slot.deployment, None)
+            slot.deployment = None
+
+
+class CountInFlight:
+    """ASGI wrapper: each request gets a slot, counted until its last byte or its end."""
+
+    def __init__(self, app: ASGIApp, inflight: InFlight) -> None:
+        self.app = app
+        self.inflight = inflight
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        slot = RequestSlot()
+        token = CURRENT_REQUEST.set(slot)
+
+        async def counted_send(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                self.inflight.leave(slot)  # the last byte is out
+
+        try:
+            await self.app(scope, receive, counted_send)
+        finally:
+            CURRENT_REQUEST.reset(token)
+            self.inflight.leave(slot)  # ended otherwise: an error, the client went
+
+
+def in_flight_hook(inflight: InFlight) -> Any:
+    """A LiteLLM CustomLogger whose pre-call check (called once the router picked a
+    deployment, before the call) counts the request against it."""
+    from litellm.integrations.custom_logger import CustomLogger
+
+    class Counter(CustomLogger):  # type: ignore[misc]
+        async def async_pre_call_check(
+            self,
+            deployment: dict[str, Any],
+            parent_otel_span: Any,  # noqa: ARG002 - LiteLLM's signature
+        ) -> dict[str, Any] | None:
+            slot = CURRENT_REQUEST.get()
+            ident = (deployment.get("model_info") or {}).get("id")
+            if slot is not None and ident:
+                inflight.assign(slot, str(ident))
+            return None
+
+    return Counter()
+
+
 def peer_uid(writer: asyncio.StreamWriter) -> int | None:
     sock = writer.get_extra_info("socket")
     if sock is None:
@@ -159,8 +257,10 @@ class Runtime:
         routes = routes_in(document)
         self.digest = routes_digest(routes)
         self.unavailable = unavailable_answers(routes["model_list"])
+        self.providers = providers_of(routes["model_list"])
         self.changes = 0  # routes applied in-process since start
         self.server: asyncio.AbstractServer | None = None
+        self.inflight = InFlight()
 
     def hello(self) -> dict[str, Any]:
         version = "unknown"
@@ -187,6 +287,7 @@ class Runtime:
         changed = apply_routes(routes)
         self.digest = digest
         self.unavailable = unavailable_answers(list(routes.get("model_list") or []))
+        self.providers.update(providers_of(list(routes.get("model_list") or [])))
         self.changes += 1
         return {
             "routes_digest": digest,
@@ -198,12 +299,24 @@ class Runtime:
         op = request.get("op")
         if op == "hello":
             return self.hello()
+        if op == "inflight":
+            return self.in_flight()
         if op == "routes":
             routes = request.get("routes")
             if not isinstance(routes, dict):
                 raise ChannelError("routes: expected an object with model_list and fallbacks")
             return self.set_routes(routes)
         raise ChannelError(f"unknown op {op!r}")
+
+    def in_flight(self) -> dict[str, Any]:
+        """Requests in flight, per deployment and per provider (a deployment taken out of
+        the routes still counts until its requests end)."""
+        deployments = dict(self.inflight.counts)
+        providers: dict[str, int] = {}
+        for ident, count in deployments.items():
+            provider = self.providers.get(ident, "")
+            providers[provider] = providers.get(provider, 0) + count
+        return {"deployments": deployments, "providers": providers}
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -233,6 +346,16 @@ class Runtime:
         finally:
             os.umask(old_umask)
         os.chmod(path, 0o600)
+
+
+def providers_of(model_list: list[Any]) -> dict[str, str]:
+    """Deployment id -> the provider whose server it reaches (model_info, as rendered)."""
+    found: dict[str, str] = {}
+    for entry in model_list:
+        info = entry.get("model_info") if isinstance(entry, dict) else None
+        if isinstance(info, dict) and info.get("id") and info.get(PROVIDER_INFO):
+            found[str(info["id"])] = str(info[PROVIDER_INFO])
+    return found
 
 
 def presented_keys(scope: Scope) -> list[bytes]:

@@ -26,6 +26,7 @@ from diversityd.adapters.notify import Notifier
 from diversityd.adapters.systemd import Systemd
 from diversityd.adapters.unitfiles import machine_context, own_unit_staleness
 from diversityd.daemon.commands import Commands
+from diversityd.daemon.draining import Drainer
 from diversityd.daemon.drills import Drills
 from diversityd.daemon.gateway import GatewayManager
 from diversityd.daemon.gpus import GpuPlanner
@@ -125,6 +126,15 @@ class Daemon:
                 on_unit_change=self.supervisor.on_systemd_change,
             )
         self.jobs = Jobs(loop, store)
+        gateway = self.gateway
+        drainer = Drainer(
+            loop,
+            store,
+            record=gateway.record if gateway is not None else None,
+            paths=gateway.paths if gateway is not None else None,
+            instances=store.config.settings.gateway.instances,
+            wake=self._gateway_may_change,
+        )
         self.planner = GpuPlanner(
             loop,
             store,
@@ -142,8 +152,8 @@ class Daemon:
             statefile=self.statefile,
             metrics=metrics,
             confirm_outside_stops=self.supervisor.confirm_outside_stops,
+            drainer=drainer,
         )
-        gateway = self.gateway
         self.rollout = Rollout(
             loop,
             store,
@@ -157,6 +167,7 @@ class Daemon:
             metrics=metrics,
             unit_dir=self._unit_dir(),
             own_units=gateway.units if gateway is not None else list,
+            drainer=drainer,
         )
         self.models = ModelLinks(
             loop,
@@ -183,7 +194,14 @@ class Daemon:
         self.jobs.register("rollback", self.commands.run_rollback_job)
         if gateway is not None:
             drills = Drills(
-                loop, store, systemd, jobs=self.jobs, locks=locks, gateway=gateway, metrics=metrics
+                loop,
+                store,
+                systemd,
+                jobs=self.jobs,
+                locks=locks,
+                gateway=gateway,
+                metrics=metrics,
+                drainer=drainer,
             )
             self.jobs.register("failover", drills.run_job)
         self.web = Web(store, metrics=metrics.exposition)

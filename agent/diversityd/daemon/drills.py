@@ -14,6 +14,7 @@ from typing import Any
 from diversityd.adapters.gatewayclient import ask, new_client
 from diversityd.adapters.litellm import read_master_key
 from diversityd.adapters.systemd import Systemd, SystemdError
+from diversityd.daemon.draining import Drainer
 from diversityd.daemon.gateway import GatewayManager
 from diversityd.daemon.jobs import Jobs
 from diversityd.daemon.loop import ProviderLocks, StateLoop
@@ -52,7 +53,9 @@ class Drills:
         locks: ProviderLocks,
         gateway: GatewayManager,
         metrics: Metrics,
+        drainer: Drainer,
     ) -> None:
+        self.drainer = drainer
         self.loop = loop
         self.store = store
         self.systemd = systemd
@@ -132,8 +135,14 @@ class Drills:
             if mode is DrillMode.KILL:
                 await self.systemd.kill(unit, int(signal.SIGKILL))
             elif mode is DrillMode.STOP:
+                # announced: drained first (a planned stop loses nothing)
                 await self.loop.call(functools.partial(self.store.expected_stops.add, unit))
-                await self.systemd.stop(unit)
+                drained = await self.drainer.drain(name, reason="drill")
+                self.jobs.report(job, {"provider": name, "step": "drained", **drained.to_json()})
+                try:
+                    await self.systemd.stop(unit)
+                finally:
+                    await self.drainer.release(name)
             else:
                 await self.systemd.kill(unit, int(signal.SIGSTOP))
             await self._wait_settled(record, answers, taken_down_at, mode)

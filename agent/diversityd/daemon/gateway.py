@@ -138,33 +138,7 @@ class GatewayManager:
         self._dirty.set()
 
     def on_unit_changed(self, unit: str, changed: dict[str, Any]) -> None:
-        record = self.record
-        base = record.instances.get(unit)
-        if base is None:
-            return
-        snapshot = record.instances[unit] = base.merged(changed)
-        color = next(c for c in GATEWAY_COLORS if gateway_instance(c) == unit)
-        if snapshot.active_state != "active":
-            record.routes_at.pop(color, None)  # a process that comes back says what it serves
-        came_up = base.active_state != "active" and snapshot.active_state == "active"
-        if unit == record.unit:
-            record.snapshot = snapshot
-            if snapshot.active_state in ("failed", "inactive") and not record.reloading:
-                log.error("gateway.instance_down", unit=unit, state=snapshot.active_state)
-                self._dirty.set()  # the loop starts one on the current config
-            elif came_up:
-                self._dirty.set()  # restarted by systemd: resynchronised before anything
-        elif came_up and not record.reloading:
-            if self.switch.instances == 1 or record.color is None:
-                # Started by traffic on the socket (the `Service=` colour) while none ran,
-                # or by hand: it serves now; its config file is the last applied one (both
-                # colours' files are written). (A switch's own start happens `reloading`.)
-                record.color, record.snapshot = color, snapshot
-                record.applied_text = read_text_or_none(self.files.config_path(color))
-                log.warning("gateway.adopted", unit=unit, pid=snapshot.main_pid)
-            self._dirty.set()
-        elif self.switch.instances == 2 and snapshot.active_state in ("failed", "inactive"):
-            self._dirty.set()  # the second instance is started again
+        self.switch.on_unit_changed(unit, changed)
 
     def render(self) -> GatewayPlan:
         config = self.store.config
@@ -226,8 +200,10 @@ class GatewayManager:
         await self.loop.call(lambda: setattr(self.record, "plan", plan))
         running = record.running_colors(self.switch.instances)
         if not running:
-            await self._new_process(text, plan, "no gateway instance runs")
+            if not self.switch.restarting_by_itself():
+                await self._new_process(text, plan, "no gateway instance runs")
             return
+        self.switch.retire_spares()
         paths = self.paths
         views = list(
             await asyncio.gather(

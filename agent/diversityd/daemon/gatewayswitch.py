@@ -15,6 +15,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable
+from typing import Any
 
 from diversityd.adapters.files import read_text_or_none
 from diversityd.adapters.litellm import GatewayFiles
@@ -26,6 +27,7 @@ from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import Store, sha256_text
 from diversityd.gateway import GatewayPlan
 from diversityd.log import get_logger
+from diversityd.reconcile import FAILED_SETTLE_S
 from diversityd.state import UnitSnapshot
 from diversityd.statusdoc import GatewayReload
 from diversityd.timefmt import iso_now
@@ -67,6 +69,63 @@ class ProcessSwitch:
         self.retry_at = 0.0
         self._old: asyncio.Future[str] | None = None  # the old instance draining/restarting
         self.last_start = 0.0
+        self._down_since = 0.0  # when the serving instance was last seen failed/inactive
+
+    def on_unit_changed(self, unit: str, changed: dict[str, Any]) -> None:
+        record = self.record
+        base = record.instances.get(unit)
+        if base is None:
+            return
+        snapshot = record.instances[unit] = base.merged(changed)
+        color = next(c for c in GATEWAY_COLORS if gateway_instance(c) == unit)
+        if snapshot.active_state != "active":
+            record.routes_at.pop(color, None)  # a process that comes back says what it serves
+        came_up = base.active_state != "active" and snapshot.active_state == "active"
+        if unit == record.unit:
+            record.snapshot = snapshot
+            if snapshot.active_state in ("failed", "inactive") and not record.reloading:
+                log.error("gateway.instance_down", unit=unit, state=snapshot.active_state)
+                self._down_since = time.monotonic()
+                # systemd shows `failed` for an instant before its Restart=: a new process
+                # only if it stays down (one started beside the restart would be a spare)
+                asyncio.get_running_loop().call_later(FAILED_SETTLE_S, self.wake)
+            elif came_up:
+                self.wake()  # restarted by systemd: resynchronised before anything
+        elif came_up and not record.reloading:
+            if self.instances == 1 or record.color is None:
+                # Started by traffic on the socket (the `Service=` colour) while none ran,
+                # or by hand: it serves now; its config file is the last applied one (both
+                # colours' files are written). (A switch's own start happens `reloading`.)
+                record.color, record.snapshot = color, snapshot
+                record.applied_text = read_text_or_none(self.files.config_path(color))
+                log.warning("gateway.adopted", unit=unit, pid=snapshot.main_pid)
+            self.wake()
+        elif self.instances == 2 and snapshot.active_state in ("failed", "inactive"):
+            self.wake()  # the second instance is started again
+
+    def restarting_by_itself(self) -> bool:
+        """The serving instance is in systemd's Restart= walk (its `failed` instant, or
+        activating again): it comes back on its own config file, which is current."""
+        snapshot = self.record.snapshot
+        if snapshot is None or self.record.color is None:
+            return False
+        if snapshot.active_state == "activating":
+            return True
+        return snapshot.active_state in ("failed", "inactive") and (
+            time.monotonic() - self._down_since < FAILED_SETTLE_S
+        )
+
+    def retire_spares(self) -> None:
+        """(One instance wanted.) Another colour running beside the serving one (started by
+        hand, or by socket activation in a race) drains and stops."""
+        record = self.record
+        if self.instances != 1:
+            return
+        for color in GATEWAY_COLORS:
+            snapshot = record.instances.get(gateway_instance(color))
+            spare = snapshot is not None and snapshot.active_state == "active"
+            if spare and color != record.color and color not in record.retiring:
+                self.loop.spawn(self.retire(color), name=f"gateway-retire-{color}")
 
     @property
     def busy(self) -> bool:
@@ -227,6 +286,18 @@ class ProcessSwitch:
         else:
             await self.loop.call(lambda: self.record.retiring.discard(other))
         return result
+
+    async def retire(self, color: str) -> None:
+        """A spare instance drains and stops (its requests in flight finish)."""
+        await self.loop.call(lambda: self.record.retiring.add(color))
+        unit = gateway_instance(color)
+        log.warning("gateway.spare_stopped", unit=unit)
+        try:
+            await self.systemd.stop(unit, timeout_s=self.graceful_s() + 60)
+        except SystemdError as exc:
+            log.error("gateway.spare_stop_failed", unit=unit, error=str(exc))
+        finally:
+            self._retired(color)
 
     def _retired(self, color: str) -> None:
         """The old colour stopped (or restarted on the new config): back in the count."""

@@ -21,6 +21,7 @@ from diversityd.adapters.files import read_text_or_none
 from diversityd.adapters.inotify import Inotify, InotifyEvent
 from diversityd.adapters.systemd import Systemd, SystemdError
 from diversityd.adapters.unitfiles import owned_provider_units, sync_units
+from diversityd.daemon.draining import Drainer
 from diversityd.daemon.gpus import GpuPlanner
 from diversityd.daemon.jobs import Jobs
 from diversityd.daemon.loop import ProviderLocks, StateLoop, checkpoint
@@ -57,8 +58,10 @@ class Rollout:
         metrics: Metrics,
         unit_dir: Path,
         own_units: Callable[[], list[RenderedUnit]],
+        drainer: Drainer,
     ) -> None:
         self.loop = loop
+        self.drainer = drainer
         self.store = store
         self.systemd = systemd
         self.supervisor = supervisor
@@ -279,7 +282,9 @@ class Rollout:
     async def _restart_one(self, job: Job, name: str) -> dict[str, Any]:
         record = self.store.records[name]
         assert record.unit is not None
-        self.jobs.report(job, {"provider": name, "step": "restarting"})
+        self.jobs.report(job, {"provider": name, "step": "draining"})
+        drained = await self.drainer.drain(name, reason=job.params.get("reason") or "restart")
+        self.jobs.report(job, {"provider": name, "step": "restarting", "drain": drained.to_json()})
         started = time.monotonic()
         log.info("unit.restarting", provider=name, unit=record.unit, job=job.id)
         # An asked-for restart is a fresh start: systemd's start limit (from earlier
@@ -289,6 +294,8 @@ class Rollout:
             outcome = await self.systemd.restart(record.unit)
         except SystemdError as exc:
             outcome = str(exc)
+        finally:
+            await self.drainer.release(name)  # back in the routes once it answers
         if outcome == "done":
             self.metrics.restarted(name)
             await self.loop.call(functools.partial(self._rolled, name))
@@ -311,6 +318,7 @@ class Rollout:
             "elapsed_ms": elapsed_ms,
             "state": record.state.value,
             "systemd_job": outcome,
+            "drain": drained.to_json(),
         }
 
     def _rolled(self, name: str) -> None:

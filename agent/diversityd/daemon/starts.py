@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 
 from diversityd.adapters.systemd import Systemd, SystemdError
+from diversityd.daemon.draining import Drainer
 from diversityd.daemon.loop import ProviderLocks, StateLoop
 from diversityd.daemon.metrics import Metrics
 from diversityd.daemon.statefile import StateFile
@@ -47,8 +48,10 @@ class Starter:
         statefile: StateFile,
         metrics: Metrics,
         confirm_outside_stops: Callable[[], None],
+        drainer: Drainer,
     ) -> None:
         self.loop = loop
+        self.drainer = drainer
         self.store = store
         self.systemd = systemd
         self.locks = locks
@@ -202,9 +205,18 @@ class Starter:
 
         async with self.locks.holding([name], job.id):
             await self.loop.call(mark)
+            drained = await self.drainer.drain(name, reason="stopped by the user")
             log.info("unit.stopping", provider=name, unit=record.unit, state="stopped by the user")
-            result = await self.systemd.stop(record.unit)
-        return {"ok": result == "done", "provider": name, "state": record.state.value}
+            try:
+                result = await self.systemd.stop(record.unit)
+            finally:
+                await self.drainer.release(name)
+        return {
+            "ok": result == "done",
+            "provider": name,
+            "state": record.state.value,
+            "drain": drained.to_json(),
+        }
 
     # -- held while their model file is rewritten -------------------------------------------
 

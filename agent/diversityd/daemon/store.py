@@ -235,6 +235,7 @@ class Store:
     # process runs it: a crash between the write and the restart must not lose the restart.
     pending_rolls: dict[str, str] = field(default_factory=dict)
     expected_stops: set[str] = field(default_factory=set)  # units diversityd itself stops
+    draining: set[str] = field(default_factory=set)  # providers out of the routes to stop
     kept_gpu_settings: dict[str, GpuSettings] = field(default_factory=dict)  # the last plan's
     gateway_pin: str | None = None  # a rollback's pin, read back at start
     unit_errors: str | None = None  # why the unit files could not be written (retried)
@@ -313,6 +314,8 @@ class Store:
         """Which providers serve which models right now (input of the gateway render)."""
         up: dict[str, frozenset[str] | None] = {}
         for name, record in self.records.items():
+            if name in self.draining:
+                continue  # about to be stopped on purpose: no new requests
             if not record.provider.is_local:
                 up[name] = None  # clouds: trusted (LiteLLM's cooldowns judge them)
             elif is_serving(record.state):
