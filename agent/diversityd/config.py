@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from diversityd.errors import ConfigError, Finding, Severity
+from diversityd.secretpatterns import quoted
 from diversityd.yamlfile import KeyPath, LoadedYaml, parse_yaml
 
 PROVIDERS_FILE = "providers.yaml"
@@ -275,7 +276,10 @@ class _Reader:
             self.error(path, "expected-mapping", "a list where a mapping is expected", hint)
         else:
             self.error(
-                path, "wrong-type", f"expected a mapping, found {_kind(value)} {value!r}", hint
+                path,
+                "wrong-type",
+                f"expected a mapping, found {_kind(value)} {quoted(value)}",
+                hint,
             )
         return None
 
@@ -287,7 +291,9 @@ class _Reader:
         if isinstance(value, dict):
             self.error(path, "expected-list", "a mapping where a list is expected", hint)
         else:
-            self.error(path, "wrong-type", f"expected a list, found {_kind(value)} {value!r}", hint)
+            self.error(
+                path, "wrong-type", f"expected a list, found {_kind(value)} {quoted(value)}", hint
+            )
         return None
 
     def string(self, path: KeyPath, value: Any, hint: str) -> str | None:
@@ -318,7 +324,7 @@ class _Reader:
             if key not in known:
                 close = _closest(key, known)
                 hint = f"did you mean {close!r}?" if close else f"known keys: {', '.join(known)}"
-                self.error((*path, key), "unknown-key", f"unknown key {key!r}", hint)
+                self.error((*path, key), "unknown-key", f"unknown key {quoted(key)}", hint)
 
 
 def _kind(value: Any) -> str:
@@ -354,7 +360,7 @@ def _parse_api_key_env(
             reader.error(
                 (*path, "api_key_env"),
                 "wrong-type",
-                f"{name!r} is not an environment variable name",
+                f"{quoted(name)} is not an environment variable name",
                 "use letters, digits and '_' only, e.g. OPENAI_API_KEY",
             )
             return None
@@ -410,7 +416,7 @@ def _parse_provider(reader: _Reader, path: KeyPath, name: str, raw: Any) -> Prov
     type_ = body.get("type")
     if type_ not in PROVIDER_TYPES:
         ok = False
-        shown = "missing" if type_ is None else repr(type_)
+        shown = "missing" if type_ is None else quoted(type_)
         reader.error(
             (*path, "type"),
             "unknown-type" if type_ is not None else "missing-key",
@@ -423,7 +429,7 @@ def _parse_provider(reader: _Reader, path: KeyPath, name: str, raw: Any) -> Prov
         reader.error(
             (*path, "status"),
             "wrong-value",
-            f"status {status!r} is neither 'active' nor 'disabled'",
+            f"status {quoted(status)} is neither 'active' nor 'disabled'",
             "write `status: active` or `status: disabled`",
         )
     cloud = CLOUD_TYPES.get(type_) if isinstance(type_, str) else None
@@ -433,7 +439,7 @@ def _parse_provider(reader: _Reader, path: KeyPath, name: str, raw: Any) -> Prov
         reader.error(
             (*path, "base_url"),
             "missing-key" if base_url is None else "wrong-value",
-            f"base_url is {base_url!r}, not an http(s) URL",
+            f"base_url is {quoted(base_url)}, not an http(s) URL",
             "write the server's address, e.g. `base_url: http://127.0.0.1:8080`",
         )
     else:
@@ -444,7 +450,7 @@ def _parse_provider(reader: _Reader, path: KeyPath, name: str, raw: Any) -> Prov
             reader.error(
                 (*path, "base_url"),
                 "wrong-value",
-                f"base_url {base_url!r} has an invalid port",
+                f"base_url {quoted(base_url)} has an invalid port",
                 "use a port between 1 and 65535",
             )
     models = _parse_models(reader, (*path, "models"), body.get("models"))
@@ -598,7 +604,7 @@ def _parse_exact_match(reader: _Reader, path: KeyPath, name: str, raw: Any) -> E
         reader.error(
             path,
             "missing-key",
-            f"exact_matches entry {name!r} names no provider",
+            f"exact_matches entry {quoted(name)} names no provider",
             "add `provider: NAME` (or `providers: [x, y]` to balance between two)",
         )
         return None
@@ -937,7 +943,7 @@ def _parse_owned(
             reader.error(
                 path,
                 "unknown-provider",
-                f"{name!r} is not a provider in {PROVIDERS_FILE}",
+                f"{quoted(name)} is not a provider in {PROVIDERS_FILE}",
                 f"use a name from {PROVIDERS_FILE}: {', '.join(sorted(providers)) or '(none)'}",
             )
         return None
@@ -953,7 +959,7 @@ def _parse_owned(
         reader.error(
             (*path, "server"),
             "missing-key" if server is None else "wrong-value",
-            f"server is {server!r}",
+            f"server is {quoted(server)}",
             f"say how {name} runs: one of {', '.join(SERVER_KINDS)}",
         )
         return None
@@ -961,7 +967,7 @@ def _parse_owned(
         reader.error(
             (*path, "server"),
             "wrong-value",
-            f"server {server!r} cannot serve a provider of type {provider.type!r}",
+            f"server {quoted(server)} cannot serve a provider of type {provider.type!r}",
             "match the provider's type in providers.yaml",
         )
         return None
@@ -1057,7 +1063,7 @@ def _parse_owned(
         reader.error(
             (*path, "log_level"),
             "wrong-value",
-            f"log_level is {log_level!r}",
+            f"log_level is {quoted(log_level)}",
             f"one of {', '.join(SERVER_LOG_LEVELS)} (info adds llama-server's timing lines)",
         )
         ok = False

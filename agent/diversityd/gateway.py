@@ -9,7 +9,6 @@ fallback ever points at a name that is not in the list.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,7 @@ import yaml
 
 from diversityd.catalog import Catalog, Deployment
 from diversityd.config import CLOUD_TYPES, Config, Provider, Settings
+from diversityd.secretpatterns import SECRET_SETTING, looks_like_secret
 
 MASTER_KEY_REFERENCE = "os.environ/LITELLM_MASTER_KEY"
 HEADER = (
@@ -51,7 +51,6 @@ ROUTER_DEFAULTS: Mapping[str, Any] = {
     "cooldown_time": 10,
 }
 _OLLAMA_PREFIXES = ("ollama/", "ollama_chat/")
-_SECRET_KEY = re.compile(r"(pass(word)?|secret|token|api_?key|master_?key)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -296,15 +295,16 @@ def _longest_path(fallbacks: Mapping[str, tuple[str, ...]]) -> int:
 
 
 def literal_secrets(section: Mapping[str, Any], prefix: str) -> Iterator[str]:
-    """Key paths in pass-through settings that hold a literal secret instead of a reference."""
+    """Key paths in pass-through settings that hold a literal secret instead of a reference:
+    under a key named like one (`api_key`, `password`), or a value shaped like one."""
     for key, value in section.items():
         path = f"{prefix}.{key}"
         if isinstance(value, Mapping):
             yield from literal_secrets(value, path)
         elif (
             isinstance(value, str)
-            and _SECRET_KEY.search(str(key))
             and not value.startswith("os.environ/")
+            and (SECRET_SETTING.search(str(key)) or looks_like_secret(value))
         ):
             yield path
 

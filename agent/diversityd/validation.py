@@ -13,6 +13,7 @@ from diversityd.config import SETTINGS_FILE, Config, Where, load_config
 from diversityd.errors import ConfigError, Finding, Severity
 from diversityd.fallbacks import check_graph
 from diversityd.gateway import literal_secrets
+from diversityd.secretpatterns import SECRET_FLAG, looks_like_secret, quoted, redact
 from diversityd.vram import LLAMA_SERVER_KINDS
 
 
@@ -122,12 +123,6 @@ def _check_owned_models(config: Config, catalog: Catalog) -> Iterable[Finding]:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# Arguments that carry a secret: on a command line every user on the machine reads them
-# (/proc/PID/cmdline), and the unit file that holds them is world-readable.
-_SECRET_FLAGS = re.compile(
-    r"^--?(api[-_]?key|hf[-_]?token|token|password|secret)(=.*)?$", re.IGNORECASE
-)
-_SECRET_VALUE = re.compile(r"^(sk-|hf_|ghp_|xox[abp]-)\S{8,}")
 
 
 def _check_names(config: Config) -> Iterable[Finding]:
@@ -151,7 +146,7 @@ def _check_names(config: Config) -> Iterable[Finding]:
                 Severity.ERROR,
                 "control-character",
                 where,
-                f"the {what} {name!r} holds a control character (a newline, a tab...)",
+                f"the {what} {quoted(name)} holds a control character (a newline, a tab...)",
                 "use letters, digits and punctuation only",
             )
 
@@ -160,12 +155,13 @@ def _check_owned_arguments(config: Config) -> Iterable[Finding]:
     for name, owned in config.settings.owned.items():
         for index, arg in enumerate(owned.extra_args):
             where = Where(owned.where.file, (*owned.where.path, "extra_args", index))
-            if _SECRET_FLAGS.match(arg) or _SECRET_VALUE.match(arg.partition("=")[2] or arg):
+            if SECRET_FLAG.match(arg) or looks_like_secret(arg):
+                shown = arg.partition("=")[0] if SECRET_FLAG.match(arg) else redact(arg)
                 yield config.finding(
                     Severity.ERROR,
                     "secret-in-arguments",
                     where,
-                    f"{name}: {arg.partition('=')[0]!r} passes a secret on the command line, "
+                    f"{name}: {shown!r} passes a secret on the command line, "
                     "which every user can read (/proc) and the unit file would keep",
                     "give it through `environment:` instead (written to a 0600 file), e.g. "
                     "LLAMA_API_KEY for llama-server, or drop it",
