@@ -8,8 +8,10 @@ as `tier`, `description`, `tags` are tolerated) and diversityd's own `diversityd
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import socket
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from urllib.parse import urlsplit
 
 from diversityd.errors import ConfigError, Finding, Severity
 from diversityd.secretpatterns import quoted
-from diversityd.yamlfile import KeyPath, LoadedYaml, parse_yaml
+from diversityd.yamlfile import MAX_BYTES, KeyPath, LoadedYaml, parse_yaml
 
 PROVIDERS_FILE = "providers.yaml"
 MAPPINGS_FILE = "model-mappings.yaml"
@@ -1149,14 +1151,72 @@ def parse_config(
     return config, findings
 
 
+class FileRefusedError(OSError):
+    """A file that is not read at all: not a regular file, or larger than allowed."""
+
+
+def read_bounded(path: Path, max_bytes: int) -> bytes | None:
+    """The bytes of a regular file of at most `max_bytes`; None when there is none. What it
+    is and how big is checked BEFORE reading (FileRefusedError): a link to /dev/zero would
+    read until memory runs out, a FIFO would block until a writer comes."""
+    try:
+        before = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    _check_regular(before, max_bytes)
+    # O_NONBLOCK: a FIFO swapped in after the check still cannot block the open
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        _check_regular(os.fstat(fd), max_bytes)
+        chunks, size = [], 0
+        while chunk := os.read(fd, min(1 << 16, max_bytes + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:  # it grew while being read
+                raise FileRefusedError(f"it grew past {max_bytes:,} bytes while being read")
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _check_regular(status: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(status.st_mode):
+        kinds = {
+            stat.S_IFDIR: "a directory",
+            stat.S_IFIFO: "a FIFO",
+            stat.S_IFCHR: "a character device",
+            stat.S_IFBLK: "a block device",
+            stat.S_IFSOCK: "a socket",
+        }
+        kind = kinds.get(stat.S_IFMT(status.st_mode), "not a regular file")
+        raise FileRefusedError(f"it is {kind}, not a regular file")
+    if status.st_size > max_bytes:
+        raise FileRefusedError(
+            f"it holds {status.st_size:,} bytes; a configuration file holds at most {max_bytes:,}"
+        )
+
+
 def read_config_texts(config_dir: Path) -> dict[str, str | None]:
+    """The three files' texts (None: absent), each checked before it is read."""
     texts: dict[str, str | None] = {}
     for name in (PROVIDERS_FILE, MAPPINGS_FILE, SETTINGS_FILE):
         path = config_dir / name
         try:
-            texts[name] = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            texts[name] = None
+            data = read_bounded(path, MAX_BYTES)
+            texts[name] = None if data is None else data.decode("utf-8")
+        except FileRefusedError as exc:
+            raise ConfigError(
+                [
+                    Finding(
+                        Severity.ERROR,
+                        "unreadable-file",
+                        f"{path} is not read: {exc}",
+                        file=str(path),
+                        hint="point it at a regular YAML file of at most "
+                        f"{MAX_BYTES // (1 << 20)} MiB",
+                    )
+                ]
+            ) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(
                 [
