@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from diversityd.errors import ConfigError, Finding, Severity
 from diversityd.fallbacks import check_graph
 from diversityd.gateway import literal_secrets
 from diversityd.secretpatterns import SECRET_FLAG, looks_like_secret, quoted, redact
+from diversityd.units import EXEC_PREFIXES, UNSAFE_CHARACTERS
 from diversityd.vram import LLAMA_SERVER_KINDS
 
 
@@ -62,6 +64,7 @@ def validate(
     findings.extend(_check_owned_models(config, catalog))
     findings.extend(_check_names(config))
     findings.extend(_check_owned_arguments(config))
+    findings.extend(_check_unit_values(config))
     return Report(tuple(_dedupe(findings)), config, catalog)
 
 
@@ -123,6 +126,7 @@ def _check_owned_models(config: Config, catalog: Catalog) -> Iterable[Finding]:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_IP_HINT = "an IP address, e.g. 127.0.0.1 or ::1 (systemd's ListenStream= takes no names)"
 
 
 def _check_names(config: Config) -> Iterable[Finding]:
@@ -174,6 +178,88 @@ def _check_owned_arguments(config: Config) -> Iterable[Finding]:
                     f"{name}: an argument holds a control character",
                     "use one argument per list item",
                 )
+
+
+def _check_unit_values(config: Config) -> Iterable[Finding]:
+    """Every other value that reaches a unit file, an environment file or the gateway's
+    socket: one line each (no newline, no `\\r`, no control character), paths systemd
+    accepts, an address ListenStream= reads."""
+    settings_file = _settings_path(config)
+    values: list[tuple[str, Where]] = []
+    for owned in config.settings.owned.values():
+        for key in ("executable", "model_path"):
+            value = getattr(owned, key)
+            if value is not None:
+                values.append((value, Where(owned.where.file, (*owned.where.path, key))))
+        values += [
+            (value, Where(owned.where.file, (*owned.where.path, "environment", variable)))
+            for variable, value in owned.environment.items()
+        ]
+        if owned.executable and owned.executable.startswith(tuple(EXEC_PREFIXES)):
+            yield config.finding(
+                Severity.ERROR,
+                "unsafe-executable",
+                Where(owned.where.file, (*owned.where.path, "executable")),
+                f"the executable begins with {owned.executable[0]!r}, which systemd reads as "
+                "a prefix of ExecStart= (ignore failures, another argv[0], ...)",
+                "name the executable by its absolute path, e.g. /usr/local/bin/llama-server",
+            )
+    gateway = config.settings.gateway
+    paths: list[tuple[str, Where]] = [
+        (value, Where(settings_file, keys))
+        for value, keys in (
+            (gateway.master_key_file, ("gateway", "master_key_file")),
+            (gateway.litellm_venv, ("gateway", "litellm_venv")),
+            (config.settings.state_dir, ("state_dir",)),
+            (config.settings.unit_dir, ("unit_dir",)),
+        )
+        if value is not None
+    ]
+    paths += [
+        (path, Where(settings_file, ("gateway", "environment_files", index)))
+        for index, path in enumerate(gateway.environment_files)
+    ]
+    for value, where in [
+        *values,
+        *paths,
+        (gateway.host, Where(settings_file, ("gateway", "host"))),
+    ]:
+        found = UNSAFE_CHARACTERS.search(value)
+        if found:
+            yield config.finding(
+                Severity.ERROR,
+                "control-character",
+                where,
+                f"the value holds the control character {found.group()!r}: in a unit or an "
+                "environment file it would end the line and start a directive of its own",
+                "write it on one line (a YAML `|` block keeps its newlines: use a plain or "
+                "quoted string)",
+            )
+    for value, where in paths:
+        if not UNSAFE_CHARACTERS.search(value) and not value.startswith(("/", "~/")):
+            yield config.finding(
+                Severity.ERROR,
+                "relative-path",
+                where,
+                f"{quoted(value)} is not an absolute path (systemd reads only those)",
+                "write the path from / (or from your home: ~/...)",
+            )
+    if not UNSAFE_CHARACTERS.search(gateway.host) and not _is_ip_address(gateway.host):
+        yield config.finding(
+            Severity.ERROR,
+            "wrong-value",
+            Where(settings_file, ("gateway", "host")),
+            f"{quoted(gateway.host)} is not an IP address: the gateway's socket listens on one",
+            _IP_HINT,
+        )
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _settings_path(config: Config) -> str:
