@@ -353,8 +353,12 @@ def _adopt_gateway(
         notes.append(f"diversityd.yaml keeps gateway.port {port} (the unit served :{server.port})")
     else:
         gateway["port"] = server.port
-    if server.host and server.host not in ("127.0.0.1", existing_gateway.get("host")):
-        gateway.setdefault("host", server.host)
+    # the gateway's socket takes an IP address (ListenStream= resolves no names)
+    host = server.host and {"localhost": "127.0.0.1", "ip6-localhost": "::1"}.get(
+        server.host, server.host
+    )
+    if host and host not in ("127.0.0.1", existing_gateway.get("host")):
+        gateway.setdefault("host", host)
     elif not server.host:
         notes.append(
             "LiteLLM listened on every address (its default); diversityd's gateway listens "

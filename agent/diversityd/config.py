@@ -8,8 +8,10 @@ as `tier`, `description`, `tags` are tolerated) and diversityd's own `diversityd
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import socket
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from diversityd.errors import ConfigError, Finding, Severity
-from diversityd.yamlfile import KeyPath, LoadedYaml, parse_yaml
+from diversityd.secretpatterns import quoted
+from diversityd.yamlfile import MAX_BYTES, KeyPath, LoadedYaml, parse_yaml
 
 PROVIDERS_FILE = "providers.yaml"
 MAPPINGS_FILE = "model-mappings.yaml"
@@ -279,7 +282,10 @@ class _Reader:
             self.error(path, "expected-mapping", "a list where a mapping is expected", hint)
         else:
             self.error(
-                path, "wrong-type", f"expected a mapping, found {_kind(value)} {value!r}", hint
+                path,
+                "wrong-type",
+                f"expected a mapping, found {_kind(value)} {quoted(value)}",
+                hint,
             )
         return None
 
@@ -291,7 +297,9 @@ class _Reader:
         if isinstance(value, dict):
             self.error(path, "expected-list", "a mapping where a list is expected", hint)
         else:
-            self.error(path, "wrong-type", f"expected a list, found {_kind(value)} {value!r}", hint)
+            self.error(
+                path, "wrong-type", f"expected a list, found {_kind(value)} {quoted(value)}", hint
+            )
         return None
 
     def string(self, path: KeyPath, value: Any, hint: str) -> str | None:
@@ -322,7 +330,7 @@ class _Reader:
             if key not in known:
                 close = _closest(key, known)
                 hint = f"did you mean {close!r}?" if close else f"known keys: {', '.join(known)}"
-                self.error((*path, key), "unknown-key", f"unknown key {key!r}", hint)
+                self.error((*path, key), "unknown-key", f"unknown key {quoted(key)}", hint)
 
 
 def _kind(value: Any) -> str:
@@ -358,7 +366,7 @@ def _parse_api_key_env(
             reader.error(
                 (*path, "api_key_env"),
                 "wrong-type",
-                f"{name!r} is not an environment variable name",
+                f"{quoted(name)} is not an environment variable name",
                 "use letters, digits and '_' only, e.g. OPENAI_API_KEY",
             )
             return None
@@ -414,7 +422,7 @@ def _parse_provider(reader: _Reader, path: KeyPath, name: str, raw: Any) -> Prov
     type_ = body.get("type")
     if type_ not in PROVIDER_TYPES:
         ok = False
-        shown = "missing" if type_ is None else repr(type_)
+        shown = "missing" if type_ is None else quoted(type_)
         reader.error(
             (*path, "type"),
             "unknown-type" if type_ is not None else "missing-key",
@@ -427,7 +435,7 @@ def _parse_provider(reader: _Reader, path: KeyPath, name: str, raw: Any) -> Prov
         reader.error(
             (*path, "status"),
             "wrong-value",
-            f"status {status!r} is neither 'active' nor 'disabled'",
+            f"status {quoted(status)} is neither 'active' nor 'disabled'",
             "write `status: active` or `status: disabled`",
         )
     cloud = CLOUD_TYPES.get(type_) if isinstance(type_, str) else None
@@ -437,7 +445,7 @@ def _parse_provider(reader: _Reader, path: KeyPath, name: str, raw: Any) -> Prov
         reader.error(
             (*path, "base_url"),
             "missing-key" if base_url is None else "wrong-value",
-            f"base_url is {base_url!r}, not an http(s) URL",
+            f"base_url is {quoted(base_url)}, not an http(s) URL",
             "write the server's address, e.g. `base_url: http://127.0.0.1:8080`",
         )
     else:
@@ -448,7 +456,7 @@ def _parse_provider(reader: _Reader, path: KeyPath, name: str, raw: Any) -> Prov
             reader.error(
                 (*path, "base_url"),
                 "wrong-value",
-                f"base_url {base_url!r} has an invalid port",
+                f"base_url {quoted(base_url)} has an invalid port",
                 "use a port between 1 and 65535",
             )
     models = _parse_models(reader, (*path, "models"), body.get("models"))
@@ -602,7 +610,7 @@ def _parse_exact_match(reader: _Reader, path: KeyPath, name: str, raw: Any) -> E
         reader.error(
             path,
             "missing-key",
-            f"exact_matches entry {name!r} names no provider",
+            f"exact_matches entry {quoted(name)} names no provider",
             "add `provider: NAME` (or `providers: [x, y]` to balance between two)",
         )
         return None
@@ -961,7 +969,7 @@ def _parse_owned(
             reader.error(
                 path,
                 "unknown-provider",
-                f"{name!r} is not a provider in {PROVIDERS_FILE}",
+                f"{quoted(name)} is not a provider in {PROVIDERS_FILE}",
                 f"use a name from {PROVIDERS_FILE}: {', '.join(sorted(providers)) or '(none)'}",
             )
         return None
@@ -977,7 +985,7 @@ def _parse_owned(
         reader.error(
             (*path, "server"),
             "missing-key" if server is None else "wrong-value",
-            f"server is {server!r}",
+            f"server is {quoted(server)}",
             f"say how {name} runs: one of {', '.join(SERVER_KINDS)}",
         )
         return None
@@ -985,7 +993,7 @@ def _parse_owned(
         reader.error(
             (*path, "server"),
             "wrong-value",
-            f"server {server!r} cannot serve a provider of type {provider.type!r}",
+            f"server {quoted(server)} cannot serve a provider of type {provider.type!r}",
             "match the provider's type in providers.yaml",
         )
         return None
@@ -1081,7 +1089,7 @@ def _parse_owned(
         reader.error(
             (*path, "log_level"),
             "wrong-value",
-            f"log_level is {log_level!r}",
+            f"log_level is {quoted(log_level)}",
             f"one of {', '.join(SERVER_LOG_LEVELS)} (info adds llama-server's timing lines)",
         )
         ok = False
@@ -1167,14 +1175,72 @@ def parse_config(
     return config, findings
 
 
+class FileRefusedError(OSError):
+    """A file that is not read at all: not a regular file, or larger than allowed."""
+
+
+def read_bounded(path: Path, max_bytes: int) -> bytes | None:
+    """The bytes of a regular file of at most `max_bytes`; None when there is none. What it
+    is and how big is checked BEFORE reading (FileRefusedError): a link to /dev/zero would
+    read until memory runs out, a FIFO would block until a writer comes."""
+    try:
+        before = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    _check_regular(before, max_bytes)
+    # O_NONBLOCK: a FIFO swapped in after the check still cannot block the open
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        _check_regular(os.fstat(fd), max_bytes)
+        chunks, size = [], 0
+        while chunk := os.read(fd, min(1 << 16, max_bytes + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:  # it grew while being read
+                raise FileRefusedError(f"it grew past {max_bytes:,} bytes while being read")
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _check_regular(status: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(status.st_mode):
+        kinds = {
+            stat.S_IFDIR: "a directory",
+            stat.S_IFIFO: "a FIFO",
+            stat.S_IFCHR: "a character device",
+            stat.S_IFBLK: "a block device",
+            stat.S_IFSOCK: "a socket",
+        }
+        kind = kinds.get(stat.S_IFMT(status.st_mode), "not a regular file")
+        raise FileRefusedError(f"it is {kind}, not a regular file")
+    if status.st_size > max_bytes:
+        raise FileRefusedError(
+            f"it holds {status.st_size:,} bytes; a configuration file holds at most {max_bytes:,}"
+        )
+
+
 def read_config_texts(config_dir: Path) -> dict[str, str | None]:
+    """The three files' texts (None: absent), each checked before it is read."""
     texts: dict[str, str | None] = {}
     for name in (PROVIDERS_FILE, MAPPINGS_FILE, SETTINGS_FILE):
         path = config_dir / name
         try:
-            texts[name] = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            texts[name] = None
+            data = read_bounded(path, MAX_BYTES)
+            texts[name] = None if data is None else data.decode("utf-8")
+        except FileRefusedError as exc:
+            raise ConfigError(
+                [
+                    Finding(
+                        Severity.ERROR,
+                        "unreadable-file",
+                        f"{path} is not read: {exc}",
+                        file=str(path),
+                        hint="point it at a regular YAML file of at most "
+                        f"{MAX_BYTES // (1 << 20)} MiB",
+                    )
+                ]
+            ) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(
                 [

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diversityd.config import SERVER_KINDS
+from diversityd.secretpatterns import is_secret
 from diversityd.units import DAEMON_UNIT, UNIT_PREFIX, is_owned_text
 
 LITELLM = "litellm"
@@ -33,28 +34,10 @@ DEFAULT_PORTS = {
 # What each server uses when its unit does not say (what the adopted unit must keep).
 DEFAULT_TOTAL_CTX = {"llama-server": 4096, "llama-cpp-python": 2048}
 
-_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
-_SECRET_VALUE = re.compile(
-    r"^(?:sk-|sk_|rk-|pk-|hf_|ghp_|gho_|ghs_|github_pat_|glpat-|xox[abpr]-|AKIA[0-9A-Z]{12}|"
-    r"AIza|eyJ[A-Za-z0-9_-]{8,}\.|Bearer\s)"
-    r"|://[^/@\s:]+:[^/@\s]+@"  # a URL with a password in it
-)
-_OPAQUE = re.compile(r"^[A-Za-z0-9_\-+=]{32,}$")  # long token-like strings (never paths)
 _ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.DOTALL)
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\$")
 _SHELLS = frozenset({"sh", "bash", "dash", "zsh"})
 _PYTHON = re.compile(r"^python(?:\d+(?:\.\d+)?)?$")
-
-
-def is_secret(name: str, value: str) -> bool:
-    """Whether an environment value must stay out of YAML and unit files: its name says
-    KEY, TOKEN, SECRET, PASSWORD, or its value looks like one (`sk-...`, `hf_...`, a URL with
-    a password, a long opaque token)."""
-    if _SECRET_NAME.search(name):
-        return bool(value)
-    if _SECRET_VALUE.search(value):
-        return True
-    return bool(_OPAQUE.match(value)) and any(c.isdigit() for c in value) and "/" not in value
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ deployment" means the same thing in the daemon, the launcher and LiteLLM's heade
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ import yaml
 
 from diversityd.catalog import Catalog, Deployment
 from diversityd.config import CLOUD_TYPES, Config, Provider, Settings
+from diversityd.secretpatterns import SECRET_SETTING, looks_like_secret
 
 MASTER_KEY_REFERENCE = "os.environ/LITELLM_MASTER_KEY"
 HEADER = (
@@ -64,7 +64,6 @@ UNAVAILABLE_INFO = "diversityd_unavailable"  # the launcher answers it: 503 and 
 # Nothing may answer there: a name with no live server is answered inside the launcher, and
 # an unprivileged local user cannot bind port 1 (the daemon's own port could be taken).
 UNAVAILABLE_API_BASE = "http://127.0.0.1:1/v1"
-_SECRET_KEY = re.compile(r"(pass(word)?|secret|token|api_?key|master_?key)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -361,15 +360,16 @@ def _longest_path(fallbacks: Mapping[str, tuple[str, ...]]) -> int:
 
 
 def literal_secrets(section: Mapping[str, Any], prefix: str) -> Iterator[str]:
-    """Key paths in pass-through settings that hold a literal secret instead of a reference."""
+    """Key paths in pass-through settings that hold a literal secret instead of a reference:
+    under a key named like one (`api_key`, `password`), or a value shaped like one."""
     for key, value in section.items():
         path = f"{prefix}.{key}"
         if isinstance(value, Mapping):
             yield from literal_secrets(value, path)
         elif (
             isinstance(value, str)
-            and _SECRET_KEY.search(str(key))
             and not value.startswith("os.environ/")
+            and (SECRET_SETTING.search(str(key)) or looks_like_secret(value))
         ):
             yield path
 

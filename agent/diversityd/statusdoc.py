@@ -86,6 +86,8 @@ class DaemonStatus(TypedDict):
     last_reload: ReloadOutcome | None
     jobs_running: list[str]
     unit_files_error: str | None  # why unit files could not be written (retried)
+    # units that could not be rendered (the last good one stays): unit -> why
+    unit_render_errors: NotRequired[dict[str, str]]
     own_unit_stale: NotRequired[str | None]  # diversityd.service needs `diversityctl install`
 
 
@@ -247,6 +249,8 @@ def format_status(document: StatusDocument) -> str:
         lines.append(f"daemon: running (pid {daemon['pid']}, since {daemon['since']})")
         if daemon["unit_files_error"]:
             lines.append(f"  unit files NOT written (retrying): {daemon['unit_files_error']}")
+        for error in (daemon.get("unit_render_errors") or {}).values():
+            lines.append(f"  unit NOT rendered (the last good one stays): {error}")
         if daemon.get("own_unit_stale"):
             lines.append(f"  {daemon.get('own_unit_stale')}")
     else:

@@ -7,6 +7,7 @@ syntax never collides with ours. Every value is escaped for systemd: `%` (specif
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import re
 import shlex
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from diversityd.config import Config, GatewaySettings, OwnedServer, Provider
+from diversityd.errors import DiversitydError
 from diversityd.gpuplan import GpuSettings
 
 UNIT_PREFIX = "diversityd-"
@@ -37,6 +39,33 @@ TEMPLATE_OF_SERVER = {
 }
 _UNIT_NAME_CHARS = re.compile(r"[^A-Za-z0-9:_.\-]")
 _NEEDS_QUOTES = re.compile(r"[\s\"'\\;]")
+# Characters no value may carry into a unit, an environment or a socket file: systemd ends
+# a line at `\n` and at `\r`, a NUL cuts it, an escape sequence rewrites a terminal that
+# shows it. A tab is kept: inside quotes systemd reads it as it is.
+UNSAFE_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# ExecStart='s first word may begin with prefixes that change how systemd runs it
+# (`-` ignores a failure, `@` sets argv[0], `+`/`!` drop the sandbox, `:` no expansion).
+EXEC_PREFIXES = "-@+!:|"
+
+
+class UnitRenderError(DiversitydError, ValueError):
+    """A value that cannot be written into a unit safely. Validation refuses such values
+    first (naming file and key); this is the second line of defence."""
+
+    exit_code = 2
+
+
+def refuse_unsafe(text: str, what: str) -> str:
+    """`text` as it is, or UnitRenderError naming `what` (never the value: it may be a
+    secret)."""
+    found = UNSAFE_CHARACTERS.search(text)
+    if found:
+        raise UnitRenderError(
+            f"{what} holds the control character {found.group()!r}: in a unit file it "
+            "would end the line (and start a directive of its own)",
+            hint="run `diversityctl validate`: it names the key to fix",
+        )
+    return text
 
 
 @dataclass(frozen=True)
@@ -77,8 +106,7 @@ def env_file_text(environment: Mapping[str, str]) -> str:
     be written (it would end the assignment): refused."""
     lines = []
     for name, value in sorted(environment.items()):
-        if "\n" in value or "\r" in value:
-            raise ValueError(f"environment {name}: a value cannot hold a newline")
+        refuse_unsafe(value, f"the value of environment {name}")
         if "'" not in value:
             lines.append(f"{name}='{value}'")
         else:
@@ -95,12 +123,19 @@ def quote_arg(arg: str, *, executable: bool = False) -> str:
     """One ExecStart= word: specifiers (and, in arguments, variables) escaped, quoted when
     needed. systemd expands `$VAR` in the arguments but never in the executable's path, so
     `$` is doubled only in arguments (checked against systemd 252)."""
+    refuse_unsafe(arg, "the executable" if executable else "a command-line argument")
+    if executable and arg.startswith(tuple(EXEC_PREFIXES)):
+        raise UnitRenderError(
+            f"the executable begins with {arg[0]!r}, which systemd reads as a prefix of "
+            "ExecStart=, not as part of the path",
+            hint="name the executable by its absolute path",
+        )
     escaped = arg.replace("%", "%%")
     if not executable:
         escaped = escaped.replace("$", "$$")
     if escaped and not _NEEDS_QUOTES.search(escaped):
         return escaped
-    inner = escaped.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    inner = escaped.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{inner}"'
 
 
@@ -110,8 +145,8 @@ def command_line(args: Sequence[str]) -> str:
 
 def environment_line(name: str, value: str) -> str:
     """`Environment="NAME=value"`: no `$` expansion happens here, but specifiers do."""
+    refuse_unsafe(f"{name}={value}", f"the environment entry {name}")
     text = f"{name}={value}".replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"')
-    text = text.replace("\n", "\\n")  # a newline would start a directive of its own
     return f'Environment="{text}"'
 
 
@@ -253,11 +288,11 @@ def render_provider_unit(
             raise ValueError("the unit context names no env_dir for the user's environment")
         env_file = str(PurePosixPath(context.env_dir) / f"{name.removesuffix('.service')}.env")
         env_text = env_file_text(owned.environment)
-        lines.append(f"EnvironmentFile={env_file.replace('%', '%%')}")
+        lines.append(f"EnvironmentFile={_file_path(env_file, 'the environment file')}")
     values = {
         "HEADER": HEADER_TEMPLATE.format(provider=owned.provider, unit=name).rstrip("\n"),
-        "PROVIDER": _one_line(owned.provider).replace("%", "%%"),
-        "MODEL_NAME": _one_line(model_name).replace("%", "%%"),
+        "PROVIDER": refuse_unsafe(owned.provider, "the provider name").replace("%", "%%"),
+        "MODEL_NAME": refuse_unsafe(model_name, "the model name").replace("%", "%%"),
         "EXEC_START": command_line(args),
         "ENVIRONMENT": "\n".join(lines),
         "UNIT_BASENAME": name.removesuffix(".service"),
@@ -267,10 +302,9 @@ def render_provider_unit(
     return RenderedUnit(name, owned.provider, text, env_file=env_file, env_text=env_text)
 
 
-def _one_line(text: str) -> str:
-    """Names go into `Description=`: a control character there would start a directive of
-    its own (validation refuses such names; this is the second line of defence)."""
-    return re.sub(r"[\x00-\x1f\x7f]", "?", text)
+def _file_path(path: str, what: str) -> str:
+    """A path for `EnvironmentFile=`: whole on its line, specifiers escaped."""
+    return refuse_unsafe(path, what).replace("%", "%%")
 
 
 def render_daemon_unit(
@@ -345,7 +379,20 @@ class GatewayPaths:
 
 
 def listen_address(host: str, port: int) -> str:
+    refuse_unsafe(host, "the host")
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _socket_address(host: str, port: int) -> str:
+    """`ListenStream=`'s address: an IP literal (systemd resolves no names, and a path would
+    make a Unix socket of it)."""
+    try:
+        ipaddress.ip_address(refuse_unsafe(host, "the gateway's host"))
+    except ValueError:
+        raise UnitRenderError(
+            "the gateway's host is not an IP address", hint="e.g. 127.0.0.1 or ::1"
+        ) from None
+    return listen_address(host, port)
 
 
 def render_gateway_units(
@@ -357,7 +404,7 @@ def render_gateway_units(
         context.templates["gateway.socket.in"],
         {
             "HEADER": header,
-            "LISTEN": listen_address(gateway.host, gateway.port),
+            "LISTEN": _socket_address(gateway.host, gateway.port),
             "FALLBACK_INSTANCE": gateway_instance(GATEWAY_COLORS[0]),
         },
     )
@@ -373,8 +420,10 @@ def render_gateway_units(
     ).replace(_INSTANCE, "%i")  # fmt: skip
     # A bare adopted key is read by the launcher only: systemd would log part of it.
     key_files = [paths.key_file] if paths.key_is_environment else []
-    environment_files = [f"EnvironmentFile=-{path.replace('%', '%%')}" for path in key_files] + [
-        f"EnvironmentFile=-{expand_home(path, context.home).replace('%', '%%')}"
+    environment_files = [
+        f"EnvironmentFile=-{_file_path(path, 'the master key file')}" for path in key_files
+    ] + [
+        f"EnvironmentFile=-{_file_path(expand_home(path, context.home), 'an environment file')}"
         for path in paths.environment_files
     ]
     service_text = fill_template(

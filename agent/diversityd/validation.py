@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from diversityd.config import SETTINGS_FILE, Config, Where, load_config
 from diversityd.errors import ConfigError, Finding, Severity
 from diversityd.fallbacks import check_graph
 from diversityd.gateway import literal_secrets
+from diversityd.secretpatterns import SECRET_FLAG, looks_like_secret, quoted, redact
+from diversityd.units import EXEC_PREFIXES, UNSAFE_CHARACTERS
 from diversityd.vram import LLAMA_SERVER_KINDS
 
 
@@ -61,6 +64,7 @@ def validate(
     findings.extend(_check_owned_models(config, catalog))
     findings.extend(_check_names(config))
     findings.extend(_check_owned_arguments(config))
+    findings.extend(_check_unit_values(config))
     return Report(tuple(_dedupe(findings)), config, catalog)
 
 
@@ -122,12 +126,7 @@ def _check_owned_models(config: Config, catalog: Catalog) -> Iterable[Finding]:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# Arguments that carry a secret: on a command line every user on the machine reads them
-# (/proc/PID/cmdline), and the unit file that holds them is world-readable.
-_SECRET_FLAGS = re.compile(
-    r"^--?(api[-_]?key|hf[-_]?token|token|password|secret)(=.*)?$", re.IGNORECASE
-)
-_SECRET_VALUE = re.compile(r"^(sk-|hf_|ghp_|xox[abp]-)\S{8,}")
+_IP_HINT = "an IP address, e.g. 127.0.0.1 or ::1 (systemd's ListenStream= takes no names)"
 
 
 def _check_names(config: Config) -> Iterable[Finding]:
@@ -151,7 +150,7 @@ def _check_names(config: Config) -> Iterable[Finding]:
                 Severity.ERROR,
                 "control-character",
                 where,
-                f"the {what} {name!r} holds a control character (a newline, a tab...)",
+                f"the {what} {quoted(name)} holds a control character (a newline, a tab...)",
                 "use letters, digits and punctuation only",
             )
 
@@ -160,12 +159,13 @@ def _check_owned_arguments(config: Config) -> Iterable[Finding]:
     for name, owned in config.settings.owned.items():
         for index, arg in enumerate(owned.extra_args):
             where = Where(owned.where.file, (*owned.where.path, "extra_args", index))
-            if _SECRET_FLAGS.match(arg) or _SECRET_VALUE.match(arg.partition("=")[2] or arg):
+            if SECRET_FLAG.match(arg) or looks_like_secret(arg):
+                shown = arg.partition("=")[0] if SECRET_FLAG.match(arg) else redact(arg)
                 yield config.finding(
                     Severity.ERROR,
                     "secret-in-arguments",
                     where,
-                    f"{name}: {arg.partition('=')[0]!r} passes a secret on the command line, "
+                    f"{name}: {shown!r} passes a secret on the command line, "
                     "which every user can read (/proc) and the unit file would keep",
                     "give it through `environment:` instead (written to a 0600 file), e.g. "
                     "LLAMA_API_KEY for llama-server, or drop it",
@@ -178,6 +178,88 @@ def _check_owned_arguments(config: Config) -> Iterable[Finding]:
                     f"{name}: an argument holds a control character",
                     "use one argument per list item",
                 )
+
+
+def _check_unit_values(config: Config) -> Iterable[Finding]:
+    """Every other value that reaches a unit file, an environment file or the gateway's
+    socket: one line each (no newline, no `\\r`, no control character), paths systemd
+    accepts, an address ListenStream= reads."""
+    settings_file = _settings_path(config)
+    values: list[tuple[str, Where]] = []
+    for owned in config.settings.owned.values():
+        for key in ("executable", "model_path"):
+            value = getattr(owned, key)
+            if value is not None:
+                values.append((value, Where(owned.where.file, (*owned.where.path, key))))
+        values += [
+            (value, Where(owned.where.file, (*owned.where.path, "environment", variable)))
+            for variable, value in owned.environment.items()
+        ]
+        if owned.executable and owned.executable.startswith(tuple(EXEC_PREFIXES)):
+            yield config.finding(
+                Severity.ERROR,
+                "unsafe-executable",
+                Where(owned.where.file, (*owned.where.path, "executable")),
+                f"the executable begins with {owned.executable[0]!r}, which systemd reads as "
+                "a prefix of ExecStart= (ignore failures, another argv[0], ...)",
+                "name the executable by its absolute path, e.g. /usr/local/bin/llama-server",
+            )
+    gateway = config.settings.gateway
+    paths: list[tuple[str, Where]] = [
+        (value, Where(settings_file, keys))
+        for value, keys in (
+            (gateway.master_key_file, ("gateway", "master_key_file")),
+            (gateway.litellm_venv, ("gateway", "litellm_venv")),
+            (config.settings.state_dir, ("state_dir",)),
+            (config.settings.unit_dir, ("unit_dir",)),
+        )
+        if value is not None
+    ]
+    paths += [
+        (path, Where(settings_file, ("gateway", "environment_files", index)))
+        for index, path in enumerate(gateway.environment_files)
+    ]
+    for value, where in [
+        *values,
+        *paths,
+        (gateway.host, Where(settings_file, ("gateway", "host"))),
+    ]:
+        found = UNSAFE_CHARACTERS.search(value)
+        if found:
+            yield config.finding(
+                Severity.ERROR,
+                "control-character",
+                where,
+                f"the value holds the control character {found.group()!r}: in a unit or an "
+                "environment file it would end the line and start a directive of its own",
+                "write it on one line (a YAML `|` block keeps its newlines: use a plain or "
+                "quoted string)",
+            )
+    for value, where in paths:
+        if not UNSAFE_CHARACTERS.search(value) and not value.startswith(("/", "~/")):
+            yield config.finding(
+                Severity.ERROR,
+                "relative-path",
+                where,
+                f"{quoted(value)} is not an absolute path (systemd reads only those)",
+                "write the path from / (or from your home: ~/...)",
+            )
+    if not UNSAFE_CHARACTERS.search(gateway.host) and not _is_ip_address(gateway.host):
+        yield config.finding(
+            Severity.ERROR,
+            "wrong-value",
+            Where(settings_file, ("gateway", "host")),
+            f"{quoted(gateway.host)} is not an IP address: the gateway's socket listens on one",
+            _IP_HINT,
+        )
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _settings_path(config: Config) -> str:

@@ -23,10 +23,41 @@ _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 # memory); both limits answer at once instead.
 MAX_BYTES = 1 << 20
 MAX_VALUES = 100_000
+# A configuration nests five or six levels deep. PyYAML composes (and we convert) nodes
+# recursively: 100,000 nested `[` ran out of Python's stack (RecursionError).
+MAX_DEPTH = 64
 
 
 class _TooBigError(Exception):
     pass
+
+
+class _TooDeepError(Exception):
+    def __init__(self, mark: yaml.Mark | None) -> None:
+        super().__init__("nested too deep")
+        self.mark = mark
+
+
+class _NotScalarKeyError(_TooDeepError):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses to compose nodes nested deeper than MAX_DEPTH."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                raise _TooDeepError(event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def format_key_path(path: KeyPath) -> str:
@@ -99,7 +130,7 @@ def parse_yaml(text: str, file: str) -> LoadedYaml:
     and at once when it is, or expands to, far more than a configuration holds."""
     if len(text) > MAX_BYTES:
         raise _too_big(file, f"the file holds {len(text):,} characters (at most {MAX_BYTES:,})")
-    loader = yaml.SafeLoader(text)
+    loader = _BoundedLoader(text)
     positions: dict[KeyPath, tuple[int, int]] = {}
     duplicates: list[Finding] = []
     budget = [MAX_VALUES]
@@ -121,6 +152,36 @@ def parse_yaml(text: str, file: str) -> LoadedYaml:
     except _TooBigError:
         raise _too_big(
             file, f"its aliases expand to more than {MAX_VALUES:,} values (an alias bomb?)"
+        ) from None
+    except _NotScalarKeyError as exc:
+        raise ConfigError(
+            [
+                Finding(
+                    severity=Severity.ERROR,
+                    code="yaml-syntax",
+                    message="a key that is a list or a mapping",
+                    file=file,
+                    line=exc.mark.line + 1 if exc.mark else None,
+                    column=exc.mark.column + 1 if exc.mark else None,
+                    hint="keys are names: write `name: value`",
+                )
+            ]
+        ) from None
+    except (_TooDeepError, RecursionError) as exc:
+        mark = exc.mark if isinstance(exc, _TooDeepError) else None
+        raise ConfigError(
+            [
+                Finding(
+                    severity=Severity.ERROR,
+                    code="yaml-too-deep",
+                    message=f"values nested more than {MAX_DEPTH} levels deep",
+                    file=file,
+                    line=mark.line + 1 if mark else None,
+                    column=mark.column + 1 if mark else None,
+                    hint="a configuration nests a few levels: look for unclosed brackets, "
+                    "or aliases (*name) that contain themselves",
+                )
+            ]
         ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -171,16 +232,20 @@ def _convert(
     budget[0] -= 1
     if budget[0] < 0:
         raise _TooBigError
+    if len(path) > MAX_DEPTH:  # aliases nest what the text does not (`&a [*a]`)
+        raise _TooDeepError(node.start_mark)
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves `<<:` merge keys as SafeLoader would
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            if not isinstance(key, str | int | float | bool) and key is not None:
-                key = str(key)
-            key_text = str(key) if not isinstance(key, str) else key
-            child = (*path, key_text)
             mark = key_node.start_mark
+            if not isinstance(key_node, yaml.ScalarNode):
+                # `? [a, b]: x`: no configuration key is a list or a mapping (and building
+                # one through aliases could nest without bound)
+                raise _NotScalarKeyError(mark)
+            key = loader.construct_object(key_node, deep=True)
+            key_text = key if isinstance(key, str) else str(key)
+            child = (*path, key_text)
             if key_text in result:
                 duplicates.append(
                     Finding(

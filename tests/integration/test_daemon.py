@@ -239,6 +239,53 @@ def test_systemctl_reload_adopts_a_good_change_and_restarts_what_changed(
         )
 
 
+def test_a_change_of_environment_alone_restarts_that_server(running_stack: RunningStack) -> None:
+    """Issue 19: the environment lives in a 0600 file the unit names, so the unit's text
+    did not change: nothing restarted and reload said no restart was needed."""
+    document = running_stack.wait_all_ready()
+    pids = {p["name"]: p["pid"] for p in document["providers"]}
+    settings_file = running_stack.stack.config_dir / "diversityd.yaml"
+    original = settings_file.read_text()
+    settings = yaml.safe_load(original)
+    settings["providers"][PYTHON]["environment"]["DIVERSITYD_MARK"] = "issue-19"
+    unit_file = running_stack.manager.unit_dir / f"diversityd-{PYTHON}.service"
+    unit_text = unit_file.read_text()
+    try:
+        settings_file.write_text(yaml.safe_dump(settings))
+        result = running_stack.ctl("reload", "--json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert unit_file.read_text() == unit_text  # the same unit: only its environment moved
+        after = running_stack.wait_for(
+            lambda d: (
+                running_stack.provider(PYTHON, d)["pid"] != pids[PYTHON]
+                and running_stack.provider(PYTHON, d)["state"] == "ready"
+            )
+        )
+        assert running_stack.provider(NATIVE, after)["pid"] == pids[NATIVE]  # unchanged: kept
+        pid = running_stack.provider(PYTHON, after)["pid"]
+        assert "DIVERSITYD_MARK=issue-19" in environ_of(pid)
+        assert after["daemon"]["last_reload"]["changed"] == [PYTHON]
+    finally:
+        settings_file.write_text(original)
+        running_stack.ctl("reload")
+        running_stack.wait_for(
+            lambda d: (
+                all(p["state"] == "ready" for p in d["providers"])
+                and not any(
+                    v.startswith("DIVERSITYD_MARK=")
+                    for v in environ_of(running_stack.provider(PYTHON, d)["pid"])
+                )
+            )
+        )
+
+
+def environ_of(pid: int | None) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/environ").read_text().split("\0") if pid else ["(none)"]
+    except OSError:
+        return ["DIVERSITYD_MARK=(gone)"]  # not settled yet
+
+
 def test_the_daemon_pings_its_watchdog(running_stack: RunningStack) -> None:
     assert running_stack.unit_property(DAEMON_UNIT, "WatchdogUSec") == "10s"
     first = int(running_stack.unit_property(DAEMON_UNIT, "WatchdogTimestampMonotonic"))

@@ -555,3 +555,17 @@ def test_proposing_again_over_its_own_result_changes_nothing() -> None:
         f"{CONFIG_DIR}/env/litellm.env",
         f"{CONFIG_DIR}/env/llamacpp-python.env",
     }
+
+
+@pytest.mark.parametrize(
+    ("host", "proposed"), [("localhost", None), ("192.168.1.5", "192.168.1.5")]
+)
+def test_the_gateway_host_proposed_is_an_address_the_socket_takes(
+    host: str, proposed: str | None
+) -> None:
+    """Issue 19: gateway.host goes into ListenStream=, which resolves no names; validate now
+    refuses `localhost` there, so adoption must not propose it."""
+    unit = LITELLM.replace("--port ${PORT}", f"--host {host} --port ${{PORT}}")
+    servers = [found("litellm.service", unit)]
+    proposal = propose(servers, PROVIDERS, inputs())
+    assert proposal.settings["gateway"].get("host") == proposed

@@ -338,3 +338,94 @@ def test_the_daemons_http_endpoint_stays_on_loopback() -> None:
     assert report.config is not None
     assert report.config.settings.http.url is None  # none at all
     assert check(settings="").config is not None
+
+
+# -- issue 19, point 3: files read within bounds ----------------------------------------
+
+
+def nesting_depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max((nesting_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((nesting_depth(v) for v in value), default=0)
+    return 0
+
+
+def test_the_seeds_and_the_example_sit_well_inside_the_limits(tmp_path: Path) -> None:
+    """1 MiB per file and 64 levels: the configurations diversityd was made for use a
+    sixty-fourth of the first and a fourth of the second."""
+    from diversityd.yamlfile import MAX_BYTES, MAX_DEPTH, parse_yaml
+    from tests import seeds
+    from tests.conftest import REPO_ROOT
+
+    directories = [
+        seeds.v1711(tmp_path / "a"),
+        seeds.v171_before_hotfix(tmp_path / "b"),
+        seeds.deep_analysis(tmp_path / "c"),
+        REPO_ROOT / "config",
+    ]
+    files = [path for directory in directories for path in sorted(directory.glob("*.yaml"))]
+    assert len(files) >= 7
+    for path in files:
+        assert path.stat().st_size < MAX_BYTES // 64, path
+        data = parse_yaml(path.read_text(), str(path)).data
+        assert nesting_depth(data) <= MAX_DEPTH // 4, path
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("[" * 100_000, "yaml-too-deep"),  # before: RecursionError (a traceback)
+        ("a: " + "{a: " * 10_000, "yaml-too-deep"),
+        ("a: &a [*a]\n", "yaml-too-deep"),  # an alias holding itself: nests without end
+        (
+            "a0: &a0 [x]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 2000)),
+            "yaml-too-deep",
+        ),
+        ("? [a, b]\n: x\n", "yaml-syntax"),  # a key that is a list
+    ],
+)
+def test_nesting_is_bounded(text: str, code: str) -> None:
+    from diversityd.errors import ConfigError
+    from diversityd.yamlfile import parse_yaml
+
+    with pytest.raises(ConfigError) as refused:
+        parse_yaml(text, "providers.yaml")
+    (finding,) = refused.value.findings
+    assert finding.code == code
+    assert finding.file == "providers.yaml"
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "huge", "directory", "socket"])
+def test_a_configuration_file_is_checked_before_it_is_read(tmp_path: Path, kind: str) -> None:
+    """A providers.yaml linked to /dev/zero ran to MemoryError, a FIFO blocked validate for
+    ever: both are refused before a byte is read, naming the file."""
+    import os
+    import socket
+
+    from diversityd.config import load_config
+    from diversityd.errors import ConfigError
+
+    (tmp_path / "model-mappings.yaml").write_text("fallback_chains: {}\n")
+    path = tmp_path / "providers.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "huge":
+        with path.open("wb") as handle:
+            handle.truncate(64 << 30)  # sparse: 64 GiB that no one should read
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(path))
+        listener.close()
+    with pytest.raises(ConfigError) as refused:
+        load_config(tmp_path)
+    (finding,) = refused.value.findings
+    assert finding.code == "unreadable-file"
+    assert finding.file == str(path)
+    assert "1 MiB" in (finding.hint or "")

@@ -3,19 +3,30 @@ at start, revival backoff, intent, history order. Pure, or plain files in tmp_pa
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import os
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from diversityd.adapters.litellm import GatewayFiles
+from diversityd.daemon.statefile import StateFile
 from diversityd.gpuplan import GpuSettings
 from diversityd.persisted import (
     FORMAT_VERSION,
+    MAX_STATE_BYTES,
     Persisted,
     Revival,
     dump_persisted,
     load_persisted,
+    revivals_due_by,
 )
 from diversityd.reconcile import (
     ModelTarget,
@@ -182,3 +193,153 @@ def test_the_accepted_file_rewritten_in_place_is_told_from_a_re_point() -> None:
     assert not rewritten_in_place(None, half)
     whole = ModelTarget(GOOD.path, GOOD.hops, GOOD.target, (1, 2, 9, 9))
     assert not rewritten_in_place(GOOD, whole)  # whole again: accepted, not held
+
+
+# -- issue 19, point 5: a damaged state file is never a crash ----------------------------
+
+
+def a_statefile(tmp_path: Path) -> StateFile:
+    return StateFile(mock.Mock(), mock.Mock(), tmp_path)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "huge", "not-utf8", "directory"])
+def test_a_state_file_of_any_kind_is_read_in_bounded_time(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "daemon-state.json"
+    if kind == "fifo":
+        os.mkfifo(path)  # before: blocked the daemon's start for ever
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")  # before: read until memory ran out
+    elif kind == "huge":
+        path.write_text(" " * (MAX_STATE_BYTES + 1))
+    elif kind == "not-utf8":
+        path.write_bytes(b'{"version": 1, "gateway_pin": "\xff"}')  # before: UnicodeDecodeError
+    else:
+        path.mkdir()
+    assert a_statefile(tmp_path).load() == Persisted()
+
+
+def test_a_revival_further_off_than_the_longest_backoff_is_brought_forward() -> None:
+    state = Persisted(revivals={"a": Revival(3, 8e9, None), "b": Revival(1, 100.0, "x")})
+    bounded = revivals_due_by(state, 1000.0)
+    assert bounded.revivals == {"a": Revival(3, 1000.0, None), "b": Revival(1, 100.0, "x")}
+    assert dataclasses.replace(bounded, revivals={}) == dataclasses.replace(state, revivals={})
+
+
+@pytest.mark.parametrize(
+    ("section", "damage"),
+    [
+        # before: IndexError out of _read_models (not caught: the daemon did not start)
+        ("accepted_models", {"/m/active/current.gguf": {"target": "/m/a.gguf", "identity": [1]}}),
+        # before: a string where a number goes reached the unit as `--n-gpu-layers abc`
+        (
+            "gpu_settings",
+            {"llama_cpp_native": {"provider": "x", "n_gpu_layers": "abc", "hide_gpu": False}},
+        ),
+        (
+            "gpu_settings",
+            {"llama_cpp_native": {"provider": "x", "n_gpu_layers": 1, "hide_gpu": "yes"}},
+        ),
+        # before: a next try in the year 10^300: never revived, and status raised on it
+        ("revivals", {"ollama": {"attempts": 1, "next_at": 1e300}}),
+        ("revivals", {"ollama": {"attempts": 10**400, "next_at": 1.0}}),
+        ("accepted_models", {"/m/x.gguf": {"target": "relative.gguf"}}),
+        ("accepted_models", {"/m/x.gguf": {"target": "/m/a.gguf\nExecStartPre=/x"}}),
+        ("stopped_by_user", ["vllm", {"a": 1}]),
+        ("pending_rolls", {"llama_cpp_native": ["not", "a", "sha"]}),
+        ("gateway_pin", "../../etc/passwd"),
+    ],
+)
+def test_each_damaged_entry_is_dropped_alone_and_reported(section: str, damage: Any) -> None:
+    document = json.loads(dump_persisted(full_state()))
+    document[section] = damage
+    state, problems = load_persisted(json.dumps(document))
+    assert problems
+    assert all(section in problem for problem in problems)
+    assert state.gateway_pin == (None if section == "gateway_pin" else full_state().gateway_pin)
+    assert load_persisted(dump_persisted(state)) == (state, [])
+
+
+def test_a_state_file_nested_without_end_is_not_json_to_us() -> None:
+    state, problems = load_persisted("[" * 100_000)  # before: RecursionError
+    assert state == Persisted()
+    assert "nested too deep" in problems[0]
+
+
+FIELDS = {
+    "version", "accepted_models", "pending_rolls", "stopped_by_user", "revivals",
+    "gpu_settings", "gateway_pin", "hops", "target", "identity", "attempts", "next_at",
+    "last_failure", "provider", "n_gpu_layers", "hide_gpu", "vram_bytes", "warnings",
+    "server", "gpu",
+}  # fmt: skip
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=8)
+    | st.sampled_from(["/m/a.gguf", "llama_cpp_native", "ab" * 32, "\n", ""]),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=8) | st.sampled_from(list(FIELDS)), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def assert_well_formed(state: Persisted) -> None:
+    """Every value of the types the daemon relies on (a unit gets a layer count from it)."""
+    for path, target in state.accepted_models.items():
+        assert isinstance(path, str)
+        assert isinstance(target.target, str)
+        assert target.target.startswith("/")
+        assert all(isinstance(h, str) for h in target.hops)
+        assert target.identity is None or all(isinstance(n, int) for n in target.identity)
+    assert all(isinstance(v, str) for v in state.pending_rolls.values())
+    assert all(isinstance(n, str) for n in state.stopped_by_user)
+    for revival in state.revivals.values():
+        assert isinstance(revival.attempts, int)
+        assert math.isfinite(revival.next_at)
+        datetime.fromtimestamp(revival.next_at, UTC)  # status prints it
+    for gpu in state.gpu_settings.values():
+        assert gpu.n_gpu_layers is None or type(gpu.n_gpu_layers) is int
+        assert isinstance(gpu.hide_gpu, bool)
+        assert all(isinstance(w, str) for w in gpu.warnings)
+    assert state.gateway_pin is None or isinstance(state.gateway_pin, str)
+
+
+@settings(max_examples=300, deadline=None)
+@given(document=JSON)
+def test_any_json_at_all_is_read_without_raising(document: Any) -> None:
+    state, problems = load_persisted(json.dumps(document))
+    assert_well_formed(state)
+    assert isinstance(problems, list)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    section=st.sampled_from(
+        ["accepted_models", "pending_rolls", "stopped_by_user", "revivals", "gpu_settings"]
+    ),
+    damage=JSON,
+    data=st.data(),
+)
+def test_a_damaged_part_of_a_good_file_is_read_without_raising(
+    section: str, damage: Any, data: st.DataObject
+) -> None:
+    """One entry of a good file replaced by any JSON: the rest still counts."""
+    document = json.loads(dump_persisted(full_state()))
+    entries = document[section]
+    if isinstance(entries, dict):
+        name = data.draw(st.sampled_from(sorted(entries)))
+        entry = entries[name]
+        if isinstance(entry, dict) and data.draw(st.booleans()):
+            entry[data.draw(st.sampled_from(sorted(entry)))] = damage
+        else:
+            entries[name] = damage
+    else:
+        entries.append(damage)
+    state, _problems = load_persisted(json.dumps(document))
+    assert_well_formed(state)
+    assert state.gateway_pin == full_state().gateway_pin

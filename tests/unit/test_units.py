@@ -21,6 +21,7 @@ from diversityd.units import (
     MARKER,
     RenderedUnit,
     UnitContext,
+    UnitRenderError,
     command_line,
     env_file_text,
     environment_line,
@@ -269,8 +270,9 @@ def test_a_cpu_plan_hides_the_gpu_and_the_plan_sets_vllms_share() -> None:
 def test_environment_files_keep_values_as_they_are() -> None:
     text = env_file_text({"TOKEN": "hf_abc $HOME 100%", "Q": 'it\'s "x" \\ $Y'})
     assert text == 'Q="it\'s \\"x\\" \\\\ \\$Y"\nTOKEN=\'hf_abc $HOME 100%\'\n'
-    with pytest.raises(ValueError, match="newline"):
-        env_file_text({"A": "x\nExecStartPre=/bin/evil"})
+    for evil in ("x\nExecStartPre=/bin/evil", "x\rExecStartPre=/bin/evil", "x\x00y"):
+        with pytest.raises(UnitRenderError, match="control character"):
+            env_file_text({"A": evil})
 
 
 def test_a_newline_in_a_name_never_reaches_a_directive() -> None:
@@ -285,14 +287,14 @@ def test_a_newline_in_a_name_never_reaches_a_directive() -> None:
     )
     assert config is not None
     owned = config.settings.owned["native"]
-    unit = render_provider_unit(
-        config,
-        owned,
-        ["bad\nExecStartPre=/x"],
-        GpuSettings("native", n_gpu_layers=0, hide_gpu=True, server=owned.server, gpu=None),
-        context(),
-    )
-    assert not any(line.startswith("ExecStartPre=") for line in unit.text.splitlines())
+    with pytest.raises(UnitRenderError, match="model name"):  # issue 19: refused, not mended
+        render_provider_unit(
+            config,
+            owned,
+            ["bad\nExecStartPre=/x"],
+            GpuSettings("native", n_gpu_layers=0, hide_gpu=True, server=owned.server, gpu=None),
+            context(),
+        )
 
 
 def exec_args(unit: RenderedUnit) -> list[str]:
@@ -391,3 +393,42 @@ def test_the_daemon_says_when_its_own_unit_is_older_than_this_version(tmp_path: 
     assert "diversityctl install" in stale
     installed.write_text("[Service]\nExecStart=/bin/true\n")  # the user's own file
     assert own_unit_staleness(tmp_path, "/cfg", "/venv/bin/python") is None
+
+
+@pytest.mark.parametrize(
+    "evil", ["\rExecStartPre=/bin/evil", "\nExecStartPre=/x", "a\x00b", "\x1b[2J"]
+)
+def test_no_control_character_reaches_a_command_line_or_an_environment_line(evil: str) -> None:
+    """Issue 19: quote_arg escaped `\\n` but not `\\r`, which ends a line for systemd too:
+    an executable holding `\\rExecStartPre=...` rendered a second directive."""
+    with pytest.raises(UnitRenderError, match="control character"):
+        quote_arg(f"/bin/x{evil}", executable=True)
+    with pytest.raises(UnitRenderError, match="control character"):
+        command_line(["/bin/x", "--model", f"/m{evil}.gguf"])
+    with pytest.raises(UnitRenderError, match="control character"):
+        environment_line("A", evil)
+
+
+@pytest.mark.parametrize("prefix", list("-@+!:|"))
+def test_an_executable_never_starts_with_an_exec_prefix(prefix: str) -> None:
+    with pytest.raises(UnitRenderError, match="prefix"):
+        quote_arg(f"{prefix}/bin/sh", executable=True)
+    assert systemd_unquote(quote_arg(f"{prefix}x")) == [f"{prefix}x"]  # an argument may
+
+
+def test_the_gateway_units_refuse_control_characters_in_their_paths() -> None:
+    from diversityd.config import GatewaySettings
+    from diversityd.units import GatewayPaths, render_gateway_units
+
+    paths = GatewayPaths("/s/gw", "/s/master.key", ("~/cloud.env",), "/venv/bin/python", "/l.py")
+    assert render_gateway_units(GatewaySettings(), paths, context(), 5.0)
+    for evil in (
+        dataclasses.replace(paths, environment_files=("~/c.env\rExecStartPre=/x",)),
+        dataclasses.replace(paths, key_file="/k\nExecStartPre=/x"),
+        dataclasses.replace(paths, litellm_python="/v\r/bin/python"),
+    ):
+        with pytest.raises(UnitRenderError):
+            render_gateway_units(GatewaySettings(), evil, context(), 5.0)
+    for host in ("127.0.0.1\nListenStream=0.0.0.0:22", "/run/x.sock", "localhost"):
+        with pytest.raises(UnitRenderError):
+            render_gateway_units(GatewaySettings(host=host), paths, context(), 5.0)

@@ -73,6 +73,8 @@ class SyncResult:
     restored: list[str] = field(default_factory=list)  # ours, edited by hand, put back
     foreign: list[str] = field(default_factory=list)  # our name, not our file: left alone
     removed: list[str] = field(default_factory=list)  # ours, no longer configured
+    # units whose environment file changed (no daemon-reload needed: read at each start)
+    environment_written: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -94,7 +96,7 @@ def sync_units(
     result = SyncResult()
     wanted: set[str] = set()
     units = list(units)
-    write_environment_files(units)
+    result.environment_written = write_environment_files(units)
     for unit in units:
         wanted.add(unit.name)
         path = unit_dir / unit.name
@@ -131,11 +133,17 @@ def owned_provider_units(unit_dir: Path) -> list[str]:
     return names
 
 
-def write_environment_files(units: Iterable[RenderedUnit]) -> None:
-    """Each unit's environment file (0600: it may hold tokens), before the unit naming it."""
+def write_environment_files(units: Iterable[RenderedUnit]) -> list[str]:
+    """Each unit's environment file (0600: it may hold tokens), before the unit naming it.
+    Returns the units whose file's text changed."""
+    changed = []
     for unit in units:
         if unit.env_file is None or unit.env_text is None:
             continue
         path = Path(unit.env_file)
-        if read_text_or_none(path) != unit.env_text or path.stat().st_mode & 0o077:
+        current = read_text_or_none(path)
+        if current != unit.env_text or path.stat().st_mode & 0o077:
             write_atomic(path, unit.env_text, mode=0o600)
+        if current != unit.env_text:
+            changed.append(unit.name)
+    return changed

@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from diversityd import __version__
@@ -43,6 +44,7 @@ from diversityd.daemon.web import Web
 from diversityd.errors import DiversitydError, Severity
 from diversityd.log import get_logger
 from diversityd.parts import default_config_dir, default_unit_dir, state_dir
+from diversityd.persisted import revivals_due_by
 from diversityd.state import is_serving
 from diversityd.validation import check_config_dir
 
@@ -246,7 +248,9 @@ class Daemon:
             store.unit_context, env_dir=str(self._state_dir() / "env")
         )
         self.statefile = StateFile(loop, store, self._state_dir())
-        persisted = self.statefile.load()
+        assert report.config is not None
+        revive_max_s = report.config.settings.supervision.revive_max_s
+        persisted = revivals_due_by(self.statefile.load(), time.time() + revive_max_s)
         await loop.call(lambda: store.adopt_persisted(persisted))
         systemd = await Systemd.connect(self.bus_address)
         self._build(systemd)

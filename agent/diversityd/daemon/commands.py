@@ -89,6 +89,7 @@ class Commands:
                 "last_reload": store.last_reload,
                 "jobs_running": self.jobs.running(),
                 "unit_files_error": store.unit_errors,
+                "unit_render_errors": dict(store.render_errors),
                 "own_unit_stale": store.own_unit_stale,
             },
             "providers": [record.to_status() for record in store.records.values()],

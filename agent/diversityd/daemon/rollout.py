@@ -33,7 +33,14 @@ from diversityd.daemon.store import MIB, Job, Store, sha256_text
 from diversityd.gpuplan import unit_gpu_settings
 from diversityd.log import get_logger
 from diversityd.reconcile import units_to_retire, units_to_roll
-from diversityd.units import RenderedUnit, render_provider_unit
+from diversityd.units import (
+    MARKER,
+    RenderedUnit,
+    UnitRenderError,
+    is_owned_text,
+    render_provider_unit,
+    unit_name,
+)
 
 log = get_logger()
 
@@ -84,10 +91,14 @@ class Rollout:
     def render_all(self) -> None:
         """(In the state loop.) Render every owned unit from the configuration, the GPU plan
         and the model files in force. A llama server's unit names the GGUF its link led to
-        when last accepted: a refused re-point never reaches a restart, not even systemd's."""
+        when last accepted: a refused re-point never reaches a restart, not even systemd's.
+        A unit that cannot be rendered (validation should have refused its value) is a
+        finding: the last good text stays, so nothing stops or restarts for it."""
         store = self.store
         config = store.config
         assert config is not None
+        last_good = {u.name: u for u in store.rendered_units}
+        errors: dict[str, str] = {}
         units = []
         for name, owned in config.settings.owned.items():
             if not config.providers[name].active:
@@ -98,17 +109,40 @@ class Rollout:
             record.vram_mib = gpu.vram_bytes // MIB if gpu.vram_bytes is not None else None
             record.gpu_warnings = gpu.warnings
             model_file = record.model.target if record.model and record.model.ok else None
-            units.append(
-                render_provider_unit(
-                    config,
-                    owned,
-                    store.catalog.backend_names_of(name),
-                    gpu,
-                    store.unit_context,
-                    model_file=model_file,
+            try:
+                units.append(
+                    render_provider_unit(
+                        config,
+                        owned,
+                        store.catalog.backend_names_of(name),
+                        gpu,
+                        store.unit_context,
+                        model_file=model_file,
+                    )
                 )
-            )
-        store.rendered_units = units + self._own_units()
+            except UnitRenderError as exc:
+                errors[unit_name(name)] = f"{name}: {exc}"
+        for unit in errors:
+            kept = last_good.get(unit) or self._unit_on_disk(unit)
+            units += [kept] if kept is not None else []
+        try:
+            own = self._own_units()
+        except UnitRenderError as exc:
+            errors["gateway"] = f"gateway: {exc}"
+            own = [u for u in store.rendered_units if u.provider is None]
+        for unit, error in errors.items():
+            if store.render_errors.get(unit) != error:
+                log.error("unit.render_failed", unit=unit, error=f"{error}; the last good stays")
+        store.render_errors = errors
+        store.rendered_units = units + own
+
+    def _unit_on_disk(self, unit: str) -> RenderedUnit | None:
+        """Our file of a unit as it is (after a restart, the last good one is there)."""
+        text = read_text_or_none(self.unit_dir / unit)
+        if text is None or not is_owned_text(text):
+            return None
+        provider = text.splitlines()[0].removeprefix(MARKER).strip()
+        return RenderedUnit(unit, provider, text)
 
     def _note_pending(self) -> list[str]:
         """(In the state loop, after render_all.) Running providers whose rendered unit is
@@ -117,8 +151,14 @@ class Rollout:
         for unit in self.store.rendered_units:
             if unit.provider is None:
                 continue
-            if read_text_or_none(self.unit_dir / unit.name) != unit.text:
-                changed[unit.provider] = sha256_text(unit.text)
+            # `environment:` lives in its own 0600 file, which the unit only names: a
+            # change there leaves the unit's text as it was, yet the server must restart
+            environment_changed = (
+                unit.env_file is not None
+                and read_text_or_none(Path(unit.env_file)) != unit.env_text
+            )
+            if read_text_or_none(self.unit_dir / unit.name) != unit.text or environment_changed:
+                changed[unit.provider] = sha256_text(unit.text + (unit.env_text or ""))
         snapshots = {n: r.snapshot for n, r in self.store.records.items()}
         for name in units_to_roll(changed, snapshots):
             self.store.pending_rolls[name] = changed[name]
@@ -159,6 +199,8 @@ class Rollout:
             log.warning("unit.restored", unit=name, path=str(self.unit_dir / name))
         for name in result.written:
             log.info("unit.written", unit=name, path=str(self.unit_dir / name))
+        for name in result.environment_written:
+            log.info("unit.environment_written", unit=name)
         for name in result.removed:
             log.info("unit.removed", unit=name)
         checkpoint("rollout.files_written")
@@ -167,7 +209,8 @@ class Rollout:
             log.info("systemd.reloaded")
             checkpoint("rollout.manager_reloaded")
         providers = {u.name: u.provider for u in rendered if u.provider}
-        return [providers[name] for name in result.written if name in providers]
+        rewritten = [*result.written, *result.environment_written]
+        return sorted({providers[name] for name in rewritten if name in providers})
 
     async def refresh_units(
         self, reason: str, *, replan: bool = True

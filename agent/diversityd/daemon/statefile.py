@@ -9,11 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diversityd.adapters.files import read_text_or_none, write_atomic
+from diversityd.adapters.files import write_atomic
+from diversityd.config import read_bounded
 from diversityd.daemon.loop import StateLoop
 from diversityd.daemon.store import Store
 from diversityd.log import get_logger
-from diversityd.persisted import STATE_FILE, Persisted, dump_persisted, load_persisted
+from diversityd.persisted import (
+    MAX_STATE_BYTES,
+    STATE_FILE,
+    Persisted,
+    dump_persisted,
+    load_persisted,
+)
 
 log = get_logger()
 
@@ -28,12 +35,13 @@ class StateFile:
 
     def load(self) -> Persisted:
         try:
-            text = read_text_or_none(self.path)
+            data = read_bounded(self.path, MAX_STATE_BYTES)  # not a FIFO, not /dev/zero
         except OSError as exc:
-            log.error("state.unreadable", path=str(self.path), error=str(exc))
+            log.error("state.unreadable", path=str(self.path), error=f"{exc}; rebuilt from systemd")
             return Persisted()
-        if text is None:
+        if data is None:
             return Persisted()
+        text = data.decode("utf-8", errors="replace")  # not UTF-8: reported as not JSON
         state, problems = load_persisted(text)
         for problem in problems:
             log.error("state.damaged", path=str(self.path), error=problem)

@@ -239,6 +239,7 @@ class Store:
     kept_gpu_settings: dict[str, GpuSettings] = field(default_factory=dict)  # the last plan's
     gateway_pin: str | None = None  # a rollback's pin, read back at start
     unit_errors: str | None = None  # why the unit files could not be written (retried)
+    render_errors: dict[str, str] = field(default_factory=dict)  # unit -> why not rendered
     own_unit_stale: str | None = None  # diversityd.service is older than this version's
 
     @property
