@@ -23,6 +23,7 @@ from diversityd_lab.embedded import Stack, StackSpec, free_port, write_stack
 from diversityd_lab.privatemanager import PrivateManager
 
 __all__ = [
+    "LOCAL",
     "RunningStack",
     "StackTimeoutError",
     "UserManager",
