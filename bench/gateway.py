@@ -1,10 +1,12 @@
-"""Benchmark: a steady request stream through the gateway across reloads.
+"""Benchmark: a steady request stream through the gateway across new gateway processes.
 
 Sets up a private systemd --user manager, the embedded stack (real llama-server and
 llama-cpp-python, the Ollama and vLLM stand-ins, the real LiteLLM gateway) and diversityd;
 tears it down after. While requests flow (a new connection each, plain and streaming in
-turn), vLLM is stopped and started again: each change makes diversityd render a new config
-and reload the gateway blue/green on the held socket.
+turn), a setting a LiteLLM process reads only at start (`litellm_settings.drop_params`) is
+changed and `diversityctl reload` run, twice per cycle: each change starts a new process
+blue/green on the held socket. (A provider's state change reaches the running process
+in-process, with no new one: bench/routing.py measures that.)
 
 - requests: sent during the run; reload_refused: refused connections; reload_failed: any
   other failure (HTTP errors, broken streams); p50_ms, p99_ms, max_ms: latency.
@@ -19,6 +21,8 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+
+import yaml
 
 from diversityd.adapters.litellm import read_master_key
 from diversityd.drill import percentile
@@ -37,7 +41,7 @@ def reloads(running: RunningStack) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="one stop/start of vLLM")
+    parser.add_argument("--quick", action="store_true", help="one cycle of two new processes")
     args = parser.parse_args()
     cycles = 1 if args.quick else 3
 
@@ -49,7 +53,6 @@ def main() -> None:
         )
 
     with temporary_stack("bench-gateway-", spec) as running:
-        manager = running.manager
         gateway = running.wait_for(
             lambda d: d["gateway"]["in_sync"] and d["gateway"]["state"] == "ready", 180, 0.5
         )["gateway"]
@@ -58,11 +61,14 @@ def main() -> None:
         models = ("llama-cpp-native", "llama3.1:latest")
         with GatewayStream(gateway["url"], key, models) as sender:
             time.sleep(2)
-            unit = f"diversityd-{VLLM}.service"
+            path = running.stack.config_dir / "diversityd.yaml"
             for _ in range(cycles):
-                for verb in ("stop", "start"):
+                for drop in (True, False):
                     before = reloads(running)
-                    manager.systemctl(verb, unit)
+                    settings = yaml.safe_load(path.read_text())
+                    settings["gateway"]["litellm_settings"] = {"drop_params": drop}
+                    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+                    running.ctl("reload", "--config-dir", str(running.stack.config_dir))
                     running.wait_for(
                         lambda d, b=before: d["gateway"]["reloads"] > b and d["gateway"]["in_sync"],
                         timeout_s=180,
