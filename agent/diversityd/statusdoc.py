@@ -287,6 +287,17 @@ def _gateway_lines(gateway: GatewayStatus) -> list[str]:
     if gateway.get("unit"):
         line += f" ({gateway.get('unit')}, pid {gateway.get('pid') or '-'})"
     lines = [line, f"  config {gateway.get('config')}; key file {gateway.get('key_file')}"]
+    spares = [i for i in gateway.get("instances", []) if i["unit"] != gateway.get("unit")]
+    for spare in spares:
+        if spare["state"] == "active":
+            lines.append(f"  also serving: {spare['unit']}, pid {spare['pid'] or '-'}")
+    change = gateway.get("last_change")
+    if change:
+        lines.append(
+            f"  routes: {gateway.get('route_updates', 0)} changes in-process, "
+            f"{gateway.get('reloads', 0)} new processes; last: {change['change']} "
+            f"({change['reason']}) at {change['at']}"
+        )
     last = gateway.get("last_reload")
     if last and not last["ok"]:
         lines.append(f"  last reload FAILED: {last.get('error')}")

@@ -183,7 +183,12 @@ class Drills:
         if mode is DrillMode.STOP:
             await self.systemd.start(unit)
         elif mode is DrillMode.HANG:
-            await self.systemd.kill(unit, int(signal.SIGCONT))
+            try:
+                await self.systemd.kill(unit, int(signal.SIGCONT))
+            except SystemdError as exc:
+                # the daemon killed it as hung first (hung_grace_s): systemd restarts it
+                if exc.dbus_name != "org.freedesktop.systemd1.NoSuchProcess":
+                    raise
 
     async def _wait_settled(
         self, record: ProviderRecord, answers: list[Answer], since: float, mode: DrillMode
