@@ -67,13 +67,14 @@ class Proxy:
         catalog = build_catalog(self.config)
         return render_gateway(self.config, catalog, availability, states=states)
 
-    def start_standin(self, name: str, model: str) -> None:
+    def start_standin(self, name: str, model: str, *extra: str) -> None:
         argv = [
             sys.executable,
             "-m", "diversityd_lab.standins.vllm",
             "--port", str(self.ports[name]),
             "--served-model-name", model,
             "--record", str(self.records[name]),
+            *extra,
         ]  # fmt: skip
         with (self.work / f"{name}.log").open("ab") as log:
             self.standins[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -113,12 +114,16 @@ providers:
     models: [paid-model]
   lonely: {{type: llama_cpp, base_url: "http://127.0.0.1:{ports["lonely"]}", models: [lonely]}}
   ghost: {{type: llama_cpp, base_url: "http://127.0.0.1:{ports["ghost"]}", models: [ghost-model]}}
+  cutter: {{type: vllm, base_url: "http://127.0.0.1:{ports["cutter"]}", models: [cut-model]}}
+  mute: {{type: vllm, base_url: "http://127.0.0.1:{ports["mute"]}", models: [mute-model]}}
 """
     mappings = """\
 fallback_chains:
   spare-model: {chain: [local-model, paid-model]}
   local-model: {chain: [paid-model]}
   ghost-model: {chain: [paid-model]}
+  cut-model: {chain: [local-model]}
+  mute-model: {chain: [local-model]}
 """
     config, findings = parse_config(
         {"providers.yaml": providers, "model-mappings.yaml": mappings},
@@ -132,7 +137,8 @@ fallback_chains:
 @pytest.fixture(scope="module")
 def proxy(litellm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     work = tmp_path_factory.mktemp("runtime")
-    ports = {name: free_port() for name in ("local", "spare", "paid", "lonely", "ghost")}
+    names = ("local", "spare", "paid", "lonely", "ghost", "cutter", "mute")
+    ports = {name: free_port() for name in names}
     config = configuration(ports)
     records = {name: work / f"{name}.jsonl" for name in ports}
     listener = listening_socket()
@@ -141,6 +147,9 @@ def proxy(litellm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     running = Proxy(url, control, config, records, ports, work, {})
     running.start_standin("local", "local-model")
     running.start_standin("paid", "paid-model")
+    # servers that close every stream cleanly mid-answer (after some content; before any)
+    running.start_standin("cutter", "cut-model", "--cut-streams-after", "3")
+    running.start_standin("mute", "mute-model", "--cut-streams-after", "1")
     # spare and ghost never answer at start, though routed (as if up): the warm-up tries
     # them and fails; ghost's chain leads straight to the paid cloud, which the warm-up
     # must not reach
@@ -334,6 +343,16 @@ assert "fallbacks" in RUNTIME_UPDATABLE_ROUTER_SETTINGS
 source = inspect.getsource(cooldown_handlers._should_run_cooldown_logic)
 assert "time_to_cooldown" in source and "isclose" in source
 assert "disable_fallbacks" in inspect.getsource(Router.async_function_with_fallbacks)
+# the guard against a made-up finish reason (gatewayruntime.guard_truncated_streams)
+from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
+made_up = inspect.getsource(CustomStreamWrapper.finish_reason_handler)
+assert "received_finish_reason" in made_up and "intermittent_finish_reason" in made_up
+assert '"stop"' in made_up
+# the count of requests in flight (gatewayruntime.in_flight_hook)
+from litellm.integrations.custom_logger import CustomLogger
+assert inspect.iscoroutinefunction(CustomLogger.async_pre_call_check)
+assert "async_pre_call_check" in inspect.getsource(Router.async_routing_strategy_pre_call_checks)
+assert isinstance(litellm.callbacks, list)
 print("ok")
 """
     result = subprocess.run(
@@ -346,3 +365,50 @@ print("ok")
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def read_stream(proxy: Proxy, model: str) -> tuple[str, str | None, str | None, str | None]:
+    """(content, finish reason, the error that ended it if any, who answered)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=MASTER_KEY, max_retries=0)
+    content, finish, error = "", None, None
+    with client.chat.completions.with_streaming_response.create(
+        model=model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=64,
+        stream=True,
+    ) as response:
+        answered = response.headers.get("x-litellm-model-id")
+        try:
+            for chunk in response.parse():
+                for choice in chunk.choices:
+                    content += choice.delta.content or ""
+                    finish = choice.finish_reason or finish
+        except openai.APIError as exc:
+            error = str(exc)
+    return content, finish, error, answered
+
+
+def test_a_stream_cut_mid_answer_is_never_passed_off_as_whole(proxy: Proxy) -> None:
+    """Issue 18: when the server under a stream closed it early (as llama-cpp-python does
+    when stopped), LiteLLM ended the stream with `finish_reason: "stop"` and no error: the
+    client took half an answer for a whole one. Now the client sees an error event."""
+    content, finish, error, _ = read_stream(proxy, "cut-model")
+    assert content  # some of the answer came
+    assert finish is None, (content, finish)
+    assert error is not None
+    assert "ended before the answer" in error
+
+
+def test_a_stream_cut_before_any_content_is_no_empty_answer(proxy: Proxy) -> None:
+    """Cut before the first word: LiteLLM made that an empty, finished answer. Now either
+    the client gets an error (LiteLLM 1.106 counts the role chunk as sent, so it does not
+    fall back) or, should it fall back, the fallback's whole answer; never an empty one."""
+    content, finish, error, _ = read_stream(proxy, "mute-model")
+    if error is None:
+        assert content
+        assert finish in ("stop", "length")
+    else:
+        assert "ended before the answer" in error
+        assert finish is None

@@ -315,6 +315,7 @@ def main() -> None:
 
     document = read_document(args.config)
     runtime_module = load_runtime()
+    runtime_module.guard_truncated_streams()
     runtime = runtime_module.Runtime(document, launcher_sha=launcher_sha(), config=args.config)
     answered = runtime_module.UnavailableAnswer(app, runtime, os.environ["LITELLM_MASTER_KEY"])
     config = uvicorn.Config(

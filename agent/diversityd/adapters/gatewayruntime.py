@@ -235,6 +235,32 @@ def in_flight_hook(inflight: InFlight) -> Any:
     return Counter()
 
 
+def guard_truncated_streams() -> None:
+    """No half answer passed off as a whole one. LiteLLM 1.106 ends a stream whose upstream
+    closed without a finish reason (a server stopped mid-answer: llama-cpp-python's closes
+    its streams at SIGTERM) with a made-up `finish_reason: "stop"`. Here that end raises
+    instead: before any content, the router falls back to the next deployment; after some,
+    the client gets an error event and no finish reason."""
+    import litellm
+    from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
+
+    made_up_stop = CustomStreamWrapper.finish_reason_handler
+    if getattr(made_up_stop, "diversityd_guard", False):
+        return
+
+    def finish_reason_handler(self: Any) -> Any:
+        if self.received_finish_reason is None and self.intermittent_finish_reason is None:
+            raise litellm.APIConnectionError(
+                message="the server's stream ended before the answer did (no finish reason)",
+                llm_provider=self.custom_llm_provider or "",
+                model=self.model or "",
+            )
+        return made_up_stop(self)
+
+    finish_reason_handler.diversityd_guard = True  # type: ignore[attr-defined]
+    CustomStreamWrapper.finish_reason_handler = finish_reason_handler
+
+
 def peer_uid(writer: asyncio.StreamWriter) -> int | None:
     sock = writer.get_extra_info("socket")
     if sock is None:

@@ -56,6 +56,9 @@ class Settings:
     # a file that gets one JSON line per POST (path, model, the key it came with): a
     # stand-in for a paid cloud counts what reached it
     record: str | None = None
+    # streams end cleanly after this many SSE lines, with no finish reason and no [DONE],
+    # as a server that closes its streams when told to stop (sse-starlette's shutdown)
+    cut_streams_after: int | None = None
 
 
 @dataclass(frozen=True)
@@ -590,7 +593,10 @@ class StandinHandler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
+        cut = self.settings.cut_streams_after
         for index, line in enumerate(lines):
+            if cut is not None and index >= cut:
+                break
             if index and self.settings.chunk_delay > 0:
                 time.sleep(self.settings.chunk_delay)
             self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
@@ -679,6 +685,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_port: int) 
         default=0.0,
         metavar="SECONDS",
         help="pause between the chunks of a streamed answer",
+    )
+    parser.add_argument(
+        "--cut-streams-after",
+        type=int,
+        metavar="N",
+        help="end every stream cleanly after N lines, without a finish reason or [DONE]",
     )
     parser.add_argument(
         "--record",

@@ -167,6 +167,7 @@ def settings_for(
     chunk_delay: float = 0.0,
     log_requests: bool = True,
     record: str | None = None,
+    cut_streams_after: int | None = None,
 ) -> Settings:
     names = tuple(dict.fromkeys(served_model_names))
     return Settings(
@@ -177,6 +178,7 @@ def settings_for(
         model_root=model_root,
         log_requests=log_requests,
         record=record,
+        cut_streams_after=cut_streams_after,
     )
 
 
@@ -233,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ready_delay=args.ready_delay,
         chunk_delay=args.chunk_delay,
         record=args.record,
+        cut_streams_after=args.cut_streams_after,
     )
     return run_until_signalled(VLLMHandler, settings, args.host, args.port)
 
