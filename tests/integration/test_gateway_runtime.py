@@ -116,6 +116,7 @@ providers:
   ghost: {{type: llama_cpp, base_url: "http://127.0.0.1:{ports["ghost"]}", models: [ghost-model]}}
   cutter: {{type: vllm, base_url: "http://127.0.0.1:{ports["cutter"]}", models: [cut-model]}}
   mute: {{type: vllm, base_url: "http://127.0.0.1:{ports["mute"]}", models: [mute-model]}}
+  slow: {{type: vllm, base_url: "http://127.0.0.1:{ports["slow"]}", models: [slow-model]}}
 """
     mappings = """\
 fallback_chains:
@@ -137,7 +138,7 @@ fallback_chains:
 @pytest.fixture(scope="module")
 def proxy(litellm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     work = tmp_path_factory.mktemp("runtime")
-    names = ("local", "spare", "paid", "lonely", "ghost", "cutter", "mute")
+    names = ("local", "spare", "paid", "lonely", "ghost", "cutter", "mute", "slow")
     ports = {name: free_port() for name in names}
     config = configuration(ports)
     records = {name: work / f"{name}.jsonl" for name in ports}
@@ -150,6 +151,7 @@ def proxy(litellm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     # servers that close every stream cleanly mid-answer (after some content; before any)
     running.start_standin("cutter", "cut-model", "--cut-streams-after", "3")
     running.start_standin("mute", "mute-model", "--cut-streams-after", "1")
+    running.start_standin("slow", "slow-model", "--chunk-delay", "0.3")
     # spare and ghost never answer at start, though routed (as if up): the warm-up tries
     # them and fails; ghost's chain leads straight to the paid cloud, which the warm-up
     # must not reach
@@ -412,3 +414,41 @@ def test_a_stream_cut_before_any_content_is_no_empty_answer(proxy: Proxy) -> Non
     else:
         assert "ended before the answer" in error
         assert finish is None
+
+
+def in_flight(proxy: Proxy) -> dict[str, Any]:
+    return dict(run(call(proxy.control, {"op": "inflight"})))
+
+
+def test_requests_in_flight_are_counted_per_deployment_until_their_last_byte(
+    proxy: Proxy,
+) -> None:
+    """Issue 18: what the drain waits on. A stream counts against the deployment the router
+    picked from then until its last byte, then not at all."""
+    import threading
+
+    assert in_flight(proxy)["providers"].get("slow", 0) == 0
+    done = threading.Event()
+    outcome: list[tuple[str, str | None, str | None, str | None]] = []
+
+    def stream() -> None:
+        outcome.append(read_stream(proxy, "slow-model"))
+        done.set()
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    seen: list[dict[str, Any]] = []
+    while not done.is_set():
+        seen.append(in_flight(proxy))
+        time.sleep(0.1)
+    worker.join()
+    during = [s for s in seen if s["providers"].get("slow")]
+    assert during, seen[:5]  # counted while it streamed (~2 s of chunks)
+    assert during[0]["deployments"] == {"slow-model@slow": 1}
+    content, finish, error, _ = outcome[0]
+    assert content
+    assert error is None, error
+    assert finish == "stop"
+    after = in_flight(proxy)
+    assert after["providers"].get("slow", 0) == 0  # its last byte: no longer in flight
+    assert after["deployments"].get("slow-model@slow", 0) == 0
