@@ -61,6 +61,9 @@ class ProviderStatus(TypedDict):
     model_file: ModelFileStatus | None
     stopped_by_user: bool  # stopped on purpose: stays stopped, never revived
     revival: RevivalStatus | None
+    # requests the gateway is sending it now (None: not known, no gateway answered)
+    in_flight: NotRequired[int | None]
+    draining: NotRequired[bool]  # out of the routes, its answers finishing, to be stopped
 
 
 class ReloadOutcome(TypedDict):
@@ -226,7 +229,10 @@ def format_table(rows: Sequence[Sequence[str]]) -> list[str]:
 
 def format_status(document: StatusDocument) -> str:
     """The status table: one row per provider, then the daemon and gateway lines."""
-    header = ("PROVIDER", "UNIT", "STATE", "PID", "UPTIME", "PROBE", "MODELS", "GPU LAYERS", "VRAM")
+    header = (
+        "PROVIDER", "UNIT", "STATE", "PID", "UPTIME", "PROBE", "IN-FLIGHT", "MODELS", "GPU LAYERS",
+        "VRAM",
+    )  # fmt: skip
     rows = [header]
     for p in document["providers"]:
         vram = p["vram_mib"]
@@ -234,10 +240,11 @@ def format_status(document: StatusDocument) -> str:
             (
                 p["name"],
                 p["unit"] or "(watched)",
-                p["state"],
+                p["state"] + (" (draining)" if p.get("draining") else ""),
                 str(p["pid"]) if p["pid"] else "-",
                 uptime(p["since"]),
                 _probe_text(p["probe"]),
+                "-" if p.get("in_flight") is None else str(p.get("in_flight")),
                 ",".join(p["models"]) or "-",
                 "-" if p["n_gpu_layers"] is None else str(p["n_gpu_layers"]),
                 "-" if vram is None else f"{vram} MiB",

@@ -651,3 +651,79 @@ def test_nothing_but_a_client_ever_asks_the_paid_cloud(gateway_stack: RunningSta
     assert answer.ok, answer
     (request,) = gateway_stack.stack.paid_requests()
     assert request["authorization"] == f"Bearer {PAID_KEY}"
+
+
+def test_a_keep_alive_client_loses_nothing_across_new_gateway_processes(
+    gateway_stack: RunningStack,
+) -> None:
+    """Issue 18: a client on a keep-alive connection (the `openai` package's default) got
+    APIConnectionError when the old instance closed it during a blue/green switch. The old
+    process now answers with `Connection: close` and keeps idle connections past the
+    clients' keep-alive expiry (httpx: 5 s) before it closes them."""
+    import threading
+
+    import openai
+
+    before = wait_gateway_ready(gateway_stack)["gateway"]
+    client = openai.OpenAI(
+        base_url=f"{gateway_url(gateway_stack)}/v1",
+        api_key=master_key(gateway_stack),
+        max_retries=0,  # a retry would hide the broken connection
+        timeout=60,
+    )
+    errors: list[str] = []
+    answers = 0
+    stop = threading.Event()
+
+    def send() -> None:
+        nonlocal answers
+        turn = 0
+        while not stop.is_set():
+            turn += 1
+            try:
+                if turn % 2:
+                    client.chat.completions.create(
+                        model="llama-cpp-native",
+                        messages=[{"role": "user", "content": "hi"}],
+                        max_tokens=8,
+                    )
+                else:
+                    for _ in client.chat.completions.create(
+                        model="llama-cpp-native",
+                        messages=[{"role": "user", "content": "hi"}],
+                        max_tokens=8,
+                        stream=True,
+                    ):
+                        pass
+                answers += 1
+            except openai.APIError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+            # pauses of every length around the clients' 5 s keep-alive expiry
+            time.sleep((0.05, 0.5, 2.0, 4.9, 5.2)[turn % 5])
+
+    settings_file = gateway_stack.stack.config_dir / "diversityd.yaml"
+    original = settings_file.read_text()
+    settings = yaml.safe_load(original)
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        for switch in range(3):
+            settings["gateway"]["litellm_settings"] = {"drop_params": switch % 2 == 0}
+            settings_file.write_text(yaml.safe_dump(settings))
+            assert gateway_stack.ctl("reload").returncode == 0
+            gateway_stack.wait_for(
+                lambda d, n=switch: (
+                    d["gateway"]["reloads"] > before["reloads"] + n and d["gateway"]["in_sync"]
+                ),
+                timeout_s=120,
+                poll_s=0.5,
+            )
+            time.sleep(8)  # the old process's idle grace, and then some
+    finally:
+        stop.set()
+        sender.join(120)
+        settings_file.write_text(original)
+        gateway_stack.ctl("reload")
+        wait_gateway_ready(gateway_stack)
+    assert errors == [], errors
+    assert answers >= 10

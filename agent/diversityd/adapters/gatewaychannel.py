@@ -18,6 +18,7 @@ ROUTES_TIMEOUT_S = 5.0
 __all__ = [
     "ChannelError",
     "hello",
+    "in_flight",
     "installed_litellm",
     "launcher_sha",
     "push_routes",
@@ -47,6 +48,12 @@ async def push_routes(
 ) -> dict[str, Any]:
     """The instance serves exactly these routes when this returns (ChannelError if not)."""
     return await call(path, {"op": "routes", "routes": dict(routes)}, timeout_s)
+
+
+async def in_flight(path: str, timeout_s: float = 0.5) -> dict[str, int]:
+    """Requests in flight per provider in one instance."""
+    answer = await call(path, {"op": "inflight"}, timeout_s)
+    return {str(k): int(v) for k, v in (answer.get("providers") or {}).items()}
 
 
 def launcher_sha() -> str:

@@ -38,6 +38,13 @@ LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Proxy", "LiteLLM Router")
 # deployment): paid here, before the socket is accepted from, not by a client's request.
 WARM_UP_BUDGET_S = 6.0
 WARM_UP_REQUEST_TIMEOUT_S = 3.0
+# Clients drop an idle keep-alive connection after 5 s (httpx's default, the openai
+# package's): the server keeps one longer, so the client always lets go first and never
+# sends on a connection the server is closing.
+KEEP_ALIVE_S = 75
+# At a switch, idle connections stay open this long (past the clients' 5 s) before they
+# are closed: a client that reuses one meanwhile is answered, with `Connection: close`.
+IDLE_GRACE_S = 6.0
 UNAVAILABLE_MARK = "diversityd_unavailable"  # model_info: answered here, not by a server
 JUDGED_MARK = "diversityd_judged"  # model_info: a local server doing its own inference
 RUNTIME_FILE = "gatewayruntime.py"
@@ -265,6 +272,17 @@ class WarmServer:
                 self.lifespan.startup = started_then_warm
                 await super().startup(sockets)
 
+            async def shutdown(self, sockets: Any = None) -> None:
+                runtime.stopping = True
+                for server in self.servers:
+                    server.close()  # our copy of the shared socket: the new process accepts
+                deadline = asyncio.get_running_loop().time() + IDLE_GRACE_S
+                while (  # noqa: ASYNC110 - uvicorn's connection set has no event; polled as uvicorn does
+                    self.server_state.connections and asyncio.get_running_loop().time() < deadline
+                ):
+                    await asyncio.sleep(0.1)
+                await super().shutdown(sockets)
+
         return Server(config)
 
 
@@ -318,8 +336,10 @@ def main() -> None:
     runtime_module.guard_truncated_streams()
     runtime = runtime_module.Runtime(document, launcher_sha=launcher_sha(), config=args.config)
     answered = runtime_module.UnavailableAnswer(app, runtime, os.environ["LITELLM_MASTER_KEY"])
+    counted = runtime_module.CountInFlight(answered, runtime.inflight)
     config = uvicorn.Config(
-        runtime_module.CountInFlight(answered, runtime.inflight),
+        runtime_module.CloseWhenStopping(counted, runtime),
+        timeout_keep_alive=KEEP_ALIVE_S,
         fd=fd,
         timeout_graceful_shutdown=int(args.graceful_s),
         log_level="warning",

@@ -215,6 +215,31 @@ class CountInFlight:
             self.inflight.leave(slot)  # ended otherwise: an error, the client went
 
 
+class CloseWhenStopping:
+    """ASGI wrapper: once this process is stopping (a switch to a new one), every answer
+    says `Connection: close`, so a client's keep-alive connection ends with an answer, never
+    under a request it is sending."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and self.runtime.stopping:
+                headers = [
+                    (k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"
+                ]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing_send)
+
+
 def in_flight_hook(inflight: InFlight) -> Any:
     """A LiteLLM CustomLogger whose pre-call check (called once the router picked a
     deployment, before the call) counts the request against it."""
@@ -287,6 +312,7 @@ class Runtime:
         self.changes = 0  # routes applied in-process since start
         self.server: asyncio.AbstractServer | None = None
         self.inflight = InFlight()
+        self.stopping = False  # a switch: answers close their connections
 
     def hello(self) -> dict[str, Any]:
         version = "unknown"

@@ -22,7 +22,7 @@ from diversityd.daemon.store import Job, Store, sha256_text
 from diversityd.drill import DrillMode, unprotected_models
 from diversityd.errors import Severity, UsageError
 from diversityd.log import get_logger
-from diversityd.statusdoc import GatewayStatus, ReloadOutcome, StatusDocument
+from diversityd.statusdoc import GatewayStatus, ProviderStatus, ReloadOutcome, StatusDocument
 from diversityd.timefmt import iso_time
 from diversityd.validation import check_config_dir
 
@@ -92,10 +92,21 @@ class Commands:
                 "unit_render_errors": dict(store.render_errors),
                 "own_unit_stale": store.own_unit_stale,
             },
-            "providers": [record.to_status() for record in store.records.values()],
+            "providers": await self._providers_status(),
             "gpus": store.gpu.to_status(),
             "gateway": gateway,
         }
+
+    async def _providers_status(self) -> list[ProviderStatus]:
+        """Each provider's record, with what the gateway is sending it now."""
+        counts = await self.gateway.in_flight() if self.gateway is not None else None
+        providers = []
+        for record in self.store.records.values():
+            entry = record.to_status()
+            entry["draining"] = record.name in self.store.draining
+            entry["in_flight"] = None if counts is None else counts.get(record.name, 0)
+            providers.append(entry)
+        return providers
 
     async def reload(self) -> dict[str, Any]:
         """Validate the configuration on disk; adopt it only when it is sound."""

@@ -146,6 +146,22 @@ class GatewayManager:
         states = {name: r.state.value for name, r in self.store.records.items()}
         return render_gateway(config, self.store.catalog, self.store.availability(), states=states)
 
+    async def in_flight(self) -> dict[str, int] | None:
+        """Requests in flight per provider, over every running instance (None: none said)."""
+        colors = self.record.running_colors(self.switch.instances)
+        answers = await asyncio.gather(
+            *(gatewaychannel.in_flight(self.paths.control_socket(c)) for c in colors),
+            return_exceptions=True,
+        )
+        counts: dict[str, int] = {}
+        said = False
+        for answer in answers:
+            if isinstance(answer, dict):
+                said = True
+                for provider, count in answer.items():
+                    counts[provider] = counts.get(provider, 0) + count
+        return counts if said else None
+
     async def next_change(self, timeout_s: float) -> GatewayChange | None:
         """How the next change reaches the gateway (for `reload`), once it is decided."""
         future: asyncio.Future[GatewayChange] = asyncio.get_running_loop().create_future()
