@@ -40,7 +40,8 @@ class Answer:
 
 class DrillMode(enum.StrEnum):
     KILL = "kill"  # SIGKILL the main process; systemd's Restart= brings it back
-    STOP = "stop"  # systemctl stop; the drill starts it again
+    STOP = "stop"  # a planned stop: drained, then stopped; the drill starts it again
+    OUTSIDE_STOP = "outside-stop"  # systemctl stop unannounced, as another tool would
     HANG = "hang"  # SIGSTOP (alive, not answering); the drill sends SIGCONT
 
 

@@ -396,6 +396,8 @@ def test_failover_drill_fails_no_request_and_restores(
     assert drill["provider"] == provider
     assert drill["mode"] == mode
     assert drill["failed"] == 0, drill["failures"]
+    if mode == "stop":  # announced: drained first, a planned stop loses nothing
+        assert drill["cut_mid_stream"] == 0, drill
     assert drill["restored"] is True
     assert drill["sent"] >= 10
     assert drill["p99_ms"] >= drill["p50_ms"] > 0
@@ -410,6 +412,25 @@ def test_failover_drill_fails_no_request_and_restores(
     assert after["pid"] != before["pid"]
     if mode == "hang":
         assert gateway_stack.journal_events("provider.hung_killed", provider=provider)
+
+
+def test_an_unannounced_stop_fails_over_and_counts_cut_streams_apart(
+    gateway_stack: RunningStack,
+) -> None:
+    """`--mode outside-stop` stops the unit as another tool would, with no drain: what it
+    tests is failover. A stream cut there is counted apart (`cut_mid_stream`), as a kill's
+    is; no other request fails."""
+    wait_gateway_ready(gateway_stack)
+    result = gateway_stack.ctl(
+        "failover-test", LLAMA_PYTHON, "--mode", "outside-stop", "--json", timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (drill,) = json.loads(result.stdout)["drills"]
+    assert drill["mode"] == "outside-stop"
+    assert drill["failed"] == 0, drill["failures"]
+    assert drill["restored"] is True
+    assert "cut_mid_stream" in drill
+    assert gateway_stack.provider(LLAMA_PYTHON)["state"] == "ready"
 
 
 def test_a_drill_that_would_leave_a_model_without_fallback_is_refused(

@@ -88,7 +88,8 @@ def test_the_table_shows_every_provider_and_what_is_wrong() -> None:
     )
     lines = text.splitlines()
     assert lines[0].split() == [
-        "PROVIDER", "UNIT", "STATE", "PID", "UPTIME", "PROBE", "IN-FLIGHT", "MODELS", "GPU", "LAYERS", "VRAM"
+        "PROVIDER", "UNIT", "STATE", "PID", "UPTIME", "PROBE", "IN-FLIGHT", "MODELS", "GPU",
+        "LAYERS", "VRAM",
     ]  # fmt: skip
     assert lines[1].split()[:4] == ["native", "diversityd-native.service", "ready", "42"]
     assert "ok 7ms" in lines[1]

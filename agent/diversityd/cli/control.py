@@ -184,11 +184,12 @@ def format_drills(result: dict[str, Any]) -> str:
 @click.argument("provider", required=False, default="")
 @click.option(
     "--mode",
-    type=click.Choice(["kill", "stop", "hang"]),
+    type=click.Choice(["kill", "stop", "outside-stop", "hang"]),
     default="kill",
     show_default=True,
-    help="kill: SIGKILL (systemd restarts it); stop: systemctl stop, then start; "
-    "hang: SIGSTOP, then SIGCONT.",
+    help="kill: SIGKILL (systemd restarts it); stop: a planned stop (drained first: it "
+    "loses nothing), then start; outside-stop: systemctl stop unannounced, as another tool "
+    "would (streams cut are counted apart), then start; hang: SIGSTOP, then SIGCONT.",
 )
 @click.option("--force", is_flag=True, help="Drill even where a model has no live fallback.")
 @config_dir_option

@@ -269,7 +269,9 @@ class Commands:
         try:
             drill_mode = DrillMode(mode)
         except ValueError:
-            raise UsageError(f"unknown mode {mode!r}", hint="use kill, stop or hang") from None
+            raise UsageError(
+                f"unknown mode {mode!r}", hint="use kill, stop, outside-stop or hang"
+            ) from None
         store = self.store
         if self.gateway is None or store.config is None or store.report is None:
             raise UsageError("a drill goes through the gateway, which diversityd does not own")

@@ -1,4 +1,5 @@
-"""Failover drills: take an owned provider down (kill, stop or hang) while requests for its
+"""Failover drills: take an owned provider down (kill, a planned stop, an unannounced stop
+from outside, or hang) while requests for its
 models flow through the gateway, wait until the gateway has settled, put it back, and
 report who answered. What a drill's answers say is drill.py's (pure)."""
 
@@ -143,6 +144,9 @@ class Drills:
                     await self.systemd.stop(unit)
                 finally:
                     await self.drainer.release(name)
+            elif mode is DrillMode.OUTSIDE_STOP:
+                # unannounced, as another tool would: failover, not a drain, is tested
+                await self.systemd.stop(unit)
             else:
                 await self.systemd.kill(unit, int(signal.SIGSTOP))
             await self._wait_settled(record, answers, taken_down_at, mode)
@@ -180,7 +184,7 @@ class Drills:
         return report
 
     async def _put_back(self, unit: str, mode: DrillMode) -> None:
-        if mode is DrillMode.STOP:
+        if mode in (DrillMode.STOP, DrillMode.OUTSIDE_STOP):
             await self.systemd.start(unit)
         elif mode is DrillMode.HANG:
             try:
