@@ -61,6 +61,7 @@ _OLLAMA_PREFIXES = ("ollama/", "ollama_chat/")
 PROVIDER_INFO = "diversityd_provider"  # the provider whose server a deployment reaches
 JUDGED_INFO = "diversityd_judged"  # the daemon probes it and alone decides if it is used
 UNAVAILABLE_INFO = "diversityd_unavailable"  # the launcher answers it: 503 and this text
+HOLD_INFO = "diversityd_hold_s"  # ... after holding the request this long for its server
 # Nothing may answer there: a name with no live server is answered inside the launcher, and
 # an unprivileged local user cannot bind port 1 (the daemon's own port could be taken).
 UNAVAILABLE_API_BASE = "http://127.0.0.1:1/v1"
@@ -237,11 +238,14 @@ def render_gateway(
     *,
     states: Mapping[str, str] | None = None,
     unavailable: bool = True,
+    holding: Mapping[str, float] | None = None,
 ) -> GatewayPlan:
     """The gateway's config. A name no live server and no live fallback can serve stays
     listed (unless `unavailable` is False): the launcher answers it with a 503 and
     Retry-After naming the providers and their `states`, a status clients retry, where an
-    unknown name is a 400 they do not."""
+    unknown name is a 400 they do not. A name whose every server is being restarted on
+    purpose (`holding`: provider -> seconds) is held instead, that long at most: its
+    requests wait in the gateway and go to the server the moment it serves again."""
     chains = {name: chain.targets for name, chain in config.chains.items()}
     timeouts = config.settings.gateway.timeouts
     live_deployments: dict[str, tuple[Deployment, ...]] = {
@@ -265,7 +269,8 @@ def render_gateway(
                 left_out.append(name)
                 if unavailable:
                     reason = why_unavailable(config, catalog, name, states or {})
-                    model_list.append(unavailable_deployment(name, reason))
+                    hold_s = hold_for(catalog.active(name), holding or {})
+                    model_list.append(unavailable_deployment(name, reason, hold_s))
                 continue
             substitute, walk = walk[0], walk[1:]
             substituted[name] = substitute
@@ -322,9 +327,18 @@ def deployment_entry(
     }
 
 
-def unavailable_deployment(name: str, reason: str) -> dict[str, Any]:
+def hold_for(deployments: tuple[Deployment, ...], holding: Mapping[str, float]) -> float:
+    """How long a request for a name waits for its servers, when every one of them is
+    being restarted on purpose (0: none is, or not all)."""
+    providers = {d.provider.name for d in deployments}
+    if not providers or not providers <= set(holding):
+        return 0.0
+    return max(holding[p] for p in providers)
+
+
+def unavailable_deployment(name: str, reason: str, hold_s: float = 0.0) -> dict[str, Any]:
     """Listed (clients see the name), answered by the launcher before LiteLLM routes it."""
-    return {
+    entry: dict[str, Any] = {
         "model_name": name,
         "litellm_params": {
             "model": f"openai/{name}",
@@ -340,6 +354,9 @@ def unavailable_deployment(name: str, reason: str) -> dict[str, Any]:
             "retry_after_s": UNAVAILABLE_RETRY_S,
         },
     }
+    if hold_s > 0:
+        entry["model_info"][HOLD_INFO] = hold_s
+    return entry
 
 
 def _longest_path(fallbacks: Mapping[str, tuple[str, ...]]) -> int:

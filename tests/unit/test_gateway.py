@@ -9,6 +9,7 @@ from diversityd.adapters import gatewaylauncher
 from diversityd.catalog import build_catalog
 from diversityd.config import Config, parse_config
 from diversityd.gateway import (
+    HOLD_INFO,
     JUDGED_INFO,
     MASTER_KEY_REFERENCE,
     PROVIDER_INFO,
@@ -276,3 +277,19 @@ def test_a_substituted_name_keeps_its_substitutes_fallbacks() -> None:
     assert plan.substituted["llama3.1:latest"] == "a-model"
     # its own chain's rest (v-model), then what a-model falls back to (b-model, gpt-4o-mini)
     assert fallbacks_of(plan)["llama3.1:latest"] == ["v-model", "b-model", "gpt-4o-mini"]
+
+
+def test_a_name_whose_only_server_restarts_on_purpose_is_held() -> None:
+    """Issue 18: a planned restart of a model's only server holds its requests in the
+    gateway (bounded), where a crash answers the retryable 503 at once."""
+    config = load()
+    down = Availability.all_up_except(config, frozenset({"b", "ollama"}))
+    held = render_gateway(config, build_catalog(config), down, holding={"b": 30.0})
+    (entry,) = [e for e in held.document["model_list"] if e["model_name"] == "b-model"]
+    assert entry["model_info"][HOLD_INFO] == 30.0
+    crashed = render_gateway(config, build_catalog(config), down)
+    (entry,) = [e for e in crashed.document["model_list"] if e["model_name"] == "b-model"]
+    assert HOLD_INFO not in entry["model_info"]
+    # raw (ollama only) is held only if ollama is the one restarting on purpose
+    (raw,) = [e for e in held.document["model_list"] if e["model_name"] == "raw"]
+    assert HOLD_INFO not in raw["model_info"]

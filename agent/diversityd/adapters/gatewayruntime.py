@@ -45,6 +45,7 @@ MAX_LINE = 32 * 1024 * 1024  # a whole model list, with room
 UNAVAILABLE_INFO = "diversityd_unavailable"  # as gateway.py writes it (the core)
 PROVIDER_INFO = "diversityd_provider"
 RETRY_AFTER_INFO = "retry_after_s"
+HOLD_INFO = "diversityd_hold_s"  # hold the request this long for its server (a restart)
 # Bearer for OpenAI-style clients; the others as LiteLLM's auth accepts them
 KEY_HEADERS = (b"authorization", b"x-api-key", b"api-key", b"x-litellm-api-key")
 
@@ -81,15 +82,20 @@ def routes_in(document: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def unavailable_answers(model_list: list[Any]) -> dict[str, tuple[str, int]]:
-    """Name -> (why, retry after s) for the names answered here, not by a server."""
-    answers: dict[str, tuple[str, int]] = {}
+def unavailable_answers(model_list: list[Any]) -> dict[str, tuple[str, int, float]]:
+    """Name -> (why, retry after s, hold s) for the names answered here, not by a server
+    (held first while their server restarts on purpose)."""
+    answers: dict[str, tuple[str, int, float]] = {}
     for entry in model_list:
         info = entry.get("model_info") if isinstance(entry, dict) else None
         if isinstance(info, dict) and info.get(UNAVAILABLE_INFO):
             reason = info[UNAVAILABLE_INFO]
             text = reason if isinstance(reason, str) else "no server can serve this model now"
-            answers[str(entry.get("model_name"))] = (text, int(info.get(RETRY_AFTER_INFO, 10)))
+            answers[str(entry.get("model_name"))] = (
+                text,
+                int(info.get(RETRY_AFTER_INFO, 10)),
+                float(info.get(HOLD_INFO, 0) or 0),
+            )
     return answers
 
 
@@ -313,6 +319,7 @@ class Runtime:
         self.server: asyncio.AbstractServer | None = None
         self.inflight = InFlight()
         self.stopping = False  # a switch: answers close their connections
+        self.routes_changed = asyncio.Event()  # set (and replaced) at each routes change
 
     def hello(self) -> dict[str, Any]:
         version = "unknown"
@@ -341,6 +348,8 @@ class Runtime:
         self.unavailable = unavailable_answers(list(routes.get("model_list") or []))
         self.providers.update(providers_of(list(routes.get("model_list") or [])))
         self.changes += 1
+        waiting, self.routes_changed = self.routes_changed, asyncio.Event()
+        waiting.set()  # held requests look again
         return {
             "routes_digest": digest,
             **changed,
@@ -441,12 +450,12 @@ class UnavailableAnswer:
                 return
             chunks.append(first.get("body", b""))
         body = b"".join(chunks)
-        answer = self._answer_for(scope, body)
+        answer = await self._held(self._answer_for(scope, body))
         if answer is None:
             replayed = {"type": "http.request", "body": body, "more_body": False}
             await self.app(scope, _replay([replayed], receive), send)
             return
-        reason, retry_after = answer
+        reason, retry_after, _, _ = answer
         payload = json.dumps(
             {"error": {"message": reason, "type": "service_unavailable", "code": "503"}}
         ).encode()
@@ -463,7 +472,22 @@ class UnavailableAnswer:
         )
         await send({"type": "http.response.body", "body": payload})
 
-    def _answer_for(self, scope: Scope, body: bytes) -> tuple[str, int] | None:
+    async def _held(self, answer: Answered | None) -> Answered | None:
+        """A name whose server restarts on purpose is held: its request waits for the
+        routes that serve it again (then None: LiteLLM routes it), bounded."""
+        if answer is None or answer[2] <= 0:
+            return answer
+        model, runtime = answer[3], self.runtime
+        deadline = asyncio.get_running_loop().time() + answer[2]
+        while model in runtime.unavailable:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return answer
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(runtime.routes_changed.wait(), left)
+        return None
+
+    def _answer_for(self, scope: Scope, body: bytes) -> Answered | None:
         if not body.lstrip().startswith(b"{"):
             return None
         try:
@@ -474,7 +498,10 @@ class UnavailableAnswer:
             return None
         if not any(hmac.compare_digest(key, self.key) for key in presented_keys(scope)):
             return None
-        return self.runtime.unavailable[model]
+        return (*self.runtime.unavailable[model], model)
+
+
+Answered = tuple[str, int, float, str]  # why, retry after s, hold s, the model
 
 
 def _replay(first: list[Message], receive: Receive) -> Receive:

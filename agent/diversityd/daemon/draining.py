@@ -75,10 +75,14 @@ class Drainer:
         self.instances = instances
         self.wake = wake  # the gateway loop renders the routes again
 
-    async def drain(self, provider: str, *, reason: str) -> DrainReport:
+    async def drain(self, provider: str, *, reason: str, hold: bool = False) -> DrainReport:
         """Out of the routes, then wait for its requests in flight (bounded). The caller
-        stops it next, and calls `release` once it is stopped or restarted."""
+        stops it next, and calls `release` once it is stopped or restarted. With `hold`
+        (it comes back: a restart), requests for names no other server can take wait in
+        the gateway for it, as long as the drain may, until `end_hold`."""
         bound = drain_bound(self.store, provider)
+        if hold and bound > 0:
+            await self.loop.call(lambda: self.store.holding.__setitem__(provider, bound))
         record = self.record
         if record is None or self.paths is None or bound <= 0:
             note = "no drain: supervision.drain_s is 0" if bound <= 0 else "the gateway is not ours"
@@ -121,6 +125,11 @@ class Drainer:
     async def release(self, provider: str) -> None:
         """Back in the routes as soon as it serves again (availability still asks that)."""
         await self.loop.call(lambda: self.store.draining.discard(provider))
+        self.wake()
+
+    async def end_hold(self, provider: str) -> None:
+        """It serves again (or did not come back): its names are no longer held."""
+        await self.loop.call(lambda: self.store.holding.pop(provider, None))
         self.wake()
 
     def _routed_out(self, provider: str) -> bool:

@@ -144,7 +144,13 @@ class GatewayManager:
         config = self.store.config
         assert config is not None
         states = {name: r.state.value for name, r in self.store.records.items()}
-        return render_gateway(config, self.store.catalog, self.store.availability(), states=states)
+        return render_gateway(
+            config,
+            self.store.catalog,
+            self.store.availability(),
+            states=states,
+            holding=self.store.holding,
+        )
 
     async def in_flight(self) -> dict[str, int] | None:
         """Requests in flight per provider, over every running instance (None: none said)."""

@@ -325,8 +325,8 @@ class Rollout:
     async def _restart_one(self, job: Job, name: str) -> dict[str, Any]:
         record = self.store.records[name]
         assert record.unit is not None
-        self.jobs.report(job, {"provider": name, "step": "draining"})
-        drained = await self.drainer.drain(name, reason=job.params.get("reason") or "restart")
+        reason = job.params.get("reason") or "restart"
+        drained = await self.drainer.drain(name, reason=reason, hold=True)
         self.jobs.report(job, {"provider": name, "step": "restarting", "drain": drained.to_json()})
         started = time.monotonic()
         log.info("unit.restarting", provider=name, unit=record.unit, job=job.id)
@@ -344,16 +344,14 @@ class Rollout:
             await self.loop.call(functools.partial(self._rolled, name))
             checkpoint("rollout.provider_restarted")
             self.jobs.report(job, {"provider": name, "step": "waiting", "for": "its answer"})
-        ready = outcome == "done" and await self.starter.wait_serving(record, started)
+        try:
+            ready = outcome == "done" and await self.starter.wait_serving(record, started)
+        finally:
+            await self.drainer.end_hold(name)
         elapsed_ms = round((time.monotonic() - started) * 1000, 1)
-        log.info(
-            "unit.restarted" if ready else "unit.restart_failed",
-            provider=name,
-            unit=record.unit,
-            elapsed_ms=elapsed_ms,
-            state=record.state.value,
-            job=job.id,
-        )
+        event = "unit.restarted" if ready else "unit.restart_failed"
+        log.info(event, provider=name, unit=record.unit, elapsed_ms=elapsed_ms,
+                 state=record.state.value, job=job.id)  # fmt: skip
         return {
             "provider": name,
             "unit": record.unit,

@@ -236,6 +236,9 @@ class Store:
     pending_rolls: dict[str, str] = field(default_factory=dict)
     expected_stops: set[str] = field(default_factory=set)  # units diversityd itself stops
     draining: set[str] = field(default_factory=set)  # providers out of the routes to stop
+    # providers restarted on purpose: their names' requests are held this long (seconds)
+    # when no other server can take them, until they serve again
+    holding: dict[str, float] = field(default_factory=dict)
     kept_gpu_settings: dict[str, GpuSettings] = field(default_factory=dict)  # the last plan's
     gateway_pin: str | None = None  # a rollback's pin, read back at start
     unit_errors: str | None = None  # why the unit files could not be written (retried)
