@@ -59,13 +59,16 @@ class Proxy:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line]
 
-    def render(self, *down: str) -> GatewayPlan:
-        """`lonely` is always down (no server, no fallback: answered by the launcher)."""
-        gone = frozenset({"lonely", *down})
+    def render(
+        self, *down: str, lonely: bool = False, holding: dict[str, float] | None = None
+    ) -> GatewayPlan:
+        """`lonely` is down (no server, no fallback: answered by the launcher) unless
+        `lonely` says it serves."""
+        gone = frozenset({*down} if lonely else {"lonely", *down})
         availability = Availability.all_up_except(self.config, gone)
         states = {name: "failed" if name == "lonely" else "stopped" for name in gone}
         catalog = build_catalog(self.config)
-        return render_gateway(self.config, catalog, availability, states=states)
+        return render_gateway(self.config, catalog, availability, states=states, holding=holding)
 
     def start_standin(self, name: str, model: str, *extra: str) -> None:
         argv = [
@@ -452,3 +455,34 @@ def test_requests_in_flight_are_counted_per_deployment_until_their_last_byte(
     after = in_flight(proxy)
     assert after["providers"].get("slow", 0) == 0  # its last byte: no longer in flight
     assert after["deployments"].get("slow-model@slow", 0) == 0
+
+
+def test_a_model_whose_only_server_restarts_on_purpose_is_held_not_failed(
+    proxy: Proxy,
+) -> None:
+    """Issue 18: while its only server restarts on purpose, a request for the model waits
+    in the gateway and is answered by the server once the routes serve it again; bounded,
+    then the usual retryable 503."""
+    import threading
+
+    run(push_routes(proxy.control, proxy.render(holding={"lonely": 1.0}).routes()))
+    started = time.monotonic()
+    timed_out = chat(proxy, "lonely")  # held its second, then answered 503
+    assert timed_out.status_code == 503
+    assert time.monotonic() - started >= 1.0
+    run(push_routes(proxy.control, proxy.render(holding={"lonely": 30.0}).routes()))
+    answers: list[httpx.Response] = []
+    asking = threading.Thread(target=lambda: answers.append(chat(proxy, "lonely")))
+    asking.start()
+    time.sleep(1.5)
+    assert not answers  # held
+    proxy.start_standin("lonely", "lonely")
+    try:
+        run(push_routes(proxy.control, proxy.render(lonely=True).routes()))
+        asking.join(30)
+        assert answers
+        assert answers[0].status_code == 200, answers[0].text
+        assert answers[0].headers["x-litellm-model-id"] == "lonely@lonely"
+    finally:
+        run(push_routes(proxy.control, proxy.render().routes()))
+        proxy.stop_standin("lonely")
