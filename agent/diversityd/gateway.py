@@ -130,6 +130,19 @@ def routes_of(document: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def with_routes(document: Mapping[str, Any], routes: Mapping[str, Any]) -> str:
+    """A config's text: `document`'s fixed part with these routes (a running process's
+    settings, while a config that needs a new process cannot start)."""
+    whole = {k: v for k, v in document.items() if k != "model_list"}
+    whole = {"model_list": list(routes["model_list"]), **whole}
+    router = dict(whole.get("router_settings") or {})
+    router["fallbacks"] = list(routes["fallbacks"])
+    whole["router_settings"] = router
+    return HEADER + yaml.safe_dump(
+        whole, sort_keys=False, default_flow_style=False, allow_unicode=True, width=4096
+    )
+
+
 def process_settings_of(document: Mapping[str, Any]) -> dict[str, Any]:
     """The document without its routes (also applied to what a running launcher loaded)."""
     rest = {k: v for k, v in document.items() if k != "model_list"}

@@ -117,6 +117,8 @@ def test_the_journal_reads_as_words_without_colour_probes_or_tracebacks(
         manager.systemctl("kill", f"--signal={signal.SIGCONT.name}", python_unit, check=False)
         manager.systemctl("start", vllm_unit, check=False)
     running.wait_all_ready(timeout_s=90)
+    # LiteLLM's own failures (a name no deployment serves: its 400, logged as an error)
+    assert len(ask_all(client, ["no-such-model"], rounds=2)) == 2
     time.sleep(3)  # some more probes of every server
 
     entries = manager.journal()

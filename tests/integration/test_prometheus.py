@@ -262,7 +262,16 @@ def make_faults(running: RunningStack, shim_config: Path, prometheus: Prometheus
     assert running.ctl("restart", LLAMA_PYTHON).returncode == 0
     drill = running.ctl("failover-test", LLAMA_PYTHON, "--mode", "kill", timeout=600)
     assert drill.returncode == 0, drill.stdout + drill.stderr
-    # a rollback pins the gateway; a reload unpins it
+    # a rollback pins the gateway; a reload unpins it. A second config in the history
+    # first: a setting a LiteLLM process reads at start (the routes change in-process)
+    settings_file = running.stack.config_dir / "diversityd.yaml"
+    original = settings_file.read_text()
+    settings = yaml.safe_load(original)
+    settings["gateway"]["litellm_settings"] = {"drop_params": True}
+    settings_file.write_text(yaml.safe_dump(settings))
+    assert running.ctl("reload").returncode == 0
+    running.wait_for(lambda d: d["gateway"]["reloads"] >= 2 and d["gateway"]["in_sync"], 120)
+    settings_file.write_text(original)
     history = json.loads(running.ctl("history", "--json").stdout)["history"]
     older = next(e for e in history if not e["current"])
     assert running.ctl("rollback", older["id"], timeout=300).returncode == 0

@@ -32,7 +32,7 @@ from diversityd.daemon.loop import StateLoop, checkpoint
 from diversityd.daemon.metrics import Metrics
 from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import Store, sha256_text
-from diversityd.gateway import GatewayPlan, drain_seconds, render_gateway
+from diversityd.gateway import GatewayPlan, drain_seconds, render_gateway, with_routes
 from diversityd.gatewaysync import Change, InstanceView, Wanted, decide
 from diversityd.log import get_logger
 from diversityd.statusdoc import GatewayChange, GatewayReload
@@ -83,7 +83,7 @@ class GatewayManager:
         # Wakes the sync loop: the providers' state (so the render) may have changed.
         self._dirty = asyncio.Event()
         self._channel_failures = 0
-        self._waiting: list[asyncio.Future[GatewayChange]] = []  # `reload` asks how it went
+        self._asking = ChangeAnswers()  # `reload` asks how its change reached the gateway
         self.switch = ProcessSwitch(
             loop,
             store,
@@ -170,13 +170,8 @@ class GatewayManager:
 
     async def next_change(self, timeout_s: float) -> GatewayChange | None:
         """How the next change reaches the gateway (for `reload`), once it is decided."""
-        future: asyncio.Future[GatewayChange] = asyncio.get_running_loop().create_future()
-        self._waiting.append(future)
         self._dirty.set()
-        try:
-            return await asyncio.wait_for(future, timeout_s)
-        except TimeoutError:
-            return None
+        return await self._asking.next(timeout_s)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -243,18 +238,21 @@ class GatewayManager:
         if self._channel_silent(views):
             return
         process = [d.reason for d in decisions.values() if d.change is Change.PROCESS]
-        if process:
-            await self._new_process(text, plan, process[0])
+        if process and await self._new_process(text, plan, process[0]):
             return
-        stale = [c for c, d in decisions.items() if d.change is Change.ROUTES]
+        # None is needed, or none can start now (a config LiteLLM refused: retried later;
+        # the interval between two): the running instances take the routes meanwhile, on
+        # the settings they run.
+        if process:
+            text = with_routes(views[-1].started_document or plan.document, routes)
+        stale = [v.color for v in views if v.routes_digest != wanted.routes_digest]
         if stale:
-            await self._push(text, routes, stale, wanted.routes_digest)
+            await self._push(text, routes, stale, wanted.routes_digest, pending=bool(process))
         else:
             self._keep_files(text)
-            await self.loop.call(
-                lambda: self._in_sync(text, dict.fromkeys(running, wanted.routes_digest))
-            )
-            self._answer(None)
+            acked = dict.fromkeys(running, wanted.routes_digest)
+            await self.loop.call(lambda: self._in_sync(text, acked, pending=bool(process)))
+            self._asking.answer(None)
         if self.switch.instances == 2 and len(running) < 2 and record.applied_text:
             self.loop.spawn(self.switch.start_second(record.applied_text), name="gateway-second")
 
@@ -276,7 +274,13 @@ class GatewayManager:
         return True
 
     async def _push(
-        self, text: str, routes: dict[str, Any], colors: list[str], digest: str
+        self,
+        text: str,
+        routes: dict[str, Any],
+        colors: list[str],
+        digest: str,
+        *,
+        pending: bool = False,
     ) -> None:
         """New routes to running instances, in-process; their config files first."""
         started = time.monotonic()
@@ -299,7 +303,7 @@ class GatewayManager:
         acked = dict.fromkeys(colors, digest)
 
         def update() -> None:
-            self._in_sync(text, acked)
+            self._in_sync(text, acked, pending=pending)
             self.record.route_updates += 1
             self.record.last_change = describe_change(Change.ROUTES, "the providers' state changed",
                                                    elapsed_ms)  # fmt: skip
@@ -312,15 +316,16 @@ class GatewayManager:
             elapsed_ms=elapsed_ms,
             state=_summary(changed[0]) if changed else None,
         )
-        self._answer(self.record.last_change)
+        self._asking.answer(self.record.last_change)
 
-    def _in_sync(self, text: str, acked: dict[str, str]) -> None:
-        """(In the state loop.) The instances serve what was rendered from the state."""
+    def _in_sync(self, text: str, acked: dict[str, str], *, pending: bool = False) -> None:
+        """(In the state loop.) The instances serve what was rendered from the state (or
+        its routes, `pending` a new process)."""
         record = self.record
         record.routes_at.update(acked)
         if record.applied_text != text:
             record.applied_text, record.applied_at = text, time.time()
-        record.in_sync = True
+        record.in_sync = not pending
 
     def _keep_files(self, text: str) -> None:
         """Both colours' files hold the config in force: a restarted instance serves it."""
@@ -328,20 +333,21 @@ class GatewayManager:
             if read_text_or_none(self.files.config_path(color)) != text:
                 self.files.write_config(color, text)
 
-    async def _new_process(self, text: str, plan: GatewayPlan | None, reason: str) -> None:
+    async def _new_process(self, text: str, plan: GatewayPlan | None, reason: str) -> bool:
+        """Start one on `text` (True), or not now (False: tried again later)."""
         record = self.record
         if sha256_text(text) == record.failed_sha and time.monotonic() < self.switch.retry_at:
-            return  # this config's proxy would not start: tried again after a while
+            return False  # this config's proxy would not start: tried again after a while
         wait = self.switch.last_start + MIN_INTERVAL_S - time.monotonic()
         if wait > 0:
             asyncio.get_running_loop().call_later(wait, self._dirty.set)
-            return
+            return False
         await self.loop.call(lambda: setattr(self.record, "in_sync", False))
         started = time.monotonic()
-        self._answer_pending(Change.PROCESS, reason)
+        self._asking.answer(describe_change(Change.PROCESS, reason, 0.0))
         result = await self.switch.apply(text, plan, reason=reason, automatic=True)
         if result is None:
-            return
+            return True
         elapsed_ms = round((time.monotonic() - started) * 1000, 1)
 
         def update() -> None:
@@ -352,15 +358,7 @@ class GatewayManager:
                 self.record.in_sync = True
 
         await self.loop.call(update)
-
-    def _answer_pending(self, change: Change, reason: str) -> None:
-        self._answer(describe_change(change, reason, 0.0))
-
-    def _answer(self, change: GatewayChange | None) -> None:
-        waiting, self._waiting = self._waiting, []
-        for future in waiting:
-            if not future.done():
-                future.set_result(change or describe_change(Change.NONE, "in sync", 0.0))
+        return True
 
     # -- control --------------------------------------------------------------------------------
 
@@ -372,6 +370,27 @@ class GatewayManager:
             self.store.gateway_pin = None
             self.switch.statefile.save_in_loop()
         self._dirty.set()
+
+
+class ChangeAnswers:
+    """Who waits to hear how the next change reached the gateway (`reload`)."""
+
+    def __init__(self) -> None:
+        self._waiting: list[asyncio.Future[GatewayChange]] = []
+
+    async def next(self, timeout_s: float) -> GatewayChange | None:
+        future: asyncio.Future[GatewayChange] = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            return None
+
+    def answer(self, change: GatewayChange | None) -> None:
+        waiting, self._waiting = self._waiting, []
+        for future in waiting:
+            if not future.done():
+                future.set_result(change or describe_change(Change.NONE, "in sync", 0.0))
 
 
 def describe_change(
