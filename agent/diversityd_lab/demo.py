@@ -61,6 +61,7 @@ class World:
     def __init__(self, env: dict[str, str], unit_dir: Path, stop: Callable[[], None]) -> None:
         self.env = env
         self.unit_dir = unit_dir
+        self.netns: str | None = None
         self._stop = stop
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
