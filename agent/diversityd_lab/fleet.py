@@ -35,6 +35,7 @@ from typing import Any, Self
 
 from diversityd.clock import OFFSET_ENV
 from diversityd.errors import DiversitydError
+from diversityd.units import DAEMON_UNIT
 from diversityd_lab import netns, privatemanager
 from diversityd_lab.embedded import LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM, StackSpec
 from diversityd_lab.freezer import set_frozen, unified_hierarchy
@@ -93,7 +94,6 @@ class Host:
     root: Path
     manager: PrivateManager | None = None
     running: RunningStack | None = None
-    stack_spec: StackSpec | None = None
     frozen: bool = False
 
 
@@ -255,14 +255,14 @@ class Fleet:
 
     def _install(self, host: Host) -> None:
         manager = self._manager(host.name)
-        host.stack_spec = StackSpec(
+        spec = StackSpec(
             ports=HOST_PORTS,
             providers=self.spec.providers,
             unit_dir=manager.unit_dir,
             gateway_host="0.0.0.0",  # noqa: S104  peers reach it on their link addresses
             extra_settings={"host": host.name},
         )
-        host.running = start_stack(manager, host.root / "stack", host.stack_spec)
+        host.running = start_stack(manager, host.root / "stack", spec)
 
     def _wait_serving(self, host: Host) -> None:
         running = self.running(host.name)
@@ -275,7 +275,7 @@ class Fleet:
         if host.frozen:  # a frozen manager cannot hear SIGTERM
             self._set_frozen(host, manager, frozen=False)
         if stop_daemon_first and host.running is not None:
-            manager.systemctl("stop", "diversityd.service", check=False)
+            manager.systemctl("stop", DAEMON_UNIT, check=False)
         manager.stop()
 
     # -- where things are

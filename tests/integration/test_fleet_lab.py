@@ -203,6 +203,8 @@ def test_managers_run_in_their_namespaces_and_leave_nothing(fleet_capable: None)
             # READY=1 came through the path socket, from inside the namespace
             assert netns_inode(pid) == namespace_inode(host.netns)
             assert netns_inode(pid) != netns_inode(os.getpid())
+            # its bus is a path socket: reached from the machine's namespace too (diversityctl
+            # still runs inside the host: its probes and install's port look are made there)
             assert host.manager.systemctl("is-system-running").stdout.strip() == "running"
             # The manager joins no v1 freezer: a v1 freeze there would be the machine's root
             cgroups = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
