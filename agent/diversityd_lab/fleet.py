@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -163,6 +163,8 @@ class Fleet:
         }
         self.redis = RedisServer(self.root / REDIS, self.netns(REDIS))
         self.timings: dict[str, float] = {}  # start's steps, in seconds
+        self._cgroups: list[str] = []  # every manager's slice, this boot's and earlier ones
+        self._netns_inodes: list[int] = []
         self._started = False
         self._stopped = False
 
@@ -234,6 +236,7 @@ class Fleet:
     def _make_network(self) -> None:
         for node in self.topology.nodes:
             netns.add_namespace(self.netns(node))
+            self._netns_inodes.append((netns.NETNS_DIR / self.netns(node)).stat().st_ino)
         for link in self.topology.links:
             netns.add_link(
                 (self.netns(link.first.node), link.first.ifname, link.first.address),
@@ -251,6 +254,7 @@ class Fleet:
             drop_in.parent.mkdir(parents=True, exist_ok=True)
             drop_in.write_text(f"[Manager]\nDefaultEnvironment={OFFSET_ENV}={offset!r}\n")
         host.manager = manager
+        self._cgroups.append(manager.cgroup_name)
         manager.start()
 
     def _install(self, host: Host) -> None:
@@ -425,6 +429,10 @@ class Fleet:
         self.halt(name)
         self.boot(name)
 
+    def leftovers(self) -> list[str]:
+        """What the fleet still has on this machine (empty once stopped cleanly)."""
+        return leftovers(self.unique, cgroups=self._cgroups, netns_inodes=self._netns_inodes)
+
     def processes(self) -> dict[str, list[int]]:
         """The PIDs running in each of the fleet's namespaces."""
         return {
@@ -434,19 +442,30 @@ class Fleet:
         }
 
 
-def leftovers(unique: str) -> list[str]:
-    """What a fleet (its `unique`) still has on this machine: namespaces, cgroups, folders,
-    processes. Empty once it stopped cleanly."""
+def leftovers(
+    unique: str, *, cgroups: Iterable[str] = (), netns_inodes: Iterable[int] = ()
+) -> list[str]:
+    """What a fleet still has on this machine: namespaces and folders named after `unique`,
+    the cgroups named in `cgroups` (its managers' slices), processes in a namespace of
+    `netns_inodes` or naming `unique`. Empty once it stopped cleanly."""
     mark = unique + "-"
     found = [f"netns {name}" for name in netns.list_namespaces() if name.startswith(mark)]
+    slices = set(cgroups)
     for hierarchy in privatemanager.all_hierarchies():
         with contextlib.suppress(OSError):
-            found += [str(p) for p in hierarchy.iterdir() if p.name.startswith(mark)]
+            found += [
+                str(path)
+                for path in hierarchy.iterdir()
+                if path.name.startswith(mark) or path.name in slices
+            ]
     with contextlib.suppress(OSError):
-        found += [str(p) for p in TEMP_DIR.iterdir() if p.name.startswith(unique)]
+        found += [str(path) for path in TEMP_DIR.iterdir() if path.name.startswith(unique)]
+    inodes = set(netns_inodes)
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            with contextlib.suppress(OSError):
-                if unique.encode() in (proc / "cmdline").read_bytes():
-                    found.append(f"pid {proc.name}: {(proc / 'cmdline').read_bytes()[:120]!r}")
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (proc / "cmdline").read_bytes()
+            if unique.encode() in cmdline or (proc / "ns" / "net").stat().st_ino in inodes:
+                found.append(f"pid {proc.name}: {cmdline[:120]!r}")
     return found

@@ -67,7 +67,7 @@ def fleet(
         yield fleet
     finally:
         fleet.stop()
-        assert leftovers(fleet.unique) == []
+        assert fleet.leftovers() == []
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -195,7 +195,6 @@ def test_the_unified_freezer_works_in_hybrid_mode(fleet_capable: None, tmp_path:
 
 def test_managers_run_in_their_namespaces_and_leave_nothing(fleet_capable: None) -> None:
     with Fleet(FleetSpec(hosts=2, stacks=False)) as fleet:
-        unique = fleet.unique
         for name in HOSTS:
             host = fleet.host(name)
             assert host.manager is not None
@@ -212,8 +211,8 @@ def test_managers_run_in_their_namespaces_and_leave_nothing(fleet_capable: None)
             assert fleet.link_state(name, "redis") == "UP"
         assert fleet.link_state("h0", "h1") == "UP"
         assert fleet.processes()["redis"]
-        assert leftovers(unique)
-    assert leftovers(unique) == []
+        assert fleet.leftovers()
+    assert fleet.leftovers() == []
 
 
 def test_an_error_while_the_fleet_is_up_leaves_nothing(fleet_capable: None) -> None:
@@ -226,7 +225,7 @@ def test_an_error_while_the_fleet_is_up_leaves_nothing(fleet_capable: None) -> N
 
     with pytest.raises(RuntimeError, match="half-way"):
         fail_half_way()
-    assert leftovers(fleet.unique) == []
+    assert fleet.leftovers() == []
 
 
 def test_a_start_that_fails_half_way_leaves_nothing(
@@ -244,7 +243,7 @@ def test_a_start_that_fails_half_way_leaves_nothing(
     with pytest.raises(FleetError, match="on purpose"):
         fleet.start()
     assert fleet.timings.keys() >= {"network", "redis", "h0.manager"}  # it was half-way
-    assert leftovers(fleet.unique) == []
+    assert fleet.leftovers() == []
 
 
 def test_the_stale_sweep_removes_a_dead_runs_namespaces_links_and_processes(
@@ -259,6 +258,7 @@ def test_the_stale_sweep_removes_a_dead_runs_namespaces_links_and_processes(
     try:
         for name in names:
             netns.add_namespace(name)
+        inodes = [namespace_inode(name) for name in names]
         netns.add_link((names[0], "to-redis", "10.201.0.1"), (names[1], "to-h0", "10.201.0.2"))
         orphan = subprocess.Popen(
             ["sleep", "300"],
@@ -270,9 +270,9 @@ def test_the_stale_sweep_removes_a_dead_runs_namespaces_links_and_processes(
         removed = sweep_stale()
         assert {f"netns {name}" for name in names} <= set(removed)
         assert str(folder) in removed
-        assert leftovers(unique) == []
         orphan.wait(5)  # SIGKILLed by the sweep
         assert orphan.returncode == -signal.SIGKILL
+        assert leftovers(unique, netns_inodes=inodes) == []
     finally:
         for name in names:
             netns.delete_namespace(name)
