@@ -28,6 +28,9 @@ requirements=(
     "dbus|command -v dbus-daemon"
     "dbus-user-session|test -e /usr/lib/systemd/user/dbus.socket"  # the user manager's session bus
     "prometheus|command -v promtool && command -v prometheus"  # promtool (also enables a system Prometheus, :9090)
+    "iproute2|command -v ip"                        # the lab's network namespaces and veth links
+    "redis-server|test -x /usr/bin/redis-server"    # the lab's Redis (it runs the binary itself)
+    "redis-tools|command -v redis-cli"
 )
 
 mode=install
@@ -121,11 +124,35 @@ if [[ "$mode" == dry-run ]]; then
     exit 0
 fi
 
+# Installing redis-server would start a system Redis on :6379 (and enable it at boot); the
+# lab runs its own. A policy-rc.d that denies keeps invoke-rc.d/deb-systemd-invoke from
+# starting it (unless the machine has one already, as Docker images do); afterwards it is
+# disabled (and stopped, in case an existing policy allowed the start).
+our_policy=""
+if [[ " ${missing[*]} " == *" redis-server "* && ! -e /usr/sbin/policy-rc.d ]]; then
+    our_policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\n# install-system-deps.sh: start no service while it installs\nexit 101\n' \
+        | "${as_root[@]}" tee "$our_policy" >/dev/null
+    "${as_root[@]}" chmod 0755 "$our_policy"
+    trap '"${as_root[@]}" rm -f "$our_policy"' EXIT
+fi
+redis_was_missing=0
+[[ " ${missing[*]} " == *" redis-server "* ]] && redis_was_missing=1
+
 echo "install-system-deps: installing ${missing[*]}"
 start=$(date +%s)
 # A fresh machine (or container) often has no package lists at all.
 "${apt[@]}" update
 "${apt[@]}" install --no-install-recommends "${missing[@]}"
+
+if [[ "$redis_was_missing" -eq 1 ]]; then
+    if [[ "$(cat /proc/1/comm 2>/dev/null)" == systemd ]]; then
+        "${as_root[@]}" systemctl disable --now redis-server.service >/dev/null 2>&1 || true
+    elif [[ -x /etc/init.d/redis-server ]]; then
+        "${as_root[@]}" /etc/init.d/redis-server stop >/dev/null 2>&1 || true
+        "${as_root[@]}" update-rc.d redis-server disable >/dev/null 2>&1 || true
+    fi
+fi
 
 python_report=""
 hash -r

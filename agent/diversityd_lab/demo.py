@@ -3,6 +3,8 @@
     python -m diversityd_lab.demo            # up, status, a chat, a failover drill, down
     python -m diversityd_lab.demo --stay     # stays up, detached; says how to reach and stop it
     python -m diversityd_lab.demo --stop DIR # stops a demo left up with --stay
+    python -m diversityd_lab.demo --hosts 2  # two hosts and a Redis, each host in a network
+                                             # namespace of its own (fleetdemo.py); --stay too
 
 It needs no GPU, no Ollama and no user session: a private `systemd --user` manager (with
 its bus and a journald) runs the real llama-server, the real llama-cpp-python server on a
@@ -30,6 +32,7 @@ from pathlib import Path
 from diversityd.adapters.gatewayclient import ask, new_client
 from diversityd.adapters.litellm import read_master_key
 from diversityd.units import DAEMON_UNIT, GATEWAY_SOCKET, gateway_instance
+from diversityd_lab import fleetdemo
 from diversityd_lab.embedded import (
     LLAMA_NATIVE,
     LLAMA_PYTHON,
@@ -61,6 +64,7 @@ class World:
     def __init__(self, env: dict[str, str], unit_dir: Path, stop: Callable[[], None]) -> None:
         self.env = env
         self.unit_dir = unit_dir
+        self.netns: str | None = None
         self._stop = stop
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -245,13 +249,30 @@ def main() -> None:
     )
     parser.add_argument("--stay", action="store_true", help="leave the stack up, detached")
     parser.add_argument("--stop", metavar="DIR", type=Path, help="stop a demo left up")
+    parser.add_argument(
+        "--hosts", metavar="N", type=int, help="N hosts and a Redis, each in a network namespace"
+    )
     parser.add_argument("--keeper", metavar="DIR", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.hosts is not None and args.hosts < 1:
+        parser.error("--hosts takes a number of hosts, 1 or more")
     if args.keeper:
-        keeper_main(args.keeper)
+        if args.hosts:
+            fleetdemo.keeper_main(args.keeper, args.hosts)
+        else:
+            keeper_main(args.keeper)
         return
     if args.stop:
-        stop_detached(args.stop)
+        if (args.stop / fleetdemo.FLEET_FILE).exists():
+            fleetdemo.stop_detached(args.stop)
+        else:
+            stop_detached(args.stop)
+        return
+    if args.hosts:
+        if args.stay:
+            fleetdemo.stay(Path(tempfile.mkdtemp(prefix="diversityd-demo-")), args.hosts)
+        else:
+            fleetdemo.run_demo(args.hosts)
         return
     root = Path(tempfile.mkdtemp(prefix="diversityd-demo-"))
     try:

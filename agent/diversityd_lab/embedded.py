@@ -52,6 +52,7 @@ class StackSpec:
     python: str = sys.executable  # runs the Ollama and vLLM stand-ins
     standin_executables: Mapping[str, Path] = field(default_factory=dict)
     extra_settings: Mapping[str, Any] = field(default_factory=dict)
+    gateway_host: str | None = None  # the gateway's listen address (default: 127.0.0.1)
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,7 @@ def settings_document(spec: StackSpec, active_link: Path, state_dir: Path) -> di
     if "gateway" in spec.ports:
         document["state_dir"] = str(state_dir)
         document["gateway"] = {
+            **({"host": spec.gateway_host} if spec.gateway_host else {}),
             "port": spec.ports["gateway"],
             # Tiny local models answer in milliseconds: a hung one is given up on sooner.
             "timeouts": {"llama_cpp": {"timeout_s": 15, "stream_timeout_s": 5, "cooldown_s": 5}},

@@ -15,6 +15,9 @@ are in shared/recipes/private-systemd.md; the ones that shape the code:
 - A crashed run leaves empty slices, temp folders and perhaps a journald without holders:
   `sweep_stale()` removes them. Names carry the owner's PID (`<prefix>-<pid>-<hex>`) so a
   leftover is told from a parallel run's live one.
+- With `netns`, the manager (and so every unit) runs in that network namespace: its child
+  enters it with setns before exec (diversityd_lab.netns). Its READY=1 comes on a path
+  socket: an abstract one belongs to one network namespace and would never hear it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from diversityd.errors import DiversitydError
+from diversityd_lab.netns import enter_preexec
 
 SYSTEMD_BINARY = Path("/usr/lib/systemd/systemd")
 JOURNALD_BINARY = Path("/usr/lib/systemd/systemd-journald")
@@ -410,13 +414,16 @@ def _stop_journald(pid: int) -> list[str]:
 # ----------------------------------------------------------------------------- readiness
 
 
-def _make_preexec(procs_files: list[Path], parent_pid: int) -> Callable[[], None]:
+def _make_preexec(
+    procs_files: list[Path], parent_pid: int, netns: str | None = None
+) -> Callable[[], None]:
     """What the manager's child does between fork and exec.
 
-    Only async-signal-safe-ish steps: the libc function is looked up here, in the parent.
+    Only async-signal-safe-ish steps: the libc functions are looked up here, in the parent.
     """
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     paths = [str(path) for path in procs_files]
+    enter = enter_preexec(netns) if netns is not None else None
 
     def preexec() -> None:
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -429,6 +436,8 @@ def _make_preexec(procs_files: list[Path], parent_pid: int) -> Callable[[], None
                 os.write(fd, pid)
             finally:
                 os.close(fd)
+        if enter is not None:
+            enter()
 
     return preexec
 
@@ -451,6 +460,7 @@ class PrivateManager:
         *,
         journald: bool = True,
         name: str = "diversityd-test",
+        netns: str | None = None,
         _unique: str | None = None,
     ) -> None:
         if not NAME_PATTERN.fullmatch(name):
@@ -460,6 +470,7 @@ class PrivateManager:
             )
         self.name = name
         self.journald = journald
+        self.netns = netns  # the network namespace it runs in (None: the machine's own)
         self.unique = _unique or f"{name}-{os.getpid()}-{secrets.token_hex(3)}"
         self.cgroup_name = f"{self.unique}.slice"
         self.cgroup_path = f"/{self.cgroup_name}/{MANAGER_SLICE}"
@@ -637,16 +648,16 @@ class PrivateManager:
                 )
 
     def _spawn(self, deadline: float) -> None:
-        notify_name = f"{self.unique}/notify"
+        notify_path = self.runtime_dir / f"ready-{secrets.token_hex(3)}"
         env = dict(self.env)
-        env["NOTIFY_SOCKET"] = "@" + notify_name
+        env["NOTIFY_SOCKET"] = str(notify_path)
         # "console" would mean /dev/console (the machine's), not stderr.
         env["SYSTEMD_LOG_TARGET"] = "journal" if self.journald else "null"
         with (
             socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify,
             self.log_path.open("ab") as log,
         ):
-            notify.bind("\0" + notify_name)
+            notify.bind(str(notify_path))
             try:
                 self._process = subprocess.Popen(
                     [str(SYSTEMD_BINARY), "--user"],
@@ -659,16 +670,24 @@ class PrivateManager:
                     # The cgroup must be joined between fork and exec (noqa: it does no
                     # allocation-heavy work, see _make_preexec).
                     preexec_fn=_make_preexec(  # noqa: PLW1509
-                        [leaf / "cgroup.procs" for leaf in self._cgroups], os.getpid()
+                        [leaf / "cgroup.procs" for leaf in self._cgroups],
+                        os.getpid(),
+                        self.netns,
                     ),
                 )
-            except subprocess.SubprocessError as exc:
+            except (subprocess.SubprocessError, OSError) as exc:
+                notify_path.unlink(missing_ok=True)
                 raise PrivateManagerError(
-                    f"could not start {SYSTEMD_BINARY} in cgroups {self._cgroups}: {exc}",
-                    hint="are the cgroup.procs files writable?",
+                    f"could not start {SYSTEMD_BINARY} in cgroups {self._cgroups}"
+                    + (f" and network namespace {self.netns}" if self.netns else "")
+                    + f": {exc}",
+                    hint="are the cgroup.procs files writable? does /run/netns/NAME exist?",
                 ) from exc
             self.manager_pid = self._process.pid
-            self._wait_ready(notify, deadline)
+            try:
+                self._wait_ready(notify, deadline)
+            finally:
+                notify_path.unlink(missing_ok=True)
 
     def _wait_ready(self, notify: socket.socket, deadline: float) -> None:
         """Waits for READY=1 on `notify` while watching for the manager's early exit."""

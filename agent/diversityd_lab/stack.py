@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from diversityd import parts
 from diversityd.units import DAEMON_UNIT
 from diversityd_lab.embedded import Stack, StackSpec, free_port, write_stack
+from diversityd_lab.netns import enter_preexec
 from diversityd_lab.privatemanager import PrivateManager
 
 __all__ = [
@@ -41,6 +42,7 @@ class UserManager(Protocol):
 
     env: dict[str, str]
     unit_dir: Path
+    netns: str | None  # the network namespace its units run in (None: the machine's own)
 
     def systemctl(
         self, *args: str, check: bool = True, timeout: float = 30
@@ -72,7 +74,8 @@ def ctl_env(manager: UserManager) -> dict[str, str]:
 def run_ctl(
     manager: UserManager, *args: str, timeout: float = 120, check: bool = False
 ) -> subprocess.CompletedProcess[str]:
-    """The real diversityctl (this interpreter's), talking to the manager's bus."""
+    """The real diversityctl (this interpreter's), talking to the manager's bus, from the
+    manager's network namespace (its probes and install's look at the ports are made there)."""
     return subprocess.run(
         [sys.executable, "-m", "diversityd.cli", *args],
         env=ctl_env(manager),
@@ -80,6 +83,7 @@ def run_ctl(
         text=True,
         timeout=timeout,
         check=check,
+        preexec_fn=enter_preexec(manager.netns) if manager.netns else None,
     )
 
 

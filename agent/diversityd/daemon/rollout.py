@@ -349,9 +349,9 @@ class Rollout:
         finally:
             await self.drainer.end_hold(name)
         elapsed_ms = round((time.monotonic() - started) * 1000, 1)
-        event = "unit.restarted" if ready else "unit.restart_failed"
-        log.info(event, provider=name, unit=record.unit, elapsed_ms=elapsed_ms,
-                 state=record.state.value, job=job.id)  # fmt: skip
+        log.info("unit.restarted" if ready else "unit.restart_failed", provider=name,
+                 unit=record.unit, elapsed_ms=elapsed_ms, state=record.state.value,
+                 job=job.id)  # fmt: skip
         return {
             "provider": name,
             "unit": record.unit,
