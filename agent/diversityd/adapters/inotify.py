@@ -1,4 +1,9 @@
-"""inotify through ctypes, read from the asyncio loop: file changes without a polling loop."""
+"""inotify through ctypes, read from the asyncio loop: file changes without a polling loop.
+
+The kernel watches an inode; diversityd means a path. A folder renamed away (`mv active
+active.old`) keeps its watch, and its events would still be taken for the path's: so a
+watch whose folder moved or went is dropped at once and reported lost, and the path is
+watched again, on whatever folder is there now (`FolderWatch`, `LinkWatcher`)."""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ IN_CREATE = 0x00000100
 IN_DELETE = 0x00000200
 IN_DELETE_SELF = 0x00000400
 IN_MOVE_SELF = 0x00000800
+IN_UNMOUNT = 0x00002000
 IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
 IN_ONLYDIR = 0x01000000
@@ -29,6 +35,8 @@ IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 
 DIRECTORY_CHANGES = IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_CREATE | IN_DELETE | IN_ATTRIB
+# The watched folder itself moved or went: its path no longer leads to the watched inode.
+SELF_GONE = IN_MOVE_SELF | IN_DELETE_SELF | IN_UNMOUNT | IN_IGNORED
 _EVENT_HEADER = struct.Struct("iIII")
 
 
@@ -37,11 +45,13 @@ class InotifyEvent:
     directory: Path
     name: str
     mask: int
+    renewed: bool = False  # the path is watched again, on the folder now there
 
     @property
     def watch_lost(self) -> bool:
-        """The folder's watch is gone (it was deleted or replaced): watch its path again."""
-        return bool(self.mask & IN_IGNORED)
+        """The folder's watch is gone (deleted, replaced, renamed away): watch its path
+        again."""
+        return bool(self.mask & SELF_GONE)
 
     @property
     def overflow(self) -> bool:
@@ -64,7 +74,7 @@ class Inotify:
             raise OSError(code, f"inotify_init1: {os.strerror(code)}")
         self.fd: int = fd
         self._callback = callback
-        self._watches: dict[int, Path] = {}
+        self._watches: dict[int, list[Path]] = {}  # one inode may be reached by two paths
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def watch_directory(
@@ -73,14 +83,18 @@ class Inotify:
         """Watch a folder (a symlink to one is followed: dotfile managers link ~/.config)."""
         if create:
             directory.mkdir(parents=True, exist_ok=True)
-        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(directory), mask | IN_ONLYDIR)
+        wd = self._libc.inotify_add_watch(
+            self.fd, os.fsencode(directory), mask | IN_ONLYDIR | IN_MOVE_SELF | IN_DELETE_SELF
+        )
         if wd < 0:
             code = ctypes.get_errno()
             raise OSError(code, f"inotify_add_watch {directory}: {os.strerror(code)}")
-        self._watches[wd] = directory
+        paths = self._watches.setdefault(wd, [])
+        if directory not in paths:
+            paths.append(directory)
 
     def watched(self) -> set[Path]:
-        return set(self._watches.values())
+        return {path for paths in self._watches.values() for path in paths}
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -102,15 +116,74 @@ class Inotify:
             if mask & IN_Q_OVERFLOW:
                 self._callback(InotifyEvent(Path(), "", mask))
                 continue
-            directory = self._watches.get(wd)
-            if directory is None:
-                continue
-            if mask & IN_IGNORED:
-                del self._watches[wd]  # the kernel removed it: the folder went away
-            self._callback(InotifyEvent(directory, os.fsdecode(raw_name), mask))
+            directories = self._watches.get(wd)
+            if directories is None:
+                continue  # dropped already (the IN_IGNORED after our own removal)
+            if mask & SELF_GONE:
+                # Renamed away, the inode still lives: drop the watch, or its events
+                # would pass for the path's. The path is watched again by the caller.
+                del self._watches[wd]
+                if not mask & IN_IGNORED:
+                    self._libc.inotify_rm_watch(self.fd, wd)
+            for directory in directories:
+                self._callback(InotifyEvent(directory, os.fsdecode(raw_name), mask))
 
     def close(self) -> None:
         if self._loop is not None:
             self._loop.remove_reader(self.fd)
             self._loop = None
         os.close(self.fd)
+
+
+class FolderWatch:
+    """One folder, watched by its path: when it is renamed away or deleted, the path is
+    watched again as soon as a folder is there (`renewed`), and made empty only after
+    `return_s`: one made at once would swallow a folder being moved in (`mv staged user`
+    into an existing `user` moves it inside)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        on_event: Callable[[InotifyEvent], None],
+        *,
+        return_s: float = 5.0,
+        poll_s: float = 0.2,
+    ) -> None:
+        self.folder = folder
+        self._on_event = on_event
+        self._return_s = return_s
+        self._poll_s = poll_s
+        self._inotify = Inotify(self._event)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._lost_at = 0.0
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._inotify.watch_directory(self.folder, create=True)
+        self._inotify.start(loop)
+
+    def _event(self, event: InotifyEvent) -> None:
+        lost = event.watch_lost and self.folder not in self._inotify.watched()
+        if lost and self._loop is not None and self._retry is None:
+            self._lost_at = self._loop.time()
+            self._retry = self._loop.call_later(self._poll_s, self._rewatch)
+        self._on_event(event)
+
+    def _rewatch(self) -> None:
+        self._retry = None
+        assert self._loop is not None
+        waited = self._loop.time() - self._lost_at
+        try:
+            self._inotify.watch_directory(self.folder, create=waited >= self._return_s)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            self._retry = self._loop.call_later(self._poll_s, self._rewatch)
+            return
+        self._on_event(InotifyEvent(self.folder, "", 0, renewed=True))
+
+    def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+        self._inotify.close()

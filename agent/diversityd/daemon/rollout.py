@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from diversityd.adapters.files import read_text_or_none
-from diversityd.adapters.inotify import Inotify, InotifyEvent
+from diversityd.adapters.inotify import FolderWatch, InotifyEvent
 from diversityd.adapters.systemd import Systemd, SystemdError
 from diversityd.adapters.unitfiles import owned_provider_units, sync_units
 from diversityd.daemon.draining import Drainer
@@ -83,7 +83,7 @@ class Rollout:
         # Unit files are planned, rendered and written by one task at a time.
         self._files = asyncio.Lock()
         self._restore_wanted = asyncio.Event()
-        self._inotify: Inotify | None = None
+        self._folder_watch: FolderWatch | None = None
         self._retry_wanted = asyncio.Event()  # a write failed: try the whole refresh again
 
     # -- rendering and writing --------------------------------------------------------------
@@ -271,30 +271,29 @@ class Rollout:
     # -- hand edits put back ------------------------------------------------------------------
 
     def watch_unit_dir(self, event_loop: asyncio.AbstractEventLoop) -> None:
-        self._inotify = Inotify(self._on_unit_dir_event)
-        self._inotify.watch_directory(self.unit_dir, create=True)
-        self._inotify.start(event_loop)
+        self._folder_watch = FolderWatch(self.unit_dir, self._on_unit_dir_event)
+        self._folder_watch.start(event_loop)
 
     def close(self) -> None:
-        if self._inotify is not None:
-            self._inotify.close()
+        if self._folder_watch is not None:
+            self._folder_watch.close()
 
     def _on_unit_dir_event(self, event: InotifyEvent) -> None:
-        # The folder replaced (its watch lost) or events dropped: look at every file again.
-        if event.overflow or event.watch_lost or event.name in self.store.written_units:
+        # The folder's path watched again (it was replaced or renamed away) or events
+        # dropped: look at every file again. Not at the loss itself: a folder being
+        # swapped in must not find one of ours made in its place.
+        if event.overflow or event.renewed or event.name in self.store.written_units:
+            if event.renewed:
+                log.warning("unit.dir_rewatched", path=str(self.unit_dir))
             self._restore_wanted.set()
 
     async def restore_loop(self) -> None:
-        """Puts our unit files back after a hand edit: one pass per burst of writes. The
-        unit folder's watch is renewed here when the folder was replaced."""
+        """Puts our unit files back after a hand edit: one pass per burst of writes."""
         while True:
             await self._restore_wanted.wait()
             await asyncio.sleep(RESTORE_SETTLE_S)
             self._restore_wanted.clear()
             try:
-                if self._inotify is not None and self.unit_dir not in self._inotify.watched():
-                    self._inotify.watch_directory(self.unit_dir, create=True)
-                    log.warning("unit.dir_rewatched", path=str(self.unit_dir))
                 async with self._files:
                     await self.sync_unit_files()
             except OSError as exc:
