@@ -421,7 +421,7 @@ def _key_file(
             f"the gateway keeps the key in {path} (it exists); clients that used the old "
             f"unit's key need that one: `diversityctl env --show-key`"
         )
-    secret = SecretFile(path, (MASTER_KEY,), f"{MASTER_KEY}={key}\n")
+    secret = SecretFile(path, (MASTER_KEY,), f"{key}\n")  # bare, as diversityd writes it
     return secret, f"the old unit's master key moves to {path} (0600): clients keep their key"
 
 

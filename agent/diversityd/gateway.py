@@ -235,11 +235,12 @@ def _walk_live(
 
 
 # LiteLLM's own metrics at the gateway's `/metrics/` (success ratio, fallbacks, who
-# answered: packaging/grafana's availability panels), readable on loopback without the key
-# (the gateway listens on 127.0.0.1 unless you say otherwise). Yours win.
+# answered: packaging/grafana's availability panels), behind the master key: every local
+# user reaches the gateway's port, and the metrics name the models and who asks what
+# (Prometheus sends the key file as its token: packaging/prometheus/). Yours win.
 LITELLM_DEFAULTS: Mapping[str, Any] = {
     "callbacks": ["prometheus"],
-    "require_auth_for_metrics_endpoint": False,
+    "require_auth_for_metrics_endpoint": True,
 }
 UNAVAILABLE_RETRY_S = 10  # the launcher's 503 for a name no server can serve: Retry-After
 

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -65,7 +66,7 @@ def concrete(expr: str) -> str:
 
 
 class Prometheus:
-    def __init__(self, root: Path, daemon_port: int, gateway_port: int) -> None:
+    def __init__(self, root: Path, daemon_port: int, gateway_port: int, key_file: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         rules = yaml.safe_load(ALERTS.read_text())
         for group in rules["groups"]:
@@ -85,6 +86,8 @@ class Prometheus:
                 {
                     "job_name": "litellm-gateway",
                     "metrics_path": "/metrics/",
+                    # as packaging/prometheus/prometheus.yml: the key file is the token
+                    "authorization": {"credentials_file": str(key_file)},
                     "static_configs": [{"targets": [f"127.0.0.1:{gateway_port}"]}],
                 },
             ],
@@ -192,12 +195,19 @@ def test_panels_return_changing_series_and_alerts_fire_live(
 ) -> None:
     running, shim_config = observed_stack
     spec = running.stack.spec
-    prometheus = Prometheus(tmp_path / "prometheus", spec.ports["http"], spec.ports["gateway"])
+    gateway = running.status()["gateway"]
+    key_file = Path(gateway["key_file"])
+    # LiteLLM's metrics are not open to every local user (issue 20, point 8)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{gateway['url']}/metrics/", timeout=10)
+    assert refused.value.code == 401
+    prometheus = Prometheus(
+        tmp_path / "prometheus", spec.ports["http"], spec.ports["gateway"], key_file
+    )
     try:
         prometheus.wait_ready()
         started = time.time()
-        gateway = running.status()["gateway"]
-        key = read_master_key(Path(gateway["key_file"]))
+        key = read_master_key(key_file)
         with GatewayStream(gateway["url"], key, ["llama3.1:latest", "llama-cpp-default"]):
             make_faults(running, shim_config, prometheus)
             time.sleep(3)

@@ -444,7 +444,7 @@ def test_secrets_go_to_0600_files_never_into_yaml_or_units() -> None:
         assert secret not in repr(proposal.adoptions)
         assert secret not in repr(proposal.secret_files)
     key_file = files[f"{CONFIG_DIR}/master.key"]
-    assert key_file.text == f"LITELLM_MASTER_KEY={MASTER_KEY}\n"
+    assert key_file.text == f"{MASTER_KEY}\n"  # bare: a scraper's credentials_file too
     gateway_env = files[f"{CONFIG_DIR}/env/litellm.env"]
     assert gateway_env.names == ("LITELLM_LOG", "OPENAI_API_KEY", "PORT")
     assert f'OPENAI_API_KEY="{OPENAI_KEY}"' in gateway_env.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 from typing import Any
 
 from diversityd.adapters import gatewaylauncher
@@ -123,10 +124,11 @@ def test_settings_pass_through_and_master_key_is_a_reference() -> None:
     document = render().document
     assert document["general_settings"]["master_key"] == MASTER_KEY_REFERENCE
     assert document["general_settings"]["alerting"] == ["slack"]
-    # LiteLLM's own metrics by default (the dashboard's availability panels); yours win
+    # LiteLLM's own metrics by default (the dashboard's availability panels), behind the
+    # master key (issue 20, point 8: not open to every local user); yours win
     assert document["litellm_settings"] == {
         "callbacks": ["prometheus"],
-        "require_auth_for_metrics_endpoint": False,
+        "require_auth_for_metrics_endpoint": True,
         "cache": True,
     }
     own = render_gateway(
@@ -293,3 +295,22 @@ def test_a_name_whose_only_server_restarts_on_purpose_is_held() -> None:
     # raw (ollama only) is held only if ollama is the one restarting on purpose
     (raw,) = [e for e in held.document["model_list"] if e["model_name"] == "raw"]
     assert HOLD_INFO not in raw["model_info"]
+
+
+def test_the_generated_key_file_is_the_bare_key(tmp_path: Path) -> None:
+    """Issue 20, point 8: LiteLLM's /metrics wants the master key, and Prometheus reads
+    `credentials_file` as the token itself: the file holds the key and nothing else
+    (0600); the launcher reads it so too."""
+    from diversityd.adapters.gatewaylauncher import key_file_is_environment
+    from diversityd.adapters.litellm import ensure_master_key, read_master_key
+
+    key_file = tmp_path / "master.key"
+    assert ensure_master_key(key_file)
+    text = key_file.read_text()
+    assert text.startswith("sk-")
+    assert text.strip() == read_master_key(key_file)
+    assert "=" not in text
+    assert text.count("\n") == 1
+    assert not key_file_is_environment(str(key_file))  # systemd never reads it
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert not ensure_master_key(key_file)  # kept: generated once

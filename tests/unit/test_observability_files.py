@@ -127,8 +127,16 @@ def rule_queries() -> list[str]:
     return [rule["expr"] for rule in alert_rules()]
 
 
-def test_scrape_config_is_valid(promtool: str) -> None:
-    result = run_promtool(promtool, "check", "config", SCRAPE_CONFIG)
+def test_scrape_config_is_valid(promtool: str, tmp_path: Path) -> None:
+    # promtool wants the key file to exist: the one the user names, here a stand-in
+    key_file = tmp_path / "master.key"
+    key_file.write_text("sk-test\n")
+    text = SCRAPE_CONFIG.read_text().replace(
+        "/home/YOU/.local/state/diversityd/master.key", str(key_file)
+    )
+    (tmp_path / "prometheus.yml").write_text(text)
+    shutil.copy(ALERTS, tmp_path / "alerts.yml")
+    result = run_promtool(promtool, "check", "config", tmp_path / "prometheus.yml")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -138,6 +146,8 @@ def test_scrape_config_targets() -> None:
     gateway = jobs["litellm-gateway"]
     assert gateway["static_configs"][0]["targets"] == ["127.0.0.1:4000"]
     assert gateway["metrics_path"] == "/metrics/"  # /metrics is a redirect
+    # LiteLLM's metrics want the master key (issue 20, point 8): the key file is the token
+    assert gateway["authorization"]["credentials_file"].endswith("/diversityd/master.key")
     assert load_yaml(SCRAPE_CONFIG)["rule_files"] == ["alerts.yml"]
 
 

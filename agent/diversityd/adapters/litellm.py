@@ -55,11 +55,13 @@ def check_config_file(
 
 def ensure_master_key(path: Path) -> bool:
     """Generate `sk-...` into `path` (0600) unless a key file is already there (adopted).
-    Returns True when it generated one."""
+    Returns True when it generated one. The file holds the bare key: the launcher reads
+    it, and a scraper sends it as it is (Prometheus' `credentials_file`); an older
+    `LITELLM_MASTER_KEY=...` file still works for the gateway."""
     if path.exists():
         return False
     key = "sk-" + secrets.token_urlsafe(32)
-    write_atomic(path, f"LITELLM_MASTER_KEY={key}\n", mode=0o600)
+    write_atomic(path, f"{key}\n", mode=0o600)
     return True
 
 

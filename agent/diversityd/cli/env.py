@@ -41,8 +41,8 @@ def key_file_of(master_key_file: str | None, state_dir: str | None) -> Path:
 def env(config_dir: Path | None, show_key: bool) -> None:
     """Print `export OPENAI_BASE_URL=...` for the gateway, and where its key is.
 
-    The key file is an environment file (LITELLM_MASTER_KEY=...), not a bare key: use
-    `eval "$(diversityctl env --show-key)"` to export OPENAI_API_KEY too.
+    `eval "$(diversityctl env --show-key)"` exports OPENAI_API_KEY too (the key file
+    holds the key, or `LITELLM_MASTER_KEY=...` when an older diversityd wrote it).
     """
     from diversityd.adapters.litellm import key_file_problem, read_master_key
     from diversityd.config import load_config
@@ -59,10 +59,7 @@ def env(config_dir: Path | None, show_key: bool) -> None:
         click.echo("# gateway.owned is false: diversityd does not run this gateway", err=True)
     click.echo(f"export OPENAI_BASE_URL={shlex.quote(gateway_url(gateway.host, gateway.port))}")
     if not show_key:
-        click.echo(
-            f"# the key: LITELLM_MASTER_KEY=... in {key_file} (an environment file, not a "
-            "bare key);"
-        )
+        click.echo(f"# the key is in {key_file};")
         click.echo('# export it too with: eval "$(diversityctl env --show-key)"')
         return
     if not key_file.exists():
@@ -78,6 +75,6 @@ def env(config_dir: Path | None, show_key: bool) -> None:
         key = read_master_key(key_file)
     except (OSError, ValueError) as exc:
         raise DiversitydError(
-            str(exc), hint=f"write LITELLM_MASTER_KEY=sk-... in {key_file}"
+            str(exc), hint=f"write the key (sk-...) in {key_file}"
         ) from None
     click.echo(f"export OPENAI_API_KEY={shlex.quote(key)}")
