@@ -74,7 +74,5 @@ def env(config_dir: Path | None, show_key: bool) -> None:
     try:
         key = read_master_key(key_file)
     except (OSError, ValueError) as exc:
-        raise DiversitydError(
-            str(exc), hint=f"write the key (sk-...) in {key_file}"
-        ) from None
+        raise DiversitydError(str(exc), hint=f"write the key (sk-...) in {key_file}") from None
     click.echo(f"export OPENAI_API_KEY={shlex.quote(key)}")
