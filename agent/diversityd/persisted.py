@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from diversityd.config import SERVER_KINDS
 from diversityd.gpuplan import GpuSettings
-from diversityd.reconcile import ModelTarget
+from diversityd.reconcile import ModelTarget, RevivalPlan
 from diversityd.units import UNSAFE_CHARACTERS
 
 FORMAT_VERSION = 1
@@ -30,11 +30,27 @@ STATE_FILE = "daemon-state.json"
 
 @dataclass(frozen=True)
 class Revival:
-    """Reviving a unit systemd gave up on (failed): with backoff."""
+    """A revival's backoff as the file keeps it (reconcile.RevivalPlan in memory)."""
 
     attempts: int  # revivals tried since it last served
     next_at: float  # wall clock (time.time()) of the next try: survives a daemon restart
-    last_failure: str | None  # why it failed last (systemd's Result, the error)
+    last_failure: str | None  # why it went down last (systemd's Result, the error)
+
+
+def revival_on_disk(plan: RevivalPlan, *, wall_now: float, monotonic_now: float) -> Revival:
+    """The monotonic due time as a wall-clock one (a new daemon has another monotonic
+    origin only after a reboot, but a wall-clock time reads the same in any process)."""
+    next_at = round(wall_now + (plan.due - monotonic_now), 2)
+    return Revival(plan.attempts, max(0.0, next_at), plan.last_failure)
+
+
+def revival_in_memory(
+    saved: Revival, *, wall_now: float, monotonic_now: float, max_s: float
+) -> RevivalPlan:
+    """Back on the monotonic clock, never further off than the longest backoff (a clock
+    set back, a damaged file) and never in the past (due now)."""
+    ahead = min(max(saved.next_at - wall_now, 0.0), max_s)
+    return RevivalPlan(saved.attempts, monotonic_now + ahead, saved.last_failure)
 
 
 @dataclass(frozen=True)
@@ -43,17 +59,9 @@ class Persisted:
     pending_rolls: Mapping[str, str] = field(default_factory=dict)  # provider -> unit's sha256
     stopped_by_user: frozenset[str] = frozenset()
     revivals: Mapping[str, Revival] = field(default_factory=dict)
+    held: Mapping[str, str] = field(default_factory=dict)  # provider -> why it is held
     gpu_settings: Mapping[str, GpuSettings] = field(default_factory=dict)
     gateway_pin: str | None = None
-
-
-def revivals_due_by(state: Persisted, latest: float) -> Persisted:
-    """`state` with no revival later than `latest` (now + the longest backoff): one further
-    off was not written under these settings (a clock set back, a damaged file)."""
-    revivals = {
-        name: replace(r, next_at=min(r.next_at, latest)) for name, r in state.revivals.items()
-    }
-    return replace(state, revivals=revivals)
 
 
 def dump_persisted(state: Persisted) -> str:
@@ -74,6 +82,7 @@ def dump_persisted(state: Persisted) -> str:
             name: {"attempts": r.attempts, "next_at": r.next_at, "last_failure": r.last_failure}
             for name, r in sorted(state.revivals.items())
         },
+        "held": dict(sorted(state.held.items())),
         "gpu_settings": {
             name: {f.name: _plain(getattr(s, f.name)) for f in fields(GpuSettings)}
             for name, s in sorted(state.gpu_settings.items())
@@ -125,6 +134,7 @@ def load_persisted(text: str) -> tuple[Persisted, list[str]]:
         "pending_rolls": _read_pending,
         "stopped_by_user": _read_stopped,
         "revivals": _read_revivals,
+        "held": _read_held,
         "gpu_settings": _read_gpu_settings,
         "gateway_pin": _read_pin,
     }
@@ -256,6 +266,10 @@ def _read_revivals(raw: Any, damaged: list[str]) -> dict[str, Revival]:
         )
 
     return _each(raw, damaged, read)
+
+
+def _read_held(raw: Any, damaged: list[str]) -> dict[str, str]:
+    return _each(raw, damaged, lambda _name, reason: _text(reason, "the reason"))
 
 
 def _read_gpu_settings(raw: Any, damaged: list[str]) -> dict[str, GpuSettings]:

@@ -111,25 +111,25 @@ def units_to_retire(on_disk: Iterable[str], wanted: Collection[str]) -> list[str
     return sorted(name for name in on_disk if name not in wanted)
 
 
-def stopped_on_purpose(
-    previous: ProviderState,
-    state: ProviderState,
-    *,
-    ours: bool,
-    busy: bool,
-    clean: bool,
-) -> bool:
-    """A unit went from running to stopped, cleanly (systemd's Result `success`: not the
-    inactive step of its own Restart= after a crash), and neither diversityd (a reload, a
-    drill, `diversityctl stop`) nor one of its jobs did it: someone ran `systemctl stop`."""
-    # (a stop passes through `down` while the unit deactivates)
-    running = previous in (
-        ProviderState.READY,
-        ProviderState.STARTING,
-        ProviderState.HUNG,
-        ProviderState.DOWN,
-    )
-    return running and state is ProviderState.STOPPED and clean and not ours and not busy
+STOP_JOB = "stop"
+ACTIVE_STATES = ("active", "activating", "reloading")
+
+
+def stops_unit(job_type: str | None, active_state_after: str) -> bool:
+    """Whether a job that just finished was a stop: its type, when it was read in time,
+    else what it left (systemd sends the unit's change before JobRemoved: a start,
+    restart or reload job that is done leaves the unit active; a restart job's stop phase
+    is no stop job)."""
+    if job_type is not None:
+        return job_type == STOP_JOB
+    return active_state_after not in ACTIVE_STATES
+
+
+def stopped_by_user(*, stop_job: bool, ours: bool, result: str) -> bool:
+    """A stop job diversityd did not ask for (`systemctl --user stop`) that stopped the
+    unit: the user's word. Only a job counts: a process that ended by itself (an exit 0, a
+    SIGTERM from `kill` or earlyoom, both `success` to systemd) made none and is revived."""
+    return stop_job and not ours and result == "done"
 
 
 FAILED_SETTLE_S = 1.5  # systemd shows `failed` for an instant before each Restart=
@@ -143,6 +143,30 @@ def gave_up(state: ProviderState, changed_at: float | None, now: float) -> bool:
         and changed_at is not None
         and now - changed_at >= FAILED_SETTLE_S
     )
+
+
+def down_for_good(state: ProviderState, changed_at: float | None, now: float) -> bool:
+    """Nothing will bring the unit back by itself: systemd gave up on it (`failed`), or its
+    process ended with no stop job (`stopped`: Restart=on-failure does not restart a
+    clean exit), and it has stayed so an instant. The caller rules out the stops that
+    were meant (the user's, diversityd's own, a hold)."""
+    settled = changed_at is not None and now - changed_at >= FAILED_SETTLE_S
+    return settled and state in (ProviderState.FAILED, ProviderState.STOPPED)
+
+
+@dataclass(frozen=True)
+class RevivalPlan:
+    """Reviving an owned unit that is down for good, with backoff. On the monotonic clock:
+    a wall clock set back or forward moves no revival (the state file keeps wall-clock
+    times, converted when read: persisted.py)."""
+
+    attempts: int  # revivals tried since it last served
+    due: float  # time.monotonic() of the next try
+    last_failure: str | None  # why it went down last
+
+
+def revival_due(plan: RevivalPlan, now: float) -> bool:
+    return now >= plan.due
 
 
 def revival_delay_s(attempts: int, initial_s: float, max_s: float) -> float:

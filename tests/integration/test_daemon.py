@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 import yaml
 
 from diversityd.units import DAEMON_UNIT, MARKER
-from diversityd_lab.stack import RunningStack
+from diversityd_lab.stack import RunningStack, ctl_env
 
 pytestmark = pytest.mark.integration
 
@@ -294,3 +297,40 @@ def test_the_daemon_pings_its_watchdog(running_stack: RunningStack) -> None:
     assert second > first > 0
     status = running_stack.unit_property(DAEMON_UNIT, "StatusText")
     assert "providers ready" in status  # STATUS= says how many answer
+
+
+def test_a_second_daemon_touches_nothing(running_stack: RunningStack, tmp_path: Path) -> None:
+    """Issue 20, point 4: a second `diversityd` on the same bus stopped and deleted the
+    first one's units (its configuration owned none of them) and overwrote its state file
+    before it found the bus name taken."""
+    manager = running_stack.manager
+    document = running_stack.wait_all_ready()
+    pids = {p["name"]: p["pid"] for p in document["providers"]}
+    daemon_pid = running_stack.daemon_pid()
+    units = {p.name: p.read_bytes() for p in sorted(manager.unit_dir.glob("diversityd*"))}
+    state_dir = Path(manager.env["XDG_STATE_HOME"]) / "diversityd"
+    state_before = (state_dir / "daemon-state.json").read_bytes()
+    other = tmp_path / "other-config"
+    shutil.copytree(running_stack.stack.config_dir, other)
+    settings = yaml.safe_load((other / "diversityd.yaml").read_text())
+    settings["providers"] = {}  # owns nothing: it would retire every unit it finds
+    settings["http"] = {"port": 0}
+    (other / "diversityd.yaml").write_text(yaml.safe_dump(settings))
+    started = time.monotonic()
+    second = subprocess.run(
+        [sys.executable, "-m", "diversityd.daemon", "--config-dir", str(other)],
+        env=ctl_env(manager),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert "another diversityd" in second.stdout + second.stderr
+    assert f"pid {daemon_pid}" in second.stdout + second.stderr
+    assert time.monotonic() - started < 15
+    assert {p.name: p.read_bytes() for p in sorted(manager.unit_dir.glob("diversityd*"))} == units
+    assert (state_dir / "daemon-state.json").read_bytes() == state_before
+    after = running_stack.wait_all_ready()
+    assert {p["name"]: p["pid"] for p in after["providers"]} == pids
+    assert running_stack.daemon_pid() == daemon_pid

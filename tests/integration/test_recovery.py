@@ -53,13 +53,16 @@ def recovery_stack(
     llama_cpp_python_interpreter: Path,
 ) -> Iterator[RunningStack]:
     """The two llama servers; llama-server behind a wrapper that fails while a flag file
-    exists (a cause the test can take away); the daemon reads a fault file."""
+    exists (a cause the test can take away), or exits 0 once; the daemon reads a fault
+    file."""
     root = tmp_path_factory.mktemp("recovery")
     wrapper = root / "llama-server-wrapper"
     wrapper.write_text(
         "#!/bin/sh\n"
         # it dies after its start job is done: as a server dies loading a broken model
         f'if [ -e "{root}/broken" ]; then sleep 0.5; echo "broken on purpose" >&2; exit 3; fi\n'
+        # a server that ends cleanly by itself (exit 0: no failure to systemd)
+        f'if [ -e "{root}/exit0" ]; then rm -f "{root}/exit0"; sleep 0.5; exit 0; fi\n'
         f'exec "{llama_server_bin}" "$@"\n'
     )
     wrapper.chmod(0o755)
@@ -269,6 +272,56 @@ def test_what_the_user_stopped_stays_stopped_until_started(recovery_stack: Runni
         timeout_s=30,
     )
     assert back["daemon"]["running"]
+
+
+def test_a_server_that_ends_by_itself_serves_again_within_its_backoff(
+    recovery_stack: RunningStack,
+) -> None:
+    """Issue 20, point 1: a `kill -TERM` from outside (earlyoom, a script) and a server that
+    exits 0 are `success` to systemd, which Restart=on-failure leaves stopped; the daemon
+    took them for the user's stop and never revived them. No stop job ran: revived."""
+    running = recovery_stack
+    backoff_s = SUPERVISION["revive_initial_s"]
+    document = settled(running, Path(os.readlink(running.stack.active_link)).name)
+    pids = pids_of(running, document)
+    os.kill(pids[LLAMA_PYTHON], signal.SIGTERM)
+    ended = time.monotonic()
+    running.wait_for(lambda d: running.provider(LLAMA_PYTHON, d)["state"] == "stopped", 15)
+    back = running.wait_for(
+        lambda d: (
+            running.provider(LLAMA_PYTHON, d)["state"] == "ready"
+            and running.provider(LLAMA_PYTHON, d)["pid"] != pids[LLAMA_PYTHON]
+        ),
+        timeout_s=60,
+    )
+    entry = running.provider(LLAMA_PYTHON, back)
+    assert entry["stopped_by_user"] is False
+    assert entry["revival"] is None  # served again: the backoff starts afresh next time
+    # the backoff, the settling instant, a tick, then its start (seconds of loading)
+    assert time.monotonic() - ended < backoff_s + 30
+    assert running.journal_events("unit.reviving", provider=LLAMA_PYTHON)
+
+    # llama-server's wrapper exits 0 once, the next time it starts (after a kill -9,
+    # systemd's own Restart= starts it)
+    exit_once = running.stack.root.parent / "exit0"
+    exit_once.touch()
+    try:
+        os.kill(pids[LLAMA_NATIVE], signal.SIGKILL)
+        running.wait_for(lambda _d: not exit_once.exists(), 15)
+        back = running.wait_for(
+            lambda d: (
+                running.provider(LLAMA_NATIVE, d)["state"] == "ready"
+                and running.provider(LLAMA_NATIVE, d)["pid"] != pids[LLAMA_NATIVE]
+            ),
+            timeout_s=60,
+        )
+    finally:
+        exit_once.unlink(missing_ok=True)
+    assert running.provider(LLAMA_NATIVE, back)["stopped_by_user"] is False
+    assert any(
+        "ended with no stop job" in (e.get("ERROR") or "")
+        for e in running.journal_events("unit.revival_scheduled", provider=LLAMA_NATIVE)
+    )
 
 
 def test_a_frozen_provider_is_thawed_by_a_new_daemon(recovery_stack: RunningStack) -> None:

@@ -74,6 +74,7 @@ def a_rollout(store: Store, unit_dir: Path) -> Rollout:
             "statefile",
             "metrics",
             "drainer",
+            "revive_now",
         )
     }
     return Rollout(mock.Mock(), store, mock.Mock(), unit_dir=unit_dir, own_units=list, **services)

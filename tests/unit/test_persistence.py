@@ -3,7 +3,6 @@ at start, revival backoff, intent, history order. Pure, or plain files in tmp_pa
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -26,15 +25,19 @@ from diversityd.persisted import (
     Revival,
     dump_persisted,
     load_persisted,
-    revivals_due_by,
+    revival_in_memory,
+    revival_on_disk,
 )
 from diversityd.reconcile import (
     ModelTarget,
+    RevivalPlan,
     choose_accepted,
+    down_for_good,
     gave_up,
     revival_delay_s,
     rewritten_in_place,
-    stopped_on_purpose,
+    stopped_by_user,
+    stops_unit,
     units_to_retire,
 )
 from diversityd.state import ProviderState, UnitSnapshot, start_overdue
@@ -126,17 +129,30 @@ def test_removed_providers_are_stopped_before_their_files_go() -> None:
     assert units_to_retire(on_disk, {"diversityd-kept.service"}) == ["diversityd-old.service"]
 
 
-def test_only_an_outside_stop_of_a_running_unit_is_the_users_word() -> None:
-    ready, stopped = ProviderState.READY, ProviderState.STOPPED
-    assert stopped_on_purpose(ready, stopped, ours=False, busy=False, clean=True)
-    assert stopped_on_purpose(ProviderState.DOWN, stopped, ours=False, busy=False, clean=True)
-    # a reload or a drill; a job's restart; the inactive step of systemd's own Restart=
-    assert not stopped_on_purpose(ready, stopped, ours=True, busy=False, clean=True)
-    assert not stopped_on_purpose(ready, stopped, ours=False, busy=True, clean=True)
-    assert not stopped_on_purpose(ProviderState.DOWN, stopped, ours=False, busy=False, clean=False)
-    failed = ProviderState.FAILED
-    assert not stopped_on_purpose(failed, stopped, ours=False, busy=False, clean=True)
-    assert not stopped_on_purpose(ready, failed, ours=False, busy=False, clean=True)
+def test_only_a_stop_job_diversityd_did_not_make_is_the_users_word() -> None:
+    """Issue 20, point 1: a process that ended by itself (exit 0, a SIGTERM from outside:
+    `success` to systemd) made no job and is no stop of the user's."""
+    assert stopped_by_user(stop_job=True, ours=False, result="done")
+    assert not stopped_by_user(stop_job=True, ours=True, result="done")  # a reload, a drill
+    assert not stopped_by_user(stop_job=True, ours=False, result="canceled")  # a start won
+    assert not stopped_by_user(stop_job=False, ours=False, result="done")  # a restart job
+    # the job's type when it was read in time, else what the job left behind
+    assert stops_unit("stop", "active")
+    assert not stops_unit("restart", "inactive")  # a restart's stop phase is no stop job
+    assert not stops_unit("start", "inactive")
+    assert stops_unit(None, "inactive")
+    assert stops_unit(None, "failed")
+    assert not stops_unit(None, "active")
+    assert not stops_unit(None, "activating")
+
+
+def test_a_unit_is_down_for_good_when_failed_or_ended_and_settled() -> None:
+    for state in (ProviderState.FAILED, ProviderState.STOPPED):
+        assert not down_for_good(state, 10.0, 10.2)  # the instants of systemd's Restart=
+        assert down_for_good(state, 10.0, 12.0)
+        assert not down_for_good(state, None, 20.0)
+    for state in (ProviderState.DOWN, ProviderState.READY, ProviderState.STARTING):
+        assert not down_for_good(state, 10.0, 20.0)
 
 
 def test_systemd_gave_up_only_when_failed_stays() -> None:
@@ -219,11 +235,40 @@ def test_a_state_file_of_any_kind_is_read_in_bounded_time(tmp_path: Path, kind: 
     assert a_statefile(tmp_path).load() == Persisted()
 
 
-def test_a_revival_further_off_than_the_longest_backoff_is_brought_forward() -> None:
-    state = Persisted(revivals={"a": Revival(3, 8e9, None), "b": Revival(1, 100.0, "x")})
-    bounded = revivals_due_by(state, 1000.0)
-    assert bounded.revivals == {"a": Revival(3, 1000.0, None), "b": Revival(1, 100.0, "x")}
-    assert dataclasses.replace(bounded, revivals={}) == dataclasses.replace(state, revivals={})
+def test_a_revival_is_read_back_onto_the_monotonic_clock_clamped() -> None:
+    """Issue 20, point 5: the file keeps wall-clock times; in memory a revival is due on
+    the monotonic clock, never further off than the longest backoff (a clock set back, a
+    damaged file) and never in the past."""
+    wall, mono = 1_800_000_000.0, 5000.0
+
+    def back(next_at: float) -> float:
+        saved = Revival(3, next_at, "x")
+        plan = revival_in_memory(saved, wall_now=wall, monotonic_now=mono, max_s=300.0)
+        assert (plan.attempts, plan.last_failure) == (3, "x")
+        return plan.due - mono
+
+    assert back(wall + 42.0) == pytest.approx(42.0)
+    assert back(wall + 8e6) == 300.0  # clamped to revive_max_s
+    assert back(wall - 3600.0) == 0.0  # due now, not an hour ago
+    # and out again: the same wall-clock time, whatever the two clocks' origins
+    plan = RevivalPlan(2, mono + 10.0, None)
+    saved = revival_on_disk(plan, wall_now=wall, monotonic_now=mono)
+    assert saved == Revival(2, wall + 10.0, None)
+    again = revival_in_memory(saved, wall_now=wall + 4.0, monotonic_now=77.0, max_s=300.0)
+    assert again.due == pytest.approx(77.0 + 6.0)
+
+
+def test_held_servers_survive_a_restart() -> None:
+    """Issue 20, point 2: a server held while its model file is rewritten in place stays
+    held by a new daemon (else it started it onto half a file)."""
+    state = Persisted(held={"native": "/m/a.gguf is being rewritten in place"})
+    text = dump_persisted(state)
+    back, problems = load_persisted(text)
+    assert problems == []
+    assert back.held == {"native": "/m/a.gguf is being rewritten in place"}
+    damaged, problems = load_persisted('{"version": 1, "held": {"a": "ok", "b": 3}}')
+    assert damaged.held == {"a": "ok"}
+    assert len(problems) == 1
 
 
 @pytest.mark.parametrize(

@@ -22,13 +22,13 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dbus_fast import DBusError, Message, MessageType, RequestNameReply
+from dbus_fast import DBusError, Message, MessageType, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface, method, signal
 
 from diversityd.adapters.busclient import BUS_NAME, INTERFACE, NO_SUCH_NAME, OBJECT_PATH
 from diversityd.adapters.systemd import connect_session_bus
-from diversityd.errors import DiversitydError
+from diversityd.errors import DiversitydError, UsageError
 
 ERROR_PREFIX = "io.github.diversityd.Error"
 
@@ -121,14 +121,46 @@ class ControlInterface(ServiceInterface):
         return [job_id, payload]
 
 
-async def export_interface(bus: MessageBus, interface: ControlInterface) -> None:
-    bus.export(OBJECT_PATH, interface)
-    reply = await bus.request_name(BUS_NAME)
-    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-        raise DiversitydError(
-            f"{BUS_NAME} is owned by another process: is a second diversityd running?",
-            hint="systemctl --user status diversityd",
+class SecondDaemonError(UsageError):
+    """Another diversityd holds the bus name: this one touches nothing and exits (2: its
+    unit's RestartPreventExitStatus=, so systemd does not start it over and over)."""
+
+
+async def claim_bus_name(bus: MessageBus) -> None:
+    """Take the daemon's bus name, or raise if another process holds it: one daemon per
+    user manager. Done first, before any unit is thawed, written, stopped or retired and
+    before the state file is written."""
+    reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    if reply in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+        return
+    holder = await _owner_pid(bus)
+    raise SecondDaemonError(
+        f"another diversityd{f' (pid {holder})' if holder else ''} holds {BUS_NAME} on this "
+        "bus: this one changes nothing and exits",
+        hint="systemctl --user status diversityd; stop the other one first",
+    )
+
+
+async def _owner_pid(bus: MessageBus) -> int | None:
+    reply = await bus.call(
+        Message(
+            destination="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus",
+            member="GetConnectionUnixProcessID",
+            signature="s",
+            body=[BUS_NAME],
         )
+    )
+    if reply is None or reply.message_type != MessageType.METHOD_RETURN:
+        return None
+    return int(reply.body[0])
+
+
+async def export_interface(bus: MessageBus, interface: ControlInterface) -> None:
+    """Answer on the bus name taken at start (`claim_bus_name`)."""
+    bus.export(OBJECT_PATH, interface)
+    await claim_bus_name(bus)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """systemd over the user D-Bus (dbus-fast): units, jobs, and their property changes.
 
 Errors keep the D-Bus error name (`org.freedesktop.systemd1.NoSuchUnit`, ...). Signals are
-delivered to one callback; the daemon turns them into events for its single state task.
+delivered to callbacks; the daemon turns them into events for its single state task: the
+watched units' property changes, and their jobs (JobNew, the job's type read at once,
+JobRemoved), by which a stop someone asked for is told apart from a process that ended.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from dbus_fast import BusType, Message, MessageType, Variant
@@ -23,6 +26,7 @@ SYSTEMD_PATH = "/org/freedesktop/systemd1"
 MANAGER = "org.freedesktop.systemd1.Manager"
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
+JOB_IFACE = "org.freedesktop.systemd1.Job"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 CALL_TIMEOUT_S = 25.0  # below D-Bus's own 25 s default method timeout
@@ -57,6 +61,22 @@ def unit_object_path(name: str) -> str:
 UnitCallback = Callable[[str, dict[str, Any]], None]
 
 
+@dataclass(frozen=True)
+class JobSignal:
+    """A job of a watched unit: `new` (just queued), `typed` (its type, read from the job
+    object while it lasts: `stop`, `start`, `restart`, ...) or `removed` (with systemd's
+    result: done, canceled, failed, ...)."""
+
+    unit: str
+    job_path: str
+    phase: str  # new | typed | removed
+    job_type: str | None = None
+    result: str | None = None
+
+
+JobCallback = Callable[[JobSignal], None]
+
+
 class Systemd:
     """A client of the user manager. `on_unit_change(name, changed_properties)` is called
     from the bus reader for every PropertiesChanged of a watched unit."""
@@ -67,6 +87,8 @@ class Systemd:
         self._jobs: dict[str, asyncio.Future[str]] = {}
         self._finished_jobs: dict[str, str] = {}  # results that beat StartUnit's reply
         self._on_unit_change: UnitCallback | None = None
+        self._on_job: JobCallback | None = None
+        self._type_reads: set[asyncio.Task[None]] = set()
         bus.add_message_handler(self._handle_message)
 
     @classmethod
@@ -74,9 +96,10 @@ class Systemd:
         bus = await connect_session_bus(address)
         client = cls(bus)
         await client._call_manager("Subscribe", "", [])
-        await client._add_match(
-            f"type='signal',sender='{SYSTEMD}',interface='{MANAGER}',member='JobRemoved'"
-        )
+        for member in ("JobNew", "JobRemoved"):
+            await client._add_match(
+                f"type='signal',sender='{SYSTEMD}',interface='{MANAGER}',member='{member}'"
+            )
         return client
 
     def disconnect(self) -> None:
@@ -126,8 +149,13 @@ class Systemd:
     def _handle_message(self, message: Message) -> bool | None:
         if message.message_type != MessageType.SIGNAL:
             return None
+        if message.member == "JobNew" and message.interface == MANAGER:
+            _job_id, job_path, unit = message.body
+            self._job_seen(JobSignal(unit, job_path, "new"))
+            return None
         if message.member == "JobRemoved" and message.interface == MANAGER:
-            _job_id, job_path, _unit, result = message.body
+            _job_id, job_path, unit, result = message.body
+            self._job_seen(JobSignal(unit, job_path, "removed", result=result))
             future = self._jobs.pop(job_path, None)
             if future is None:
                 # Jobs of every unit in the manager end here too: keep only the latest few
@@ -146,7 +174,41 @@ class Systemd:
                 self._on_unit_change(name, values)
         return None
 
+    def _job_seen(self, job: JobSignal) -> None:
+        if self._on_job is None or job.unit not in self._watched_paths.values():
+            return
+        self._on_job(job)
+        if job.phase == "new":
+            # Its type is not in the signal: read it from the job object at once, while it
+            # lasts (a stop waits for its process to end; one gone first is judged by
+            # what it left: reconcile.stops_unit).
+            task = asyncio.ensure_future(self._read_job_type(job))
+            self._type_reads.add(task)
+            task.add_done_callback(self._type_reads.discard)
+
+    async def _read_job_type(self, job: JobSignal) -> None:
+        try:
+            reply = await self._call(
+                Message(
+                    destination=SYSTEMD,
+                    path=job.job_path,
+                    interface=PROPERTIES,
+                    member="Get",
+                    signature="ss",
+                    body=[JOB_IFACE, "JobType"],
+                )
+            )
+        except SystemdError:
+            return  # finished already
+        if self._on_job is not None:
+            job_type = str(unpack(reply.body[0]))
+            self._on_job(JobSignal(job.unit, job.job_path, "typed", job_type=job_type))
+
     # -- units ----------------------------------------------------------------------
+
+    def watch_jobs(self, callback: JobCallback) -> None:
+        """Deliver the jobs of watched units (new, typed, removed)."""
+        self._on_job = callback
 
     async def watch(self, names: list[str], callback: UnitCallback) -> None:
         """Deliver property changes of these units (kill -9 reaches us in milliseconds)."""

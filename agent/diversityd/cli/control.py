@@ -93,7 +93,9 @@ def run_job(
 def restart(provider: str, config_dir: Path | None, as_json: bool, timeout_s: float) -> None:
     """Restart PROVIDER (or every owned one, one at a time) and wait until it answers.
 
-    Reports how long each took; exit 1 if one did not come back.
+    With no PROVIDER, those you stopped (`diversityctl stop`) and those held while their
+    model file is rewritten are left as they are. Reports how long each took; exit 1 if
+    one did not come back.
     """
 
     show = None if as_json else show_progress
@@ -104,6 +106,8 @@ def restart(provider: str, config_dir: Path | None, as_json: bool, timeout_s: fl
         for entry in result.get("providers", []):
             verdict = "ready" if entry["ok"] else f"NOT BACK ({entry['state']})"
             click.echo(f"{entry['provider']}: {verdict} after {entry['elapsed_ms'] / 1000:.2f} s")
+        for name, why in (result.get("skipped") or {}).items():
+            click.echo(f"{name}: skipped ({why})")
         if result.get("error"):
             click.echo(f"error: {result['error']}", err=True)
     sys.exit(EXIT_OK if result.get("ok") else EXIT_FAILURE)

@@ -17,25 +17,26 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 from diversityd import __version__
-from diversityd.adapters.control import ControlInterface, export_interface
+from diversityd.adapters.control import ControlInterface, claim_bus_name, export_interface
 from diversityd.adapters.journal import configure_logging
 from diversityd.adapters.notify import Notifier
-from diversityd.adapters.systemd import Systemd
+from diversityd.adapters.systemd import JobSignal, Systemd
 from diversityd.adapters.unitfiles import machine_context, own_unit_staleness
 from diversityd.daemon.commands import Commands
 from diversityd.daemon.draining import Drainer
 from diversityd.daemon.drills import Drills
 from diversityd.daemon.gateway import GatewayManager
 from diversityd.daemon.gpus import GpuPlanner
+from diversityd.daemon.intent import Intent
 from diversityd.daemon.jobs import Jobs
 from diversityd.daemon.loop import ProbeDone, ProviderLocks, StateLoop, UnitChanged
 from diversityd.daemon.metrics import Metrics
 from diversityd.daemon.models import ModelLinks
 from diversityd.daemon.providers import ProviderSupervisor
+from diversityd.daemon.revivals import Reviver
 from diversityd.daemon.rollout import STARTUP, Rollout
 from diversityd.daemon.starts import Starter
 from diversityd.daemon.statefile import StateFile
@@ -44,7 +45,6 @@ from diversityd.daemon.web import Web
 from diversityd.errors import DiversitydError, Severity
 from diversityd.log import get_logger
 from diversityd.parts import default_config_dir, default_unit_dir, state_dir
-from diversityd.persisted import revivals_due_by
 from diversityd.state import is_serving
 from diversityd.validation import check_config_dir
 
@@ -107,12 +107,13 @@ class Daemon:
             jobs_running=lambda: len(self.jobs.running()),
         )
         metrics.providers_known(store.records)
+        self.intent = Intent(store, self.statefile)
         self.supervisor = ProviderSupervisor(
             loop,
             store,
             systemd,
             locks=locks,
-            statefile=self.statefile,
+            intent=self.intent,
             metrics=metrics,
             on_state_change=self._after_state_change,
             on_models_change=self._gateway_may_change,
@@ -153,8 +154,17 @@ class Daemon:
             locks=locks,
             statefile=self.statefile,
             metrics=metrics,
-            confirm_outside_stops=self.supervisor.confirm_outside_stops,
             drainer=drainer,
+            report=self.jobs.report,
+        )
+        self.reviver = Reviver(
+            loop,
+            store,
+            locks=locks,
+            statefile=self.statefile,
+            metrics=metrics,
+            intent=self.intent,
+            start_unit=self.starter.start_unit,
         )
         self.rollout = Rollout(
             loop,
@@ -170,6 +180,7 @@ class Daemon:
             unit_dir=self._unit_dir(),
             own_units=gateway.units if gateway is not None else list,
             drainer=drainer,
+            revive_now=self.reviver.revive_now,
         )
         self.models = ModelLinks(
             loop,
@@ -209,12 +220,15 @@ class Daemon:
         self.web = Web(store, metrics=metrics.exposition)
         loop.on(UnitChanged, self._on_unit_changed)
         loop.on(ProbeDone, self.supervisor.on_probe)
+        loop.on(JobSignal, self.intent.on_job)
 
     async def _start_then_mark_ready(self) -> None:
         try:
             await self.starter.start_owned()
         except Exception as exc:  # noqa: BLE001 - the gateway must still come up
             log.error("daemon.start_failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.reviver.startup_finished = True  # what is stopped from now on ended
         await self.loop.wait_until(
             lambda: all(
                 r.probe is not None for r in self.store.records.values() if r.owned is None
@@ -248,13 +262,15 @@ class Daemon:
             store.unit_context, env_dir=str(self._state_dir() / "env")
         )
         self.statefile = StateFile(loop, store, self._state_dir())
-        assert report.config is not None
-        revive_max_s = report.config.settings.supervision.revive_max_s
-        persisted = revivals_due_by(self.statefile.load(), time.time() + revive_max_s)
-        await loop.call(lambda: store.adopt_persisted(persisted))
+        # One daemon at a time: the bus name first, before anything is read, thawed,
+        # written, stopped or retired (a second daemon would undo the first one's work).
         systemd = await Systemd.connect(self.bus_address)
+        await claim_bus_name(systemd.bus)
+        persisted = self.statefile.load()
+        await loop.call(lambda: store.adopt_persisted(persisted))
         self._build(systemd)
         owned_units = [r.unit for r in store.records.values() if r.unit]
+        systemd.watch_jobs(loop.post)
         await systemd.watch(owned_units, self.supervisor.on_systemd_change)
         await self.supervisor.refresh_snapshots()
         await self.supervisor.thaw_frozen()
@@ -282,7 +298,7 @@ class Daemon:
         self.supervisor.ensure_probe_tasks()
         loop.spawn(self._watchdog(), name="watchdog")
         loop.spawn(self.planner.watch(), name="gpus")
-        loop.spawn(self.starter.revival_loop(), name="revival")
+        loop.spawn(self.reviver.revival_loop(), name="revival")
         loop.spawn(self._start_then_mark_ready(), name="start-up")
         if self.gateway is not None:
             loop.spawn(self.gateway.supervise(self._startup_done), name="gateway")

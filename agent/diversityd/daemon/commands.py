@@ -7,6 +7,7 @@ import functools
 import os
 import socket
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from diversityd import __version__
@@ -18,7 +19,7 @@ from diversityd.daemon.models import ModelLinks
 from diversityd.daemon.providers import ProviderSupervisor
 from diversityd.daemon.rollout import Rollout
 from diversityd.daemon.starts import Starter
-from diversityd.daemon.store import Job, Store, sha256_text
+from diversityd.daemon.store import Job, ProviderRecord, Store, sha256_text
 from diversityd.drill import DrillMode, unprotected_models
 from diversityd.errors import Severity, UsageError
 from diversityd.log import get_logger
@@ -185,9 +186,20 @@ class Commands:
         return names
 
     async def restart(self, provider: str) -> dict[str, Any]:
+        """Restart one provider, or every owned one but those kept down on purpose: the
+        ones the user stopped (they stay stopped until `start`) and the ones held while
+        their model file is rewritten (a restart would load half a file)."""
         names = self._owned_names(provider, "restart")
-        job_id = await self.jobs.submit("restart", {"providers": names})
-        return {"job": job_id, "providers": names}
+        records = self.store.records
+        if provider and records[provider].held is not None:
+            raise UsageError(
+                f"{provider} is held: {records[provider].held}",
+                hint=f"`diversityctl start {provider}` starts it once the file is whole",
+            )
+        skipped = restart_skips({name: records[name] for name in names}) if not provider else {}
+        wanted = [name for name in names if name not in skipped]
+        job_id = await self.jobs.submit("restart", {"providers": wanted, "skipped": skipped})
+        return {"job": job_id, "providers": wanted, "skipped": skipped}
 
     async def stop(self, provider: str) -> dict[str, Any]:
         """Stop on purpose: it stays stopped (across daemon restarts) until `start`."""
@@ -299,3 +311,14 @@ class Commands:
         if job is None:
             raise UsageError(f"no job {job_id!r}")
         return job.to_json()
+
+
+def restart_skips(records: Mapping[str, ProviderRecord]) -> dict[str, str]:
+    """Of the providers a restart of all would touch, those left as they are, and why."""
+    skipped = {}
+    for name, record in records.items():
+        if record.stopped_by_user:
+            skipped[name] = f"stopped on purpose: `diversityctl start {name}` starts it"
+        elif record.held is not None:
+            skipped[name] = f"held: {record.held}"
+    return skipped

@@ -145,7 +145,9 @@ class Drills:
                 finally:
                     await self.drainer.release(name)
             elif mode is DrillMode.OUTSIDE_STOP:
-                # unannounced, as another tool would: failover, not a drain, is tested
+                # unannounced, as another tool would: failover, not a drain, is tested;
+                # still diversityd's own stop job, not the user's (intent.py)
+                await self.loop.call(functools.partial(self.store.expected_stops.add, unit))
                 await self.systemd.stop(unit)
             else:
                 await self.systemd.kill(unit, int(signal.SIGSTOP))

@@ -76,13 +76,24 @@ class ModelLinks:
                 providers: list[str] = names,
                 model: ModelTarget | None = accepted,
                 error: str | None = seen.error,
-            ) -> None:
+                whole: bool = seen.ok,
+            ) -> list[str]:
+                released = []
                 for name in providers:
-                    self.store.records[name].model = model
-                    self.store.records[name].model_error = error
+                    record = self.store.records[name]
+                    record.model, record.model_error = model, error
+                    if whole and record.held is not None:
+                        record.held = None  # held by an earlier daemon: whole again now
+                        released.append(name)
+                return released
 
-            await self.loop.call(adopt)
+            released = await self.loop.call(adopt)
+            if released:
+                log.info("unit.released", provider=",".join(released))
             self.watcher.watch(seen)
+            if rewritten_in_place(before, seen):
+                # still (or again) being rewritten, as the daemon starts or reloads
+                await self._hold(names, _rewritten(seen))
             if not seen.ok:
                 kept = accepted.target if accepted else None
                 log.error("model.invalid", path=path, model=kept, error=seen.error)
@@ -116,11 +127,7 @@ class ModelLinks:
         accepted = self.store.records[names[0]].model
         verdict = judge_model_target(accepted, target)
         if rewritten_in_place(accepted, target):
-            await self._hold(
-                names,
-                f"{target.target} is being rewritten in place; the servers stay stopped until "
-                "it is whole again (re-point the link instead of overwriting)",
-            )
+            await self._hold(names, _rewritten(target))
         if verdict is TargetVerdict.REFUSE:
 
             def refuse(error: str | None = target.error) -> None:
@@ -159,3 +166,10 @@ class ModelLinks:
             provider=",".join(names),
             job=job_id,
         )
+
+
+def _rewritten(target: ModelTarget) -> str:
+    return (
+        f"{target.target} is being rewritten in place; the servers stay stopped until it is "
+        "whole again (re-point the link instead of overwriting)"
+    )

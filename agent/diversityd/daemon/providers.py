@@ -19,12 +19,12 @@ import psutil
 from diversityd.adapters import probes
 from diversityd.adapters.cputime import tree_cpu_s
 from diversityd.adapters.systemd import Systemd, SystemdError
+from diversityd.daemon.intent import Intent
 from diversityd.daemon.loop import ProbeDone, ProviderLocks, StateLoop, UnitChanged
 from diversityd.daemon.metrics import Metrics
-from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import ProviderRecord, Store
 from diversityd.log import get_logger
-from diversityd.reconcile import FAILED_SETTLE_S, hung_too_long, stopped_on_purpose
+from diversityd.reconcile import hung_too_long
 from diversityd.state import (
     ProviderState,
     UnitSnapshot,
@@ -49,7 +49,7 @@ class ProviderSupervisor:
         systemd: Systemd,
         *,
         locks: ProviderLocks,
-        statefile: StateFile,
+        intent: Intent,
         metrics: Metrics,
         on_state_change: Callable[[], None],
         on_models_change: Callable[[], None],
@@ -58,7 +58,7 @@ class ProviderSupervisor:
         self.store = store
         self.systemd = systemd
         self.locks = locks
-        self.statefile = statefile
+        self.intent = intent  # what the user meant by a stop (job signals)
         self.metrics = metrics
         self._killed: set[int] = set()  # hung processes already killed (once each)
         self._on_state_change = on_state_change  # the gateway may render differently now
@@ -172,56 +172,8 @@ class ProviderSupervisor:
             pid=record.snapshot.main_pid if record.snapshot else None,
             error=record.error if state is not ProviderState.READY else None,
         )
-        self._note_intent(record, previous, state)
+        self.intent.on_state(record, state)
         self._on_state_change()
-
-    def _note_intent(
-        self, record: ProviderRecord, previous: ProviderState, state: ProviderState
-    ) -> None:
-        """`systemctl --user stop` of an owned unit is the user's word, as `diversityctl
-        stop` is: it stays stopped (across daemon restarts too) until started again."""
-        unit = record.unit
-        if unit is None:
-            return
-        ours = unit in self.store.expected_stops
-        if state in (ProviderState.STOPPED, ProviderState.FAILED):
-            self.store.expected_stops.discard(unit)
-        clean = record.snapshot is not None and record.snapshot.result == "success"
-        busy = self.locks.locked(record.name)
-        if stopped_on_purpose(previous, state, ours=ours, busy=busy, clean=clean):
-            # the user's stop, or the inactive instant of systemd's own Restart=: told apart
-            # when it has stayed stopped a moment (confirm_outside_stops)
-            record.stop_noticed_at = time.monotonic()
-        elif state is not ProviderState.STOPPED:
-            record.stop_noticed_at = None
-        if record.stopped_by_user and state in (ProviderState.STARTING, ProviderState.READY):
-            record.stopped_by_user = False  # started again (systemctl --user start)
-            self.statefile.save_in_loop()
-        if state is ProviderState.READY and record.revival is not None:
-            record.revival = None  # revived: the next failure starts the backoff afresh
-            self.statefile.save_in_loop()
-
-    def confirm_outside_stops(self) -> None:
-        """(In the state loop, every second or so.) A unit stopped from outside that has
-        stayed stopped is the user's word: left stopped (across restarts too)."""
-        now = time.monotonic()
-        for record in self.store.owned_records():
-            noticed = record.stop_noticed_at
-            if noticed is None or record.state is not ProviderState.STOPPED:
-                record.stop_noticed_at = None
-                continue
-            if now - noticed < FAILED_SETTLE_S:
-                continue
-            record.stop_noticed_at = None
-            record.stopped_by_user = True
-            record.revival = None
-            log.warning(
-                "provider.stopped_by_user",
-                provider=record.name,
-                unit=record.unit,
-                error="stopped outside diversityd: left stopped until started again",
-            )
-            self.statefile.save_in_loop()
 
     def on_systemd_change(self, unit: str, changed: dict[str, Any]) -> None:
         """From the bus reader: every property change of a watched unit, as an event."""

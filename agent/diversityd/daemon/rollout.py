@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ class Rollout:
         unit_dir: Path,
         own_units: Callable[[], list[RenderedUnit]],
         drainer: Drainer,
+        revive_now: Callable[[list[str]], Awaitable[None]],
     ) -> None:
         self.loop = loop
         self.drainer = drainer
@@ -80,6 +81,7 @@ class Rollout:
         self.metrics = metrics
         self.unit_dir = unit_dir
         self._own_units = own_units  # diversityd's own (the gateway's), beside the providers'
+        self._revive_now = revive_now  # the reviver's: a unit down for good is tried now
         # Unit files are planned, rendered and written by one task at a time.
         self._files = asyncio.Lock()
         self._restore_wanted = asyncio.Event()
@@ -236,7 +238,7 @@ class Rollout:
             await self._write_failed(exc)
             return [], None
         await self.loop.call(lambda: setattr(self.store, "unit_errors", None))
-        await self.starter.revive_now(written)  # failed ones whose inputs changed
+        await self._revive_now(written)  # ones down for good whose inputs changed
         return changed, await self.roll_pending(reason)
 
     def _render_and_note(self) -> list[str]:
@@ -319,7 +321,9 @@ class Rollout:
             self.jobs.report(job, {"step": "done", **entry})
             if not entry["ok"]:
                 break
-        return {"ok": bool(results) and all(r["ok"] for r in results), "providers": results}
+        asked = bool(job.params["providers"])  # a restart of all may find all kept down
+        ok = (bool(results) or not asked) and all(r["ok"] for r in results)
+        return {"ok": ok, "providers": results, "skipped": job.params.get("skipped") or {}}
 
     async def _restart_one(self, job: Job, name: str) -> dict[str, Any]:
         record = self.store.records[name]

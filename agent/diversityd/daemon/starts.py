@@ -1,13 +1,10 @@
 """Starting and stopping owned providers: at start-up, on `diversityctl start|stop`, and
-reviving what systemd gave up on (failed) with backoff, at once when one of its inputs
-changes. What the user stopped on purpose stays stopped and is never revived."""
+for revivals (revivals.py decides when). What the user stopped on purpose stays stopped;
+a server held while its model file is rewritten in place is started once it is whole."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,20 +18,9 @@ from diversityd.daemon.metrics import Metrics
 from diversityd.daemon.statefile import StateFile
 from diversityd.daemon.store import Job, ProviderRecord, Store
 from diversityd.log import get_logger
-from diversityd.persisted import Revival
-from diversityd.reconcile import (
-    StartCandidate,
-    gave_up,
-    is_ready_since,
-    revival_delay_s,
-    start_order,
-)
-from diversityd.state import ProviderState
-from diversityd.units import exec_start_args
+from diversityd.reconcile import StartCandidate, down_for_good, is_ready_since, start_order
 
 log = get_logger()
-
-REVIVAL_TICK_S = 1.0  # how often failed units are looked at
 
 
 class Starter:
@@ -47,8 +33,8 @@ class Starter:
         locks: ProviderLocks,
         statefile: StateFile,
         metrics: Metrics,
-        confirm_outside_stops: Callable[[], None],
         drainer: Drainer,
+        report: Callable[[Job, dict[str, Any]], None],
     ) -> None:
         self.loop = loop
         self.drainer = drainer
@@ -57,17 +43,16 @@ class Starter:
         self.locks = locks
         self.statefile = statefile
         self.metrics = metrics
-        self._confirm_outside_stops = confirm_outside_stops  # the supervisor's, each tick
-        self._inputs: dict[str, tuple[object, ...]] = {}  # at the last revival, per provider
-        self._wake = asyncio.Event()
+        self._report = report  # a job's progress (the job registry's)
 
     def _supervision(self) -> Any:
         assert self.store.config is not None
         return self.store.config.settings.supervision
 
     async def wait_serving(self, record: ProviderRecord, since: float) -> bool:
-        """Until the provider answers (True), systemd gives up on it, or ready_wait_s: a
-        step waits no longer than its unit can still come back."""
+        """Until the provider answers (True), it is down for good (systemd gave up on it, or
+        its process ended), or ready_wait_s: a step waits no longer than its unit can
+        still come back."""
         deadline = time.monotonic() + self._supervision().ready_wait_s
 
         def ready() -> bool:
@@ -75,7 +60,9 @@ class Starter:
 
         def given_up() -> bool:
             changed = record.last_state_change
-            return (changed or 0.0) > since and gave_up(record.state, changed, time.monotonic())
+            return (changed or 0.0) > since and down_for_good(
+                record.state, changed, time.monotonic()
+            )
 
         while not ready() and not given_up():
             remaining = deadline - time.monotonic()
@@ -140,6 +127,10 @@ class Starter:
                     continue  # a job started it while this one waited for it
                 await self._start(record, step.reset_failed, "start-up")
 
+    async def start_unit(self, record: ProviderRecord, reset_failed: bool, why: str) -> bool:
+        """Start its unit and wait until it serves (True) or is down for good."""
+        return await self._start(record, reset_failed, why)
+
     async def _start(self, record: ProviderRecord, reset_failed: bool, why: str) -> bool:
         assert record.unit is not None
         if reset_failed:
@@ -172,6 +163,8 @@ class Starter:
     # -- diversityctl start | stop ------------------------------------------------------------
 
     async def run_start_job(self, job: Job) -> dict[str, Any]:
+        """Start it again; a server held while its model file is rewritten in place is
+        started when the file is whole (the hold's release), not onto half a file."""
         name = job.params["provider"]
         record = self.store.records[name]
 
@@ -181,6 +174,12 @@ class Starter:
             self.statefile.save_in_loop()
 
         await self.loop.call(clear)
+        if record.held is not None:
+            self._report(job, {"provider": name, "step": "waiting", "for": record.held})
+            wait_s = self._supervision().ready_wait_s
+            if not await self.loop.wait_until(lambda: record.held is None, wait_s):
+                return {"ok": False, "provider": name, "state": record.state.value,
+                        "error": f"still held: {record.held}"}  # fmt: skip
         async with self.locks.holding([name], job.id):
             snapshot = record.snapshot
             if snapshot is not None and snapshot.running:
@@ -257,89 +256,3 @@ class Starter:
         if released:
             log.info("unit.released", provider=",".join(released))
             await self.start_owned(only=released)
-
-    # -- revival ------------------------------------------------------------------------------
-
-    async def revive_now(self, names: list[str]) -> None:
-        """Inputs of these providers changed (their unit file): a failed one is tried now."""
-
-        def due() -> None:
-            for name in names:
-                record = self.store.records.get(name)
-                if record is not None and record.revival is not None:
-                    record.revival = Revival(
-                        record.revival.attempts, 0.0, record.revival.last_failure
-                    )
-
-        await self.loop.call(due)
-        self._wake.set()
-
-    async def revival_loop(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), REVIVAL_TICK_S)
-            self._wake.clear()
-            try:
-                await self._revive_due()
-            except Exception as exc:  # noqa: BLE001 - the loop must outlive one bad pass
-                log.error("unit.revival_failed", error=f"{type(exc).__name__}: {exc}")
-
-    async def _revive_due(self) -> None:
-        settings = self._supervision()
-        await self.loop.call(self._confirm_outside_stops)
-        for record in self.store.owned_records():
-            failed = gave_up(record.state, record.last_state_change, time.monotonic())
-            if not failed or record.stopped_by_user or record.held:
-                continue
-            if self.locks.locked(record.name):
-                continue  # a job acts on it; its own wait ends on failure
-            inputs = self._inputs_of(record)
-            if record.revival is None:
-                await self.loop.call(functools.partial(self._schedule, record, 0, settings))
-                self._inputs[record.name] = inputs
-            elif inputs != self._inputs.get(record.name):
-                await self.revive_now([record.name])  # its executable or model changed
-                self._inputs[record.name] = inputs
-            revival = record.revival
-            if revival is not None and time.time() >= revival.next_at:
-                await self._revive(record, revival.attempts + 1, settings)
-
-    def _schedule(self, record: ProviderRecord, attempts: int, settings: Any) -> None:
-        delay = revival_delay_s(attempts, settings.revive_initial_s, settings.revive_max_s)
-        snapshot = record.snapshot
-        failure = f"unit failed ({snapshot.result})" if snapshot else "unit failed"
-        record.revival = Revival(attempts, time.time() + delay, failure)
-        self.statefile.save_in_loop()
-        log.warning(
-            "unit.revival_scheduled",
-            provider=record.name,
-            unit=record.unit,
-            error=f"{failure}; starting it again in {delay:g} s",
-        )
-
-    async def _revive(self, record: ProviderRecord, attempt: int, settings: Any) -> None:
-        async with self.locks.holding([record.name], "revival"):
-            if record.state is not ProviderState.FAILED or record.stopped_by_user:
-                return
-            await self.loop.call(functools.partial(self._schedule, record, attempt, settings))
-            log.warning("unit.reviving", provider=record.name, unit=record.unit, job=str(attempt))
-            self.metrics.revived(record.name)
-            await self._start(record, True, f"revival {attempt}")
-
-    def _inputs_of(self, record: ProviderRecord) -> tuple[object, ...]:
-        """What the unit runs: its file, its executable and its model file, as they are on
-        disk now. When one changes, a failed unit is worth trying at once."""
-        text = self.store.written_units.get(record.unit or "")
-        args = exec_start_args(text or "") or []
-        model = record.model.target if record.model and record.model.ok else None
-        return (text, *(_identity(path) for path in (args[0] if args else None, model)))
-
-
-def _identity(path: str | None) -> tuple[int, int, int] | None:
-    if not path:
-        return None
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return (info.st_ino, info.st_size, info.st_mtime_ns)

@@ -18,8 +18,8 @@ from diversityd.catalog import Catalog
 from diversityd.config import Config, OwnedServer, Provider
 from diversityd.gateway import Availability, normalize_model_id
 from diversityd.gpuplan import GpuPlan, GpuSettings
-from diversityd.persisted import Persisted, Revival
-from diversityd.reconcile import ModelTarget
+from diversityd.persisted import Persisted, revival_in_memory, revival_on_disk
+from diversityd.reconcile import ModelTarget, RevivalPlan
 from diversityd.state import (
     Observed,
     ProbeResult,
@@ -71,9 +71,8 @@ class ProviderRecord:
     model: ModelTarget | None = None  # where model_path led when last accepted
     model_error: str | None = None  # a rejected re-point (the old model keeps serving)
     stopped_by_user: bool = False  # stays stopped, never revived, until started again
-    revival: Revival | None = None  # systemd gave up on it: when it is started again
+    revival: RevivalPlan | None = None  # down for good: when it is started again
     held: str | None = None  # why it is kept stopped for now (its model file being rewritten)
-    stop_noticed_at: float | None = None  # monotonic: stopped from outside, not yet settled
 
     @property
     def snapshot(self) -> UnitSnapshot | None:
@@ -128,9 +127,11 @@ class ProviderRecord:
         revival = self.revival
         if revival is None:
             return None
+        down = self.state in (ProviderState.FAILED, ProviderState.STOPPED)
+        next_try = time.time() + max(0.0, revival.due - time.monotonic())
         return {
             "attempts": revival.attempts,
-            "next_try": iso_time(revival.next_at) if self.state is ProviderState.FAILED else None,
+            "next_try": iso_time(next_try) if down else None,
             "last_failure": revival.last_failure,
         }
 
@@ -281,10 +282,22 @@ class Store:
 
     def adopt_persisted(self, state: Persisted) -> None:
         """(After `adopt_config`.) What an earlier daemon decided, for providers that still
-        exist; accepted models are used by the link's owner (daemon/models.py)."""
+        exist; accepted models are used by the link's owner (daemon/models.py). A revival
+        keeps its backoff, back on this process's monotonic clock (clamped)."""
+        assert self.config is not None
+        max_s = self.config.settings.supervision.revive_max_s
+        wall_now, monotonic_now = time.time(), time.monotonic()
         for name, record in self.records.items():
             record.stopped_by_user = name in state.stopped_by_user
-            record.revival = state.revivals.get(name)
+            saved = state.revivals.get(name)
+            record.revival = (
+                None
+                if saved is None
+                else revival_in_memory(
+                    saved, wall_now=wall_now, monotonic_now=monotonic_now, max_s=max_s
+                )
+            )
+            record.held = state.held.get(name) if record.owned is not None else None
         self.pending_rolls = {n: sha for n, sha in state.pending_rolls.items() if n in self.records}
         self.kept_gpu_settings = dict(state.gpu_settings)
         self.gateway_pin = state.gateway_pin
@@ -296,6 +309,7 @@ class Store:
             model = self.records[names[0]].model
             if model is not None and model.ok:
                 accepted[path] = model
+        wall_now, monotonic_now = time.time(), time.monotonic()
         gpu_settings = dict(self.kept_gpu_settings)
         if self.gpu.plan is not None:
             gpu_settings.update(self.gpu.plan.settings)
@@ -303,7 +317,12 @@ class Store:
             accepted_models=accepted,
             pending_rolls=dict(self.pending_rolls),
             stopped_by_user=frozenset(n for n, r in self.records.items() if r.stopped_by_user),
-            revivals={n: r.revival for n, r in self.records.items() if r.revival is not None},
+            revivals={
+                n: revival_on_disk(r.revival, wall_now=wall_now, monotonic_now=monotonic_now)
+                for n, r in self.records.items()
+                if r.revival is not None
+            },
+            held={n: r.held for n, r in self.records.items() if r.held is not None},
             gpu_settings=gpu_settings,
             gateway_pin=self.gateway_pin,
         )
