@@ -8,5 +8,13 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 cd "$root"
-"$here/setup.sh"
+# The demo installs what the demo needs: no Prometheus (the tests' alone); the lab's
+# network tools and Redis only for --hosts.
+purpose=demo
+for arg in "$@"; do
+    case "$arg" in
+        --hosts|--hosts=*) purpose=lab ;;
+    esac
+done
+"$here/setup.sh" --for "$purpose"
 exec "$root/.venv/bin/python" -m diversityd_lab.demo "$@"

@@ -6,13 +6,16 @@
 #   packaging/install-system-deps.sh            install what is missing (root, or sudo)
 #   packaging/install-system-deps.sh --check    list what is missing; exit 1 if anything is
 #   packaging/install-system-deps.sh --dry-run  show what apt-get would do (apt-get -s)
+#   ... --for demo|lab|test                     what for: the demo (default: test, all)
+#   ... --log FILE                              apt-get's output there, not on the terminal
 #   ... [PACKAGE...]                            also require these Debian packages
 set -euo pipefail
 
 # package|probe: the probe is a shell test that passes when what the project uses from the
 # package is already there (maybe from elsewhere, e.g. a pyenv python); only when it fails do
 # we ask dpkg. The python probes test the python3 on PATH, the one packaging/ scripts run.
-requirements=(
+# What the demo needs (build the servers, run a private user manager):
+demo_requirements=(
     "cmake|command -v cmake"                        # build-llama-server.sh, llama-cpp-python's build
     "ninja-build|command -v ninja"
     "gcc|command -v gcc"
@@ -27,23 +30,55 @@ requirements=(
     "systemd|command -v systemd-analyze && command -v journalctl && command -v systemctl && systemd_binaries"
     "dbus|command -v dbus-daemon"
     "dbus-user-session|test -e /usr/lib/systemd/user/dbus.socket"  # the user manager's session bus
-    "prometheus|command -v promtool && command -v prometheus"  # promtool (also enables a system Prometheus, :9090)
+)
+# The lab's (`demo.sh --hosts N`, and its tests):
+lab_requirements=(
     "iproute2|command -v ip"                        # the lab's network namespaces and veth links
     "redis-server|test -x /usr/bin/redis-server"    # the lab's Redis (it runs the binary itself)
     "redis-tools|command -v redis-cli"
 )
+# The test suite's alone (the observability tests):
+test_requirements=(
+    "prometheus|command -v promtool && command -v prometheus"  # promtool (also enables a system Prometheus, :9090)
+)
 
 mode=install
+purpose=test
+log=""
 extra=()
-for arg in "$@"; do
-    case "$arg" in
+while [[ $# -gt 0 ]]; do
+    case "$1" in
         --check) mode=check ;;
         --dry-run) mode=dry-run ;;
-        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
-        -*) echo "install-system-deps: unknown option $arg" >&2; exit 2 ;;
-        *) extra+=("$arg") ;;
+        --for) purpose="${2:-}"; shift ;;
+        --for=*) purpose="${1#--for=}" ;;
+        --log) log="${2:-}"; shift ;;
+        --log=*) log="${1#--log=}" ;;
+        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+        -*) echo "install-system-deps: unknown option $1" >&2; exit 2 ;;
+        *) extra+=("$1") ;;
     esac
+    shift
 done
+case "$purpose" in
+    demo) requirements=("${demo_requirements[@]}") ;;
+    lab) requirements=("${demo_requirements[@]}" "${lab_requirements[@]}") ;;
+    test) requirements=("${demo_requirements[@]}" "${lab_requirements[@]}" "${test_requirements[@]}") ;;
+    *) echo "install-system-deps: --for takes demo, lab or test, not '$purpose'" >&2; exit 2 ;;
+esac
+
+# apt-get's own output, to the log when one is given (the terminal gets a line or two)
+quietly() {
+    if [[ -z "$log" ]]; then
+        "$@"
+        return
+    fi
+    if ! "$@" >>"$log" 2>&1; then
+        echo "install-system-deps: '$*' failed; the end of $log:" >&2
+        tail -n 30 "$log" >&2
+        return 1
+    fi
+}
 
 python_report=""
 python_has() {
@@ -139,11 +174,11 @@ fi
 redis_was_missing=0
 [[ " ${missing[*]} " == *" redis-server "* ]] && redis_was_missing=1
 
-echo "install-system-deps: installing ${missing[*]}"
+echo "install-system-deps: installing ${missing[*]} (for the $purpose)${log:+; the output of apt-get in $log}"
 start=$(date +%s)
 # A fresh machine (or container) often has no package lists at all.
-"${apt[@]}" update
-"${apt[@]}" install --no-install-recommends "${missing[@]}"
+quietly "${apt[@]}" update
+quietly "${apt[@]}" install --no-install-recommends "${missing[@]}"
 
 if [[ "$redis_was_missing" -eq 1 ]]; then
     if [[ "$(cat /proc/1/comm 2>/dev/null)" == systemd ]]; then

@@ -6,7 +6,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 cd "$root"
-"$here/setup.sh"
+"$here/setup.sh" --for test
 # Every part was just installed, so a missing one is a failure, not a skip.
 export CI="${CI:-true}"
 exec "$root/.venv/bin/python" -m pytest "$@"
