@@ -114,6 +114,7 @@ class ProposalInputs:
     litellm_configs: Mapping[str, Any] = field(default_factory=dict)  # path -> parsed YAML
     served_models: frozenset[str] = frozenset()  # what diversityd's gateway would serve
     present_files: frozenset[str] = frozenset()  # expanded paths that exist
+    running_units: frozenset[str] = frozenset()  # hand-made units active now
 
 
 def expand_home(path: str, home: str) -> str:
@@ -158,8 +159,9 @@ def propose(
     secret_files: list[SecretFile] = []
     drop_ins: list[DropIn] = []
     notes: list[str] = []
-    claimed: set[str] = set()
-    for server in sorted(found, key=lambda s: (s.scope != "user", s.unit)):
+    claimed: dict[str, str] = {}  # provider (or "(gateway)") -> the unit adopted for it
+    # user units first, and of two on one port the one running now
+    for server in adoption_order(found, inputs.running_units):
         if server.kind == LITELLM:
             adoption, files = _adopt_gateway(server, document, existing, inputs, claimed)
             adoptions.append(adoption)
@@ -190,14 +192,29 @@ def propose(
     )
 
 
+def adoption_order(found: Sequence[FoundServer], running: frozenset[str]) -> list[FoundServer]:
+    """User units before system ones; of two on one port, the one running now first."""
+    return sorted(found, key=lambda s: (s.scope != "user", s.unit not in running, s.unit))
+
+
 def _adopt_server(
     server: FoundServer,
     providers: Sequence[ProviderAddress],
     existing_owned: Mapping[str, Any],
     inputs: ProposalInputs,
-    claimed: set[str],
+    claimed: dict[str, str],
 ) -> Adoption:
-    matches = [p for p in match_provider(server, providers) if p.name not in claimed]
+    matching = match_provider(server, providers)
+    matches = [p for p in matching if p.name not in claimed]
+    taken = [claimed[p.name] for p in matching if p.name in claimed]
+    if not matches and taken:
+        running = " (running)" if taken[0] in inputs.running_units else ""
+        return Adoption(
+            server,
+            SKIP,
+            reason=f"{taken[0]}{running} serves :{server.port} too and is the one adopted; "
+            "this one is left as it is (do not start it: it would compete for the port)",
+        )
     if not matches:
         return Adoption(
             server,
@@ -209,7 +226,7 @@ def _adopt_server(
             ),
         )
     provider = matches[0]
-    claimed.add(provider.name)
+    claimed[provider.name] = server.unit
     notes: list[str] = []
     current = existing_owned.get(provider.name)
     if server.scope == "system":
@@ -329,7 +346,7 @@ def _adopt_gateway(
     document: dict[str, Any],
     existing: Mapping[str, Any],
     inputs: ProposalInputs,
-    claimed: set[str],
+    claimed: dict[str, str],
 ) -> tuple[Adoption, list[SecretFile]]:
     existing_gateway = existing.get("gateway") or {}
     if "(gateway)" in claimed:
@@ -345,7 +362,7 @@ def _adopt_gateway(
             reason=f"a system service: diversityd's gateway needs :{server.port}; stop it "
             f"yourself (sudo systemctl disable --now {server.unit}) or set gateway.port",
         ), []
-    claimed.add("(gateway)")
+    claimed["(gateway)"] = server.unit
     gateway: dict[str, Any] = document.setdefault("gateway", {})
     notes: list[str] = list(server.notes)
     port = existing_gateway.get("port")
@@ -479,5 +496,50 @@ SETTINGS_HEADER = (
 
 def render_settings(document: Mapping[str, Any]) -> str:
     return SETTINGS_HEADER + yaml.safe_dump(
+        dict(document), sort_keys=False, default_flow_style=False, allow_unicode=True
+    )
+
+
+STARTING_HEADER = (
+    "# Proposed by `diversityctl install --dry-run` from the hand-made units it found (no\n"
+    "# configuration yet): check the model names, add your clouds, then install.\n"
+)
+
+
+@dataclass(frozen=True)
+class StartingFiles:
+    """providers.yaml and model-mappings.yaml to start from, for a machine with none."""
+
+    providers: str
+    mappings: str
+
+
+def starting_files(found: Sequence[FoundServer], running: frozenset[str]) -> StartingFiles:
+    """One provider per port a found server listens on (the running unit's, where two
+    share one), named after its unit, serving the name it answers to."""
+    providers: dict[str, Any] = {}
+    exact: dict[str, Any] = {}
+    ports: set[int] = set()
+    for server in adoption_order(found, running):
+        if server.kind == LITELLM or server.port in ports or not server.port:
+            continue
+        ports.add(server.port)
+        name = server.unit.removesuffix(".service").replace("-", "_").replace("@", "_")
+        model = server.alias or name
+        providers[name] = {
+            "type": SERVER_KIND_TYPE.get(server.kind, "llama_cpp"),
+            "base_url": f"http://127.0.0.1:{server.port}",
+            "status": "active",
+            "models": [model],
+        }
+        exact[model] = {"provider": name}
+    return StartingFiles(
+        providers=STARTING_HEADER + _yaml({"providers": providers}),
+        mappings=STARTING_HEADER + _yaml({"exact_matches": exact, "fallback_chains": {}}),
+    )
+
+
+def _yaml(document: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(
         dict(document), sort_keys=False, default_flow_style=False, allow_unicode=True
     )

@@ -1,15 +1,19 @@
 """Hand-made units -> the servers they run. Pure.
 
-`find_server` reads one unit file's text (and its drop-ins) the way systemd would (line
-continuations, specifiers, `$VAR` in ExecStart=, Environment= quoting, wrappers such as
-`env`, `nice` and `sh -c`) and says which server it runs: llama-server, the llama-cpp-python
+`find_server` says which server a hand-made unit runs: llama-server, the llama-cpp-python
 server, Ollama, vLLM or the LiteLLM proxy, on which port, with which model, context per slot,
-slots, GPU layers and environment. Values that look like keys or tokens are set apart
-(`FoundServer.secrets`): they never reach YAML, a unit file or a log line.
+slots, GPU layers and environment. Its command line is the one systemd itself parsed when
+the unit is loaded in the user manager (`LoadedUnit`: the D-Bus `ExecStartEx` and
+`Environment`), else the unit file's (and its drop-ins') read as systemd reads it: line
+continuations, ExecStart='s prefixes, quotes and C escapes (`execline.py`), specifiers,
+then `$VAR`, and wrappers such as `env`, `nice` and `sh -c`. Values that look like keys or
+tokens are set apart (`FoundServer.secrets`): they never reach YAML, a unit file or a log
+line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import posixpath
 import re
@@ -19,6 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diversityd.config import SERVER_KINDS
+from diversityd.execline import (
+    NO_ENV_EXPAND,
+    ExecCommand,
+    ExecLineError,
+    expand_specifiers,
+    parse_exec,
+    split_words,
+)
 from diversityd.secretpatterns import is_secret
 from diversityd.units import DAEMON_UNIT, UNIT_PREFIX, is_owned_text
 
@@ -57,11 +69,21 @@ class UnitText:
 
 @dataclass(frozen=True)
 class ServiceSection:
-    exec_start: tuple[str, ...] | None  # words, specifiers resolved, `$` not yet expanded
+    exec_start: tuple[ExecCommand, ...]  # specifiers resolved, `$` not yet expanded
     environment: Mapping[str, str] = field(repr=False)
     environment_files: tuple[str, ...]  # as written ("-" = optional)
     working_directory: str | None
     user: str | None
+    exec_problem: str | None = None  # why systemd would refuse its ExecStart=
+
+
+@dataclass(frozen=True)
+class LoadedUnit:
+    """A unit as the user manager has it loaded (its D-Bus properties): systemd's own
+    parse of every file and drop-in, which wins over ours."""
+
+    commands: tuple[ExecCommand, ...]  # ExecStartEx (ExecStart on an older systemd)
+    environment: tuple[str, ...] = field(default=(), repr=False)  # NAME=value, in order
 
 
 def unit_lines(text: str) -> Iterable[tuple[str, str, str]]:
@@ -91,35 +113,11 @@ def unit_lines(text: str) -> Iterable[tuple[str, str, str]]:
             yield section, key.strip(), value.strip()
 
 
-def expand_specifiers(word: str, specifiers: Mapping[str, str]) -> str:
-    """systemd's `%h`, `%u`, `%E`, ... (those given), `%%` -> `%`; unknown ones are kept."""
-    out = []
-    chars = iter(range(len(word)))
-    for index in chars:
-        char = word[index]
-        if char == "%" and index + 1 < len(word):
-            code = word[index + 1]
-            if code == "%":
-                out.append("%")
-            else:
-                out.append(specifiers.get(code, "%" + code))
-            next(chars, None)
-        else:
-            out.append(char)
-    return "".join(out)
-
-
-def split_words(value: str) -> list[str]:
-    try:
-        return shlex.split(value, comments=False, posix=True)
-    except ValueError:
-        return value.split()
-
-
 def parse_service(texts: Sequence[str], specifiers: Mapping[str, str]) -> ServiceSection:
     """The [Service] section of a unit and its drop-ins, in order (later ones win; an empty
     `ExecStart=` or `Environment=`... resets as systemd does)."""
-    exec_start: tuple[str, ...] | None = None
+    exec_start: list[ExecCommand] = []
+    exec_problem: str | None = None
     environment: dict[str, str] = {}
     environment_files: list[str] = []
     working_directory: str | None = None
@@ -130,17 +128,16 @@ def parse_service(texts: Sequence[str], specifiers: Mapping[str, str]) -> Servic
                 continue
             if key == "ExecStart":
                 if not value:
-                    exec_start = None
+                    exec_start, exec_problem = [], None
                     continue
-                words = [expand_specifiers(w, specifiers) for w in split_words(value)]
-                exec_start = tuple(words)
+                try:
+                    exec_start += parse_exec(value, specifiers)
+                except ExecLineError as exc:
+                    exec_problem = f"ExecStart={value}: {exc} (systemd refuses it)"
             elif key == "Environment":
                 if not value:
                     environment.clear()
-                for word in split_words(value):
-                    match = _ASSIGNMENT.match(expand_specifiers(word, specifiers))
-                    if match:
-                        environment[match.group(1)] = match.group(2)
+                environment.update(_assignments(_words(value), specifiers))
             elif key == "EnvironmentFile":
                 if not value:
                     environment_files.clear()
@@ -151,8 +148,32 @@ def parse_service(texts: Sequence[str], specifiers: Mapping[str, str]) -> Servic
             elif key == "User":
                 user = value or None
     return ServiceSection(
-        exec_start, environment, tuple(environment_files), working_directory, user
+        tuple(exec_start),
+        environment,
+        tuple(environment_files),
+        working_directory,
+        user,
+        exec_problem,
     )
+
+
+def _words(value: str) -> list[str]:
+    try:
+        return split_words(value)
+    except ExecLineError:
+        return []  # systemd ignores the line (unbalanced quotes)
+
+
+def _assignments(words: Iterable[str], specifiers: Mapping[str, str] | None) -> dict[str, str]:
+    """NAME=value words (specifiers resolved first, unless None: systemd's own values)."""
+    values = {}
+    for word in words:
+        match = _ASSIGNMENT.match(
+            word if specifiers is None else expand_specifiers(word, specifiers)
+        )
+        if match:
+            values[match.group(1)] = match.group(2)
+    return values
 
 
 def parse_environment_file(text: str) -> dict[str, str]:
@@ -221,6 +242,7 @@ class FoundServer:
     working_directory: str | None = None
     problems: tuple[str, ...] = ()  # why it cannot be owned as it is
     notes: tuple[str, ...] = ()
+    read_by_systemd: bool = False  # its command line as the user manager parsed it
 
     @property
     def total_ctx(self) -> int | None:
@@ -430,27 +452,41 @@ def find_server(
     unit: UnitText,
     specifiers: Mapping[str, str],
     file_environment: Mapping[str, Mapping[str, str]] | None = None,
+    loaded: LoadedUnit | None = None,
 ) -> FoundServer | None:
     """The server a unit runs, or None. `file_environment`: the parsed contents of the
-    unit's EnvironmentFile=s (by path as written, "-" stripped), read by the caller."""
+    unit's EnvironmentFile=s (by path as written, "-" stripped), read by the caller;
+    `loaded`: what the user manager says of the unit, when it has it loaded."""
     service = parse_service([unit.text, *(text for _, text in unit.drop_ins)], specifiers)
-    if service.exec_start is None:
+    if loaded is not None and loaded.commands:
+        service = dataclasses.replace(
+            service,
+            exec_start=loaded.commands,
+            environment=_assignments(loaded.environment, None),
+            exec_problem=None,
+        )
+    command = next(
+        (
+            command
+            for command in service.exec_start
+            if identify(_unwrap([command.path, *command.arguments], {})) is not None
+        ),
+        service.exec_start[0] if service.exec_start else None,
+    )
+    if command is None:
         return None
-    words = list(service.exec_start)
-    first = words[0].lstrip("-:+!")
-    if first.startswith("@"):  # `@/bin/x argv0 args`: the second word is only argv[0]
-        words = [first[1:], *words[2:]]
-    else:
-        words[0] = first
+    words = [command.path, *command.arguments]
     environment = dict(service.environment)
     for path in service.environment_files:
         environment.update((file_environment or {}).get(path.lstrip("-"), {}))
+    if NO_ENV_EXPAND not in command.flags:  # `:` asks systemd not to expand `$`
+        words = expand_variables(words, environment)
     wrapper_environment: dict[str, str] = {}  # `env A=1 cmd`: what the unit says, too
-    argv = _unwrap(expand_variables(words, environment), wrapper_environment)
-    found = identify(argv)
-    if found is None:
+    argv = _unwrap(words, wrapper_environment)
+    identified = identify(argv)
+    if identified is None:
         return None
-    kind, executable, args = found
+    kind, executable, args = identified
     builder = _Builder(unit, kind, executable, {**environment, **wrapper_environment}, service)
     builder.environment.update(wrapper_environment)
     if kind == "llama-server":
@@ -463,7 +499,10 @@ def find_server(
         builder.vllm(args)
     else:
         builder.litellm(args)
-    return builder.build()
+    server = builder.build()
+    if loaded is not None and loaded.commands:
+        server = dataclasses.replace(server, read_by_systemd=True)
+    return server
 
 
 class _Builder:

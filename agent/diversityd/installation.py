@@ -23,6 +23,11 @@ MANIFEST_VERSION = 1
 INSTALL_DIR = "install"  # under the state directory
 MANIFEST_FILE = "manifest.json"
 BACKUP_DIR = "backup"
+# In the default state directory's install folder: where the manifest is when the
+# configuration puts the state elsewhere (uninstall finds it when diversityd.yaml no
+# longer reads).
+POINTER_FILE = "manifest-location"
+SERVER, TRIGGER = "server", "trigger"  # an adopted unit, or a unit that would start it
 
 
 class ManifestError(DiversitydError):
@@ -60,6 +65,10 @@ class AdoptedUnit:
     ports: tuple[int, ...] = ()
     replaced_by: str | None = None  # diversityd's unit serving its port
     mode: int = 0o644  # the unit file's
+    role: str = SERVER  # or TRIGGER: a socket, timer or path unit that would start one
+    link_target: str | None = None  # the unit file was a symlink to this
+    moved: bool = False  # install took the file out of the unit folder (for the mask)
+    masked: bool = False  # install masked it: nothing starts it (Wants=, a socket, a timer)
 
     @property
     def was_enabled(self) -> bool:

@@ -233,7 +233,8 @@ def test_adopt_hand_made_units_and_give_them_back(
     # Adopted: diversityd's units serve on the same ports; the old ones are stopped.
     ctl(manager, "install", "--adopt", "--now", "--config-dir", str(config_dir), timeout=600)
     for name in HAND_MADE:
-        assert unit_state(manager, name) == ("disabled", "inactive")
+        # masked: no other unit's Wants=, no socket or timer starts it again (issue 20)
+        assert unit_state(manager, name) == ("masked", "inactive")
     assert holders(ports[LLAMA_NATIVE]) >= {"diversityd-llama_cpp_native.service"}
     assert holders(ports[LLAMA_PYTHON]) >= {"diversityd-llama_cpp_python.service"}
     wait_serving(ports, 180)  # the gateway: the same key, the models of providers.yaml
@@ -280,7 +281,7 @@ def test_adopt_hand_made_units_and_give_them_back(
     adopted = tree(manager.unit_dir, config_dir, install_dir)
     dry = ctl(manager, "uninstall", "--dry-run", "--config-dir", str(config_dir))
     for name in HAND_MADE:
-        assert f"{name}: file unchanged; enabled, active again" in dry
+        assert f"{name}: gone; put back from the backup, unmasked; enabled, active again" in dry
     assert tree(manager.unit_dir, config_dir, install_dir) == adopted
     ctl(manager, "uninstall", "--config-dir", str(config_dir), timeout=600)
     for name in HAND_MADE:

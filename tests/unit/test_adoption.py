@@ -569,3 +569,88 @@ def test_the_gateway_host_proposed_is_an_address_the_socket_takes(
     servers = [found("litellm.service", unit)]
     proposal = propose(servers, PROVIDERS, inputs())
     assert proposal.settings["gateway"].get("host") == proposed
+
+
+# -- issue 20, point 6: as systemd reads units --------------------------------------------
+
+
+def test_prefixes_and_escapes_as_systemd_reads_them() -> None:
+    """`@-/usr/bin/llama-server` kept a `-` in the program, `my\\x20model.gguf` became
+    `myx20model.gguf` (shlex's escapes, not systemd's)."""
+    server = found(
+        "x.service",
+        "[Service]\n"
+        "ExecStart=@-/usr/bin/llama-server llama-server -m /m/my\\x20model.gguf --port 9010\n",
+    )
+    assert server.executable == "/usr/bin/llama-server"
+    assert server.model_path == "/m/my model.gguf"
+    assert server.port == 9010
+    quoted = found(
+        "y.service",
+        '[Service]\nEnvironment="MODEL=/m/a b.gguf" PORT=9011\n'
+        'ExecStart=:+"/opt/llama cpp/llama-server" -m ${MODEL} --port $PORT\n',
+    )
+    # `:` says: no $ expansion (systemd passes `${MODEL}` on as it is)
+    assert quoted.executable == "/opt/llama cpp/llama-server"
+    assert quoted.model_path == "${MODEL}"
+    assert quoted.problems  # `$PORT` is no port
+
+
+def test_the_manager_parse_wins_over_the_file() -> None:
+    """Where the user manager has the unit loaded, its own ExecStartEx and Environment (all
+    drop-ins merged, every escape systemd knows) are what is read."""
+    from diversityd.execline import ExecCommand
+    from diversityd.foreignunits import LoadedUnit
+
+    unit = UnitText("x.service", "/u/x.service", "[Service]\nExecStart=/opt/llama-server -m a\n")
+    loaded = LoadedUnit(
+        commands=(
+            ExecCommand("/opt/bin/llama-server", ("llama", "--port", "9012", "-m", "/m/b.gguf")),
+        ),
+        environment=("LLAMA_ARG_CTX_SIZE=2048",),
+    )
+    server = find_server(unit, SPECIFIERS, None, loaded)
+    assert server is not None
+    assert (server.executable, server.port, server.model_path) == (
+        "/opt/bin/llama-server",
+        9012,
+        "/m/b.gguf",
+    )
+    assert server.total_ctx == 2048
+    assert server.read_by_systemd
+
+
+def test_of_two_units_on_one_port_the_running_one_is_adopted() -> None:
+    old = found("a-old-llama.service", "[Service]\nExecStart=/opt/llama-server --port 8080 -m /m\n")
+    new = found("z-llama.service", "[Service]\nExecStart=/opt/llama-server --port 8080 -m /n\n")
+    proposal = propose([old, new], PROVIDERS, inputs(running_units=frozenset({"z-llama.service"})))
+    by_unit = {a.found.unit: a for a in proposal.adoptions}
+    assert by_unit["z-llama.service"].action == "own"
+    assert by_unit["a-old-llama.service"].action == "skip"
+    assert "z-llama.service (running) serves :8080 too" in (
+        by_unit["a-old-llama.service"].reason or ""
+    )
+    assert [a.found.unit for a in proposal.taking_over] == ["z-llama.service"]
+
+
+def test_starting_files_from_the_units_found() -> None:
+    """Point 7: with no providers.yaml yet, what install found is where to start from: a
+    provider per port, the running unit's where two share one; they validate."""
+    from diversityd.adoption import starting_files
+
+    servers = [
+        found("llama-cpp-native.service", NATIVE),
+        found("llamacpp-python.service", PYTHON),
+        found("old.service", "[Service]\nExecStart=/opt/llama-server --port 8080 -m /x\n"),
+    ]
+    files = starting_files(servers, frozenset({"llama-cpp-native.service"}))
+    providers = yaml.safe_load(files.providers)["providers"]
+    assert set(providers) == {"llama_cpp_native", "llamacpp_python"}
+    assert providers["llama_cpp_native"]["base_url"] == "http://127.0.0.1:8080"
+    config, findings = parse_config(
+        {"providers.yaml": files.providers, "model-mappings.yaml": files.mappings},
+        config_dir=CONFIG_DIR,
+        hostname="box",
+    )
+    report = validate(config, findings, {})
+    assert report.ok, [f.format() for f in report.findings]

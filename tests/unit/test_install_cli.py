@@ -110,7 +110,7 @@ def test_dry_run_names_every_unit_and_writes_nothing(
     )
     assert "the unit says --n-gpu-layers 40; --keep-gpu-layers copies it" in out
     assert "litellm.service -> diversityd's gateway (diversityd-gateway.socket) on :4000" in out
-    assert "--adopt would back up, stop and disable: litellm.service" in out
+    assert "--adopt would back up, stop, disable and mask: litellm.service" in out
     assert "variables HF_TOKEN" in out
     assert "unit states unknown" in out
     assert "Proposed diversityd.yaml (written with --adopt):" in out
@@ -149,6 +149,51 @@ def test_uninstall_dry_run_without_a_manifest(seeds_home: tuple[dict[str, str], 
     result = ctl(env, "uninstall", "--dry-run", "--config-dir", str(config_dir))
     assert result.returncode == 0, result.stderr
     assert "No manifest at" in result.stdout
+
+
+def test_dry_run_with_no_configuration_yet_proposes_the_files_to_start_from(
+    seeds_home: tuple[dict[str, str], Path], tmp_path: Path
+) -> None:
+    """Issue 20, point 7: with hand-made units and no providers.yaml, the dry run exited 2
+    ("cannot be read; nothing installed") and said nothing of what it found."""
+    env, config_dir = seeds_home
+    for name in ("providers.yaml", "model-mappings.yaml"):
+        (config_dir / name).unlink()
+    before = snapshot(tmp_path)
+    result = ctl(env, "install", "--dry-run", "--config-dir", str(config_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "llama-cpp-native.service (user unit, state unknown)" in out
+    assert "No configuration in" in out
+    assert "Proposed providers.yaml:" in out
+    assert "base_url: http://127.0.0.1:8080" in out
+    assert "Proposed model-mappings.yaml:" in out
+    assert "llama-cpp-native.service -> providers.llama_cpp_native" in out
+    for secret in SECRETS:
+        assert secret not in out + result.stderr
+    assert snapshot(tmp_path) == before
+    # a real install without the files refuses, and says where to start
+    refused = ctl(env, "install", "--config-dir", str(config_dir))
+    assert refused.returncode == 2
+    assert "install --dry-run` proposes both" in refused.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_uninstall_never_reports_a_success_that_put_nothing_back(
+    seeds_home: tuple[dict[str, str], Path], tmp_path: Path
+) -> None:
+    """Issue 20, point 6: with diversityd.yaml unreadable uninstall looked in the default
+    state directory only, found no manifest, and said "uninstalled" having restored
+    nothing."""
+    env, config_dir = seeds_home
+    (config_dir / "diversityd.yaml").write_text("state_dir: [unclosed\n")
+    before = snapshot(tmp_path)
+    result = ctl(env, "uninstall", "--config-dir", str(config_dir))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "uninstalled" not in result.stdout
+    assert "nothing was stopped, removed or put back" in result.stderr
+    assert "--state-dir" in result.stderr
+    assert snapshot(tmp_path) == before
 
 
 # -- env --------------------------------------------------------------------------------

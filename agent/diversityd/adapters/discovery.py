@@ -22,6 +22,7 @@ from diversityd import parts
 from diversityd.foreignunits import (
     LITELLM,
     FoundServer,
+    LoadedUnit,
     UnitText,
     find_server,
     is_own_unit,
@@ -159,16 +160,27 @@ def environment_files_of(
     return contents
 
 
-def find_servers(environ: Mapping[str, str]) -> list[FoundServer]:
-    """Every hand-made user and system unit serving one of the known servers."""
-    values = specifiers(environ)
-    units = read_units(user_unit_dirs(environ), "user") + read_units(
+def hand_made_units(environ: Mapping[str, str]) -> list[UnitText]:
+    """Every hand-made user and system unit that mentions an LLM server."""
+    return read_units(user_unit_dirs(environ), "user") + read_units(
         system_unit_dirs(environ), "system"
     )
+
+
+def find_servers(
+    environ: Mapping[str, str],
+    units: Sequence[UnitText] | None = None,
+    loaded: Mapping[str, LoadedUnit] | None = None,
+) -> list[FoundServer]:
+    """Every hand-made user and system unit serving one of the known servers; a user unit
+    the manager has loaded (`loaded`) as systemd parsed it."""
+    values = specifiers(environ)
+    units = list(units) if units is not None else hand_made_units(environ)
     files = environment_files_of(units, values)
     found = []
     for unit in units:
-        server = find_server(unit, values, files)
+        systemds = (loaded or {}).get(unit.name) if unit.scope == "user" else None
+        server = find_server(unit, values, files, systemds)
         if server is not None:
             found.append(server)
     return found
@@ -340,8 +352,15 @@ class Machine:
     models: Mapping[str, tuple[str | None, str | None]] = field(default_factory=dict)
 
 
-def look(environ: Mapping[str, str], ports: Iterable[int], models: Iterable[str]) -> Machine:
-    found = tuple(find_servers(environ))
+def look(
+    environ: Mapping[str, str],
+    ports: Iterable[int],
+    models: Iterable[str],
+    *,
+    units: Sequence[UnitText] | None = None,
+    loaded: Mapping[str, LoadedUnit] | None = None,
+) -> Machine:
+    found = tuple(find_servers(environ, units, loaded))
     search_path = environ.get("PATH")
     binaries = which_all(BINARIES, search_path)
     litellm: dict[str, LiteLLMInstall] = {}

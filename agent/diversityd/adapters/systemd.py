@@ -19,6 +19,8 @@ from dbus_fast.aio import MessageBus
 
 from diversityd.adapters.busclient import session_bus_address
 from diversityd.errors import DiversitydError
+from diversityd.execline import IGNORE_FAILURE, ExecCommand
+from diversityd.foreignunits import LoadedUnit
 from diversityd.state import UnitSnapshot
 
 SYSTEMD = "org.freedesktop.systemd1"
@@ -75,6 +77,21 @@ class JobSignal:
 
 
 JobCallback = Callable[[JobSignal], None]
+
+
+@dataclass(frozen=True)
+class ManagedUnit:
+    """A unit as the manager has it: its states, its file, what triggers it (a socket, a
+    timer, a path unit) and, for a loaded service, its command lines as systemd parsed
+    them (`loaded`)."""
+
+    name: str
+    load_state: str
+    active_state: str
+    unit_file_state: str
+    fragment_path: str
+    triggered_by: tuple[str, ...] = ()
+    loaded: LoadedUnit | None = None
 
 
 class Systemd:
@@ -301,6 +318,49 @@ class Systemd:
         (files,) = await self._call_manager("ListUnitFilesByPatterns", "asas", [[], patterns])
         return [(str(path), str(state)) for path, state in files]
 
+    async def managed_unit(self, name: str) -> ManagedUnit:
+        """Load the unit (as `systemctl show` does) and read what install needs of it."""
+        path = (await self._call_manager("LoadUnit", "s", [name]))[0]
+        unit = await self._get_all(path, UNIT_IFACE)
+        load_state = str(unit.get("LoadState", ""))
+        loaded = None
+        if load_state == "loaded" and name.endswith(".service"):
+            service = await self._get_all(path, SERVICE_IFACE)
+            loaded = LoadedUnit(
+                commands=_exec_commands(service),
+                environment=tuple(str(e) for e in service.get("Environment") or ()),
+            )
+        return ManagedUnit(
+            name=name,
+            load_state=load_state,
+            active_state=str(unit.get("ActiveState", "")),
+            unit_file_state=await self.unit_file_state(name),
+            fragment_path=str(unit.get("FragmentPath", "")),
+            triggered_by=tuple(str(t) for t in unit.get("TriggeredBy") or ()),
+            loaded=loaded,
+        )
+
+    async def _get_all(self, path: str, interface: str) -> dict[str, Any]:
+        reply = await self._call(
+            Message(
+                destination=SYSTEMD,
+                path=path,
+                interface=PROPERTIES,
+                member="GetAll",
+                signature="s",
+                body=[interface],
+            )
+        )
+        return {key: unpack(value) for key, value in reply.body[0].items()}
+
+    async def mask(self, names: list[str]) -> None:
+        """`systemctl --user mask`: a link to /dev/null in the user's unit folder, which
+        no Wants=, socket or timer can start (fails where a file of that name is there)."""
+        await self._call_manager("MaskUnitFiles", "asbb", [names, False, False])
+
+    async def unmask(self, names: list[str]) -> None:
+        await self._call_manager("UnmaskUnitFiles", "asb", [names, False])
+
     async def reload_manager(self) -> None:
         """daemon-reload: systemd re-reads every unit file."""
         await self._call_manager("Reload", "", [])
@@ -328,6 +388,20 @@ class Systemd:
         except SystemdError:
             return None  # gone meanwhile, or no unit: the caller reports the pid
         return str(unpack(reply.body[0]))
+
+
+def _exec_commands(service: dict[str, Any]) -> tuple[ExecCommand, ...]:
+    """ExecStartEx (path, argv, the prefixes' flags), or ExecStart (path, argv, `-`) where
+    the manager is older than systemd 243."""
+    if "ExecStartEx" in service:
+        return tuple(
+            ExecCommand(str(path), tuple(map(str, argv)), frozenset(map(str, flags)))
+            for path, argv, flags, *_ in service["ExecStartEx"]
+        )
+    return tuple(
+        ExecCommand(str(path), tuple(map(str, argv)), frozenset({IGNORE_FAILURE} if ignore else ()))
+        for path, argv, ignore, *_ in service.get("ExecStart") or ()
+    )
 
 
 def unpack(value: Any) -> Any:

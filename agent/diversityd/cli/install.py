@@ -14,8 +14,7 @@ import asyncio
 import os
 import stat
 import sys
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,146 +22,30 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from diversityd.cli.common import config_dir_option, print_findings, resolve_config_dir
+from diversityd.cli.handmade import (
+    ANY,
+    enabling_links,
+    expand,
+    file_sha,
+    install_dir,
+    manifest_path,
+    read_managed,
+    read_manifest,
+    take_over,
+    wait_for_ports,
+    write_manifest,
+)
 from diversityd.errors import DiversitydError, Severity, UsageError
 
 if TYPE_CHECKING:
     from diversityd.adapters.discovery import Machine
-    from diversityd.adapters.systemd import Systemd
-    from diversityd.adoption import Adoption, Proposal
+    from diversityd.adapters.systemd import ManagedUnit
+    from diversityd.adoption import Adoption, Proposal, StartingFiles
     from diversityd.installation import AdoptedUnit, Manifest
     from diversityd.validation import Report
 
 PORT_WAIT_S = 30.0  # for an old unit's port to be free once it stopped
-
-
-# ---------------------------------------------------------------------------------------
-# Shared with uninstall
-
-
-def expand(path: str) -> Path:
-    return Path(os.path.expanduser(path))
-
-
-def install_dir(state_dir: Path) -> Path:
-    from diversityd.installation import INSTALL_DIR
-
-    return state_dir / INSTALL_DIR
-
-
-def manifest_path(state_dir: Path) -> Path:
-    from diversityd.installation import MANIFEST_FILE
-
-    return install_dir(state_dir) / MANIFEST_FILE
-
-
-def read_manifest(state_dir: Path) -> Manifest | None:
-    from diversityd.installation import Manifest
-
-    path = manifest_path(state_dir)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise DiversitydError(f"cannot read {path}: {exc.strerror}") from None
-    return Manifest.from_json(text, str(path))
-
-
-def write_manifest(state_dir: Path, manifest: Manifest) -> None:
-    from diversityd.adapters.files import write_atomic
-
-    install_dir(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_atomic(manifest_path(state_dir), manifest.to_json(), mode=0o600)
-
-
-def file_sha(path: Path) -> str | None:
-    from diversityd.installation import sha256_bytes
-
-    try:
-        return sha256_bytes(path.read_bytes())
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return None
-
-
-def symlinks_to(unit_dir: Path, unit: str) -> list[tuple[str, str]]:
-    """The symlinks that enable `unit` in the user's unit dir (`*.wants/`, ...)."""
-    links = []
-    for folder in (
-        sorted(unit_dir.glob("*.wants"))
-        + sorted(unit_dir.glob("*.requires"))
-        + sorted(unit_dir.glob("*.upholds"))
-    ):
-        link = folder / unit
-        if link.is_symlink():
-            links.append((str(link), os.readlink(link)))
-    return links
-
-
-def enabling_links(unit_dir: Path, unit_file: Path, unit: str) -> list[tuple[str, str]]:
-    """Where `systemctl --user enable` put links (the user's config dir), and beside the
-    unit file and diversityd's unit dir, when those differ."""
-    from diversityd import parts
-
-    links: list[tuple[str, str]] = []
-    for folder in dict.fromkeys([parts.default_unit_dir(), unit_file.parent, unit_dir]):
-        links += [link for link in symlinks_to(folder, unit) if link not in links]
-    return links
-
-
-async def unit_states(systemd: Systemd, names: Iterable[str]) -> dict[str, tuple[str, str]]:
-    """name -> (unit file state, active state)."""
-    states = {}
-    for name in names:
-        file_state = await systemd.unit_file_state(name)
-        snapshot = await systemd.snapshot(name)
-        states[name] = (file_state, snapshot.active_state)
-    return states
-
-
-def read_unit_states(names: Sequence[str]) -> tuple[dict[str, tuple[str, str]], str | None]:
-    """(states, why they could not be read)."""
-    from diversityd.adapters.systemd import Systemd, SystemdError
-
-    async def read() -> dict[str, tuple[str, str]]:
-        systemd = await Systemd.connect()
-        try:
-            return await unit_states(systemd, names)
-        finally:
-            systemd.disconnect()
-
-    if not names:
-        return {}, None
-    try:
-        return asyncio.run(read()), None
-    except SystemdError as exc:
-        return {}, str(exc)
-
-
-ANY = "*"  # a port held by anyone (a socket systemd itself holds)
-
-
-def wait_for_ports(want: Mapping[int, str | None], timeout_s: float) -> list[int]:
-    """Wait until each port is held by a process of the unit `want[port]` (ANY: by anyone;
-    None: by no one). Returns the ports that never got there."""
-    from diversityd.adapters.discovery import listening_holders
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        holders = listening_holders(want)
-        pending = []
-        for port, wanted in want.items():
-            units = [h.unit for h in holders.get(port, [])]
-            if wanted is None:
-                ok = port not in holders
-            elif wanted == ANY:
-                ok = port in holders
-            else:
-                ok = wanted in units
-            if not ok:
-                pending.append(port)
-        if not pending or time.monotonic() > deadline:
-            return pending
-        time.sleep(0.25)
+RUNNING_STATES = ("active", "activating", "reloading")
 
 
 # ---------------------------------------------------------------------------------------
@@ -201,6 +84,8 @@ class InstallPlan:
     adopt_files: list[PlannedFile]  # what --adopt writes (shown by a dry run without it)
     adopt: bool
     now: bool
+    managed: dict[str, ManagedUnit] = field(default_factory=dict)  # as the manager has them
+    starting: StartingFiles | None = None  # no configuration yet: the files proposed
 
     @property
     def taking_over(self) -> list[Adoption]:
@@ -282,10 +167,21 @@ def make_plan(
     from diversityd import parts
     from diversityd.adapters import discovery
     from diversityd.adapters.unitfiles import daemon_unit as render_own_unit
-    from diversityd.adoption import ProposalInputs, propose, render_settings
-    from diversityd.config import SETTINGS_FILE, read_config_texts
+    from diversityd.adoption import ProposalInputs, propose, render_settings, starting_files
+    from diversityd.config import MAPPINGS_FILE, PROVIDERS_FILE, SETTINGS_FILE, read_config_texts
 
     texts = read_config_texts(directory)
+    # The hand-made units, and what the user manager says of them: their states, what
+    # triggers them, and their command lines as systemd itself parsed them.
+    units = discovery.hand_made_units(os.environ)
+    managed, problem = read_managed([u.name for u in units if u.scope == "user"])
+    loaded = {name: unit.loaded for name, unit in managed.items() if unit.loaded}
+    running = frozenset(n for n, u in managed.items() if u.active_state in RUNNING_STATES)
+    starting = None
+    if texts.get(PROVIDERS_FILE) is None and texts.get(MAPPINGS_FILE) is None:
+        # No configuration yet: start from what the machine runs.
+        starting = starting_files(discovery.find_servers(os.environ, units, loaded), running)
+        texts = {**texts, PROVIDERS_FILE: starting.providers, MAPPINGS_FILE: starting.mappings}
     current = _validate(texts, directory)
     if current.config is None:
         print_findings(current.of(Severity.ERROR))
@@ -300,6 +196,8 @@ def make_plan(
         os.environ,
         ports,
         [m for m in owned_models if m.startswith(("/", "~"))],
+        units=units,
+        loaded=loaded,
     )
     home = str(Path.home())
     key_candidates = [directory / "master.key"]
@@ -321,6 +219,7 @@ def make_plan(
             litellm_configs=_litellm_configs(machine.found),
             served_models=_served(current),
             present_files=frozenset(str(p) for p in key_candidates if p.exists()),
+            running_units=running,
         ),
     )
     report = current
@@ -357,8 +256,7 @@ def make_plan(
     files.append(
         PlannedFile(unit_dir / daemon_unit.name, daemon_unit.text.encode(), 0o644, "the daemon")
     )
-    user_units = [s.unit for s in machine.found if s.scope == "user"]
-    states, problem = read_unit_states(user_units)
+    states = {name: (u.unit_file_state, u.active_state) for name, u in managed.items()}
     return InstallPlan(
         directory=directory,
         unit_dir=unit_dir,
@@ -373,6 +271,8 @@ def make_plan(
         adopt_files=adopt_files,
         adopt=adopt,
         now=now or adopt,
+        managed=managed,
+        starting=starting,
     )
 
 
@@ -399,7 +299,11 @@ def describe_machine(plan: InstallPlan) -> list[str]:
         if server.scope == "user":
             where += f", {_state_text(plan, server.unit)}"
         lines.append(f"  {server.unit} ({where}): {server.describe()}")
-        lines.append(f"      {server.path}")
+        read = "as the user manager parsed it" if server.read_by_systemd else "as systemd reads it"
+        lines.append(f"      {server.path}: runs {server.executable} ({read})")
+        triggers = plan.managed[server.unit].triggered_by if server.unit in plan.managed else ()
+        if triggers:
+            lines.append(f"      started by {', '.join(triggers)} too")
     if plan.states_problem:
         lines.append(f"  (unit states unknown: {plan.states_problem})")
     for name, path in machine.binaries.items():
@@ -531,7 +435,7 @@ def describe_adoption(plan: InstallPlan) -> list[str]:
         lines += ["  " + line for line in describe_files(plan, plan.adopt_files)]
     if not plan.adopt and plan.taking_over:
         lines.append(
-            "  --adopt would back up, stop and disable: "
+            "  --adopt would back up, stop, disable and mask: "
             + ", ".join(a.found.unit for a in plan.taking_over)
         )
     return lines
@@ -561,7 +465,7 @@ def describe_actions(plan: InstallPlan) -> list[str]:
     taking = plan.taking_over
     if plan.adopt and taking:
         lines.append(
-            f"Back up to {install_dir(plan.state_dir) / BACKUP_DIR}, stop and disable: "
+            f"Back up to {install_dir(plan.state_dir) / BACKUP_DIR}, stop, disable and mask: "
             + ", ".join(a.found.unit for a in taking)
         )
     lines.append(
@@ -578,6 +482,17 @@ def print_dry_run(plan: InstallPlan) -> None:
     for block in (describe_machine(plan), describe_adoption(plan), describe_actions(plan)):
         if block:
             click.echo("\n".join(block) + "\n")
+    if plan.starting is not None:
+        from diversityd.config import MAPPINGS_FILE, PROVIDERS_FILE
+
+        click.echo(
+            f"No configuration in {plan.directory} yet: write these two files there to start "
+            "from (what the proposal above assumes), then run install again.\n"
+        )
+        click.echo(f"Proposed {PROVIDERS_FILE}:")
+        click.echo(plan.starting.providers)
+        click.echo(f"Proposed {MAPPINGS_FILE}:")
+        click.echo(plan.starting.mappings)
     if plan.proposal.changed:
         click.echo(
             "Proposed diversityd.yaml" + ("" if plan.adopt else " (written with --adopt)") + ":"
@@ -601,29 +516,76 @@ def _backup(state_dir: Path, path: Path, data: bytes, mode: int) -> str:
 
 
 def record_adopted(plan: InstallPlan, adoptions: Sequence[Adoption]) -> list[AdoptedUnit]:
-    from diversityd.installation import AdoptedUnit, sha256_bytes
+    """What uninstall needs to give each unit back: its file's bytes (a backup), a symlink's
+    target, its states and enabling links, and the units that would start it (a socket,
+    a timer: stopped and disabled with it, given back with it)."""
+    from diversityd import parts
+    from diversityd.installation import SERVER, TRIGGER
 
-    records = []
+    records: list[AdoptedUnit] = []
     for adoption in adoptions:
         found = adoption.found
         path = Path(found.path)
-        data = path.read_bytes()
-        state = plan.states.get(found.unit, ("", ""))
+        # A file in the user's own unit folder leaves it, or the mask could not be made
+        # (a mask elsewhere would not shadow it); one in a folder below is shadowed.
+        moved = path.parent == parts.default_unit_dir()
         records.append(
-            AdoptedUnit(
-                unit=found.unit,
-                path=str(path),
-                sha256=sha256_bytes(data),
-                backup=_backup(plan.state_dir, path, data, 0o600),
-                unit_file_state=state[0],
-                active_state=state[1],
-                links=tuple(enabling_links(plan.unit_dir, path, found.unit)),
-                ports=(found.port,),
+            _record(
+                plan,
+                found.unit,
+                path,
+                role=SERVER,
+                port=found.port,
                 replaced_by=adoption.new_unit,
-                mode=path.stat().st_mode & 0o7777,
+                moved=moved,
             )
         )
+        managed = plan.managed.get(found.unit)
+        for trigger in managed.triggered_by if managed is not None else ():
+            trigger_unit = plan.managed.get(trigger)
+            if trigger_unit is None or not trigger_unit.fragment_path:
+                continue
+            if any(r.unit == trigger for r in records):
+                continue  # it starts two adopted units
+            fragment = Path(trigger_unit.fragment_path)
+            records.append(
+                _record(
+                    plan, trigger, fragment, role=TRIGGER, port=None, replaced_by=None, moved=False
+                )
+            )
     return records
+
+
+def _record(
+    plan: InstallPlan,
+    unit: str,
+    path: Path,
+    *,
+    role: str,
+    port: int | None,
+    replaced_by: str | None,
+    moved: bool,
+) -> AdoptedUnit:
+    from diversityd.installation import SERVER, AdoptedUnit, sha256_bytes
+
+    data = path.read_bytes()
+    state = plan.states.get(unit, ("", ""))
+    return AdoptedUnit(
+        unit=unit,
+        path=str(path),
+        sha256=sha256_bytes(data),
+        backup=_backup(plan.state_dir, path, data, 0o600),
+        unit_file_state=state[0],
+        active_state=state[1],
+        links=tuple(enabling_links(plan.unit_dir, path, unit)),
+        ports=(port,) if port else (),
+        replaced_by=replaced_by,
+        mode=path.stat().st_mode & 0o7777,
+        role=role,
+        link_target=os.readlink(path) if path.is_symlink() else None,
+        moved=moved,
+        masked=role == SERVER,
+    )
 
 
 def write_files(plan: InstallPlan, manifest: Manifest) -> Manifest:
@@ -658,22 +620,18 @@ def write_files(plan: InstallPlan, manifest: Manifest) -> Manifest:
     return manifest
 
 
-async def apply_systemd(plan: InstallPlan, taking: Sequence[Adoption], daemon_changed: bool) -> str:
+async def apply_systemd(
+    plan: InstallPlan,
+    taking: Sequence[Adoption],
+    records: Sequence[AdoptedUnit],
+    daemon_changed: bool,
+) -> str:
     from diversityd.adapters.systemd import Systemd
     from diversityd.units import DAEMON_UNIT
 
     systemd = await Systemd.connect()
     try:
-        for adoption in taking:
-            unit = adoption.found.unit
-            result = await systemd.stop(unit, timeout_s=120)
-            if result != "done":
-                raise DiversitydError(
-                    f"{unit} did not stop ({result}); nothing else was changed in systemd",
-                    hint=f"journalctl --user -u {unit}; then diversityctl uninstall puts "
-                    "everything back",
-                )
-            await systemd.disable([unit])
+        await take_over(systemd, records)
         await systemd.reload_manager()
         await systemd.enable([DAEMON_UNIT])
         active = (await systemd.snapshot(DAEMON_UNIT)).active_state == "active"
@@ -788,6 +746,12 @@ def install(  # noqa: PLR0917 - click passes every option as an argument
                 + " is invalid: install would refuse"
             )
         return
+    if plan.starting is not None:
+        raise UsageError(
+            f"no configuration in {directory} yet (providers.yaml, model-mappings.yaml); "
+            "nothing installed",
+            hint="`diversityctl install --dry-run` proposes both from the units it finds",
+        )
     if not plan.report.ok:
         print_findings(plan.report.of(Severity.ERROR))
         proposed = adopt and plan.proposal.changed
@@ -808,8 +772,8 @@ def install(  # noqa: PLR0917 - click passes every option as an argument
     if not adopt:
         _warn_conflicts(plan)
     manifest = plan.manifest or Manifest(config_dir=str(directory), unit_dir=str(plan.unit_dir))
-    if taking:
-        manifest = manifest.with_adopted(record_adopted(plan, taking))
+    records = record_adopted(plan, taking) if taking else []
+    manifest = manifest.with_adopted(records)
     daemon_file = plan.files[-1]
     statuses = {planned.path: planned.status() for planned in plan.files}
     daemon_changed = statuses[daemon_file.path] != "unchanged"
@@ -817,9 +781,10 @@ def install(  # noqa: PLR0917 - click passes every option as an argument
     for path, status in statuses.items():
         if status != "unchanged" and path != daemon_file.path:
             click.echo(f"wrote {path} ({status})")
-    result = asyncio.run(apply_systemd(plan, taking, daemon_changed))
-    for adoption in taking:
-        click.echo(f"stopped and disabled {adoption.found.unit} (backed up; uninstall restores it)")
+    result = asyncio.run(apply_systemd(plan, taking, records, daemon_changed))
+    for record in records:
+        what = "stopped, disabled and masked" if record.masked else "stopped and disabled"
+        click.echo(f"{what} {record.unit} (backed up; uninstall gives it back)")
     click.echo(
         f"installed {daemon_file.path} ({statuses[daemon_file.path]}); diversityd.service {result}"
     )
