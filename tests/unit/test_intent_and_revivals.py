@@ -7,6 +7,7 @@ waits for its file. (tests/integration/test_recovery.py has the same on a real m
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -284,3 +285,47 @@ def test_start_of_a_held_server_waits_for_its_file(tmp_path: Path) -> None:
     assert before == []  # not started while held
     assert systemd.start.await_count == 1
     assert result["ok"] is True
+
+
+def test_a_hold_outlives_the_daemon(tmp_path: Path) -> None:
+    """Point 2: a new daemon started a server held during an in-place rewrite onto half a
+    file. The hold is read back from the state file; a new daemon releases it only when
+    the file is whole again, and holds servers whose accepted file it finds half-written."""
+    from diversityd.adapters.modellink import resolve
+    from diversityd.daemon.models import ModelLinks
+    from diversityd_lab.ggufwriter import write_gguf
+
+    model = write_gguf(tmp_path / "models" / "a.gguf")
+    link = tmp_path / "models" / "current.gguf"
+    link.symlink_to("a.gguf")
+    accepted = resolve(str(link))
+    assert accepted.ok
+    reason = f"{model} is being rewritten in place"
+
+    async def start_daemon(whole: bool) -> tuple[str | None, list[Any]]:
+        store = a_store(tmp_path)
+        for record in store.records.values():
+            assert record.owned is not None
+            record.owned = dataclasses.replace(record.owned, model_path=str(link))
+        loop = StateLoop()
+        loop.spawn(loop.run())
+        await loop.call(lambda: store.adopt_persisted(Persisted(held={"a": reason})))
+        hold = mock.AsyncMock()
+        links = ModelLinks(
+            loop, store, tmp_path, refresh_units=mock.AsyncMock(), hold=hold,
+            release=mock.AsyncMock(),
+        )  # fmt: skip
+        links.start(asyncio.get_running_loop())
+        if not whole:
+            model.write_bytes(model.read_bytes()[:100])  # `cp` half-way over it
+        await links.watch_all({str(link): accepted})
+        links.close()
+        await loop.cancel_tasks()
+        return store.records["a"].held, hold.await_args_list
+
+    held, holds = run(lambda: start_daemon(whole=True))
+    assert held is None  # whole again: released (start-up starts it)
+    assert holds == []
+    held, holds = run(lambda: start_daemon(whole=False))
+    assert held == reason  # still held, across the restart
+    assert [sorted(call.args[0]) for call in holds] == [["a", "b"]]
