@@ -144,7 +144,9 @@ def test_a_hand_made_unit_on_a_providers_port_is_reported_not_touched(
         except OSError:
             time.sleep(0.05)
     spec = StackSpec(
-        ports={LLAMA_NATIVE: port, LLAMA_PYTHON: free_port()}, unit_dir=private_manager.unit_dir
+        ports={LLAMA_NATIVE: port, LLAMA_PYTHON: free_port()},
+        unit_dir=private_manager.unit_dir,
+        extra_settings={"supervision": {"revive_initial_s": 1, "revive_max_s": 2}},
     )
     running = start_stack(private_manager, tmp_path / "stack", spec)
     try:
@@ -163,5 +165,9 @@ def test_a_hand_made_unit_on_a_providers_port_is_reported_not_touched(
             "show", "-p", "MainPID", "--value", "llama-cpp-native.service"
         )
         assert now.stdout.strip() == foreign_pid
+        # stopped by no one, yet not revived either (issue 20): its port is someone's
+        time.sleep(4)
+        assert running.provider(LLAMA_NATIVE)["state"] == "stopped"
+        assert not running.journal_events("unit.reviving", provider=LLAMA_NATIVE)
     finally:
         private_manager.systemctl("stop", "diversityd.service", check=False)

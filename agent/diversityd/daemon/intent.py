@@ -24,6 +24,8 @@ from diversityd.state import ProviderState
 
 log = get_logger()
 
+MAX_JOBS = 256  # jobs of watched units in flight at once: a handful in practice
+
 
 @dataclass
 class _Job:
@@ -46,6 +48,8 @@ class Intent:
         if signal.phase == "new":
             ours = signal.unit in self.store.expected_stops
             self._jobs[signal.job_path] = _Job(signal.unit, ours)
+            while len(self._jobs) > MAX_JOBS:  # a JobRemoved lost with a bus hiccup
+                self._jobs.pop(next(iter(self._jobs)))
         elif signal.phase == "typed":
             job = self._jobs.get(signal.job_path)
             if job is not None:

@@ -100,6 +100,7 @@ class Reviver:
             return False
         if record.state is ProviderState.STOPPED and (
             not self.startup_finished
+            or record.name in self.store.port_taken  # left stopped on purpose at its start
             or record.unit in self.store.expected_stops
             or self.intent.job_pending(record.unit)
         ):

@@ -108,7 +108,14 @@ class Starter:
                     pid=conn.pid,
                     error=f"{message}; stop and disable it, or set owned: false",
                 )
+        # not started, and not revived either: another process holds its port
+        await self.loop.call(functools.partial(self._note_port_taken, ports, conflicts))
         return conflicts
+
+    def _note_port_taken(self, ports: dict[int, ProviderRecord], conflicts: set[str]) -> None:
+        """(In the state loop.)"""
+        looked_at = {record.name for record in ports.values()}
+        self.store.port_taken = (self.store.port_taken - looked_at) | conflicts
 
     async def start_owned(self, only: list[str] | None = None) -> None:
         """Start owned units that are not running (or just `only`), one at a time, each

@@ -237,6 +237,7 @@ class Store:
     pending_rolls: dict[str, str] = field(default_factory=dict)
     expected_stops: set[str] = field(default_factory=set)  # units diversityd itself stops
     draining: set[str] = field(default_factory=set)  # providers out of the routes to stop
+    port_taken: set[str] = field(default_factory=set)  # providers whose port another holds
     # providers restarted on purpose: their names' requests are held this long (seconds)
     # when no other server can take them, until they serve again
     holding: dict[str, float] = field(default_factory=dict)
