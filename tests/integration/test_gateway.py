@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -877,3 +878,56 @@ def test_two_instances_both_take_the_routes_and_one_killed_leaves_the_other_serv
             timeout_s=240,
             poll_s=0.5,
         )
+
+
+def test_an_old_process_answers_a_reused_idle_connection_then_closes_it(
+    gateway_stack: RunningStack,
+) -> None:
+    """Issue 18, the mechanism under a switch: a client's idle keep-alive connection to the
+    old process is not closed under it when the process starts to stop (uvicorn closed
+    idle connections at once; a request sent on one just then was lost). It stays open
+    past the clients' keep-alive expiry, and a request on it is answered, with
+    `Connection: close`."""
+    import socket
+
+    before = wait_gateway_ready(gateway_stack)["gateway"]
+    port = gateway_stack.stack.spec.ports["gateway"]
+    request = b"GET /health/liveliness HTTP/1.1\r\nHost: gateway\r\n\r\n"
+
+    def answer(sock: socket.socket) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data  # closed by the server
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        while len(body) < length:
+            body += sock.recv(65536)
+        return head
+
+    settings_file = gateway_stack.stack.config_dir / "diversityd.yaml"
+    original = settings_file.read_text()
+    settings = yaml.safe_load(original)
+    settings["gateway"]["litellm_settings"] = {"drop_params": True}
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        assert b" 200 " in answer(sock)  # a keep-alive connection to the serving process
+        try:
+            settings_file.write_text(yaml.safe_dump(settings))
+            assert gateway_stack.ctl("reload").returncode == 0
+            deadline = time.monotonic() + 120
+            while gateway_stack.unit_property(before["unit"], "ActiveState") == "active":
+                assert time.monotonic() < deadline, "the old process was never stopped"
+                time.sleep(0.05)
+            time.sleep(1)  # it is stopping: a client reuses its idle connection now
+            sock.sendall(request)
+            head = answer(sock)
+            assert b" 200 " in head, head
+            assert b"connection: close" in head.lower(), head
+            assert sock.recv(1) == b""  # then it closes it
+        finally:
+            settings_file.write_text(original)
+            gateway_stack.ctl("reload")
+            wait_gateway_ready(gateway_stack)
