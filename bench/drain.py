@@ -14,6 +14,10 @@ servers' names. While it runs, one planned change after another:
 - drill_stop: `diversityctl failover-test llama_cpp_python --mode stop` (announced);
 - switch: a `litellm_settings` key edited, `diversityctl reload` (a new gateway process).
 
+And `held`: vLLM's model has no fallback; while vLLM restarts on purpose (`diversityctl
+restart vllm`), a client asking it (plain requests, one after another) is held in the
+gateway until vLLM serves again: `sent`, `failed`, `max_ms` (the longest wait).
+
 Per change, over the requests sent from its start until 3 s after it settled: `sent`,
 `failed` (an error before any content), `cut` (an error after some content), `empty`
 (finished with no content), `truncated_as_whole` (finished `stop` with a strict prefix of
@@ -183,6 +187,45 @@ def changes(running: RunningStack) -> dict[str, Callable[[], None]]:
     }
 
 
+def held(running: RunningStack, url: str, key: str) -> dict[str, Any]:
+    """Requests for a model whose only server restarts on purpose."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+    latencies: list[float] = []
+    failed: list[str] = []
+    stop = threading.Event()
+
+    def ask() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                client.chat.completions.create(
+                    model="qwen-coder-vllm",
+                    messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=8,
+                )
+                latencies.append((time.monotonic() - started) * 1000)
+            except openai.APIError as exc:
+                failed.append(f"{type(exc).__name__}: {exc}"[:200])
+            time.sleep(0.05)
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    try:
+        time.sleep(1)
+        ctl(running, "restart", VLLM)
+        steady(running)
+        time.sleep(1)
+    finally:
+        stop.set()
+        asking.join(150)
+    return {
+        "sent": len(latencies) + len(failed),
+        "failed": len(failed),
+        "max_ms": round(max(latencies), 1) if latencies else None,
+        "failures": failed[:3],
+    }
+
+
 def drained_s(running: RunningStack, since: float, until: float) -> float | None:
     waits = [
         float(e.get("ELAPSED_MS", 0)) / 1000
@@ -236,10 +279,12 @@ def main() -> None:
                 ),
             }
         totals = judge(results, whole)
+        held_requests = held(running, gateway["url"], key)
     emit(
         {
             "changes": report,
             "total": totals,
+            "held": held_requests,
             "settings": {"clients": CLIENTS, "max_tokens": MAX_TOKENS, "repeats": repeats},
         }
     )

@@ -15,9 +15,11 @@ after `hung_grace_s`, 3 s here).
 - `routing_s`: from a provider's state change in the daemon to the gateway instance
   acknowledging the new routes (both journal events, on the host's monotonic clock):
   median and max over every change that moved the server in or out.
-- per fault, `out_s`: from the fault to the end of the last request that touched the
-  server (answered by it, or tried it and fell back) sent before it was back; `back_s`:
-  from its first good probe to the first request it answered (the return).
+- per fault, `out_s`: from the fault to the last request sent to the server (answered by
+  it, or tried on it and failed over) before it was back: how long routing kept sending it
+  requests; `held_s`: to the end of the last of those (a hung server holds its requests
+  until it is killed, `hung_grace_s` after it is judged hung); `back_s`: from its first
+  good probe to the first request it answered (the return).
 - `gateway_processes_started`: new gateway processes during the faults (target 0).
 - `cloud_requests`: requests the paid cloud got, from anything (target 0).
 - `gateway_kill_max_ms`: kill -9 of a serving gateway instance under a stream, the slowest
@@ -48,7 +50,13 @@ from diversityd.adapters.litellm import read_master_key
 from diversityd.units import DAEMON_UNIT
 from diversityd_lab.embedded import LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, PAID, VLLM, StackSpec
 from diversityd_lab.faults import FaultKind, FaultRunner, PlannedFault, write_crash_wrapper
-from diversityd_lab.faultwatch import FaultyServer, ServerWatch, answered_by, failover_s
+from diversityd_lab.faultwatch import (
+    FaultyServer,
+    ServerWatch,
+    answered_by,
+    failover_s,
+    touched,
+)
 from diversityd_lab.measure import emit
 from diversityd_lab.privatemanager import PrivateManager
 from diversityd_lab.procstat import rss_mib
@@ -131,10 +139,13 @@ def run_fault(
     returned = [
         a.started for a in answers if a.ok and answered_by(a, server) and back and a.started >= back
     ]
+    until = back or float("inf")
+    sent_to = [a.started for a in answers if touched(a, server) and fault_at <= a.started < until]
     return {
         "sent": len(answers),
         "failed": sum(not a.ok for a in answers),
-        "out_s": round(failover_s(answers, server, fault_at, back or float("inf")), 2),
+        "out_s": round(max(sent_to) - fault_at, 2) if sent_to else 0.0,
+        "held_s": round(failover_s(answers, server, fault_at, until), 2),
         "back_s": round(min(returned) - back, 2) if returned and back else None,
         "done": record.done,
     }
@@ -249,6 +260,7 @@ def measure(running: RunningStack, flag: Path, repeats: int) -> dict[str, Any]:
         "faults": {
             name: {
                 "out_s": median(name, "out_s"),
+                "held_s": median(name, "held_s"),
                 "back_s": median(name, "back_s"),
                 "sent": sum(r["sent"] for r in runs),
                 "failed": sum(r["failed"] for r in runs),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -756,3 +757,177 @@ def test_a_keep_alive_client_loses_nothing_across_new_gateway_processes(
         wait_gateway_ready(gateway_stack)
     assert errors == [], errors
     assert answers >= 10
+
+
+def test_a_planned_stop_cuts_no_stream(gateway_stack: RunningStack) -> None:
+    """Issue 18's root cause: a planned stop stopped llama-cpp-python under the streams it
+    was sending (its server closes them at SIGTERM): the drill's and the demo's `stream
+    ended without content`. `diversityctl stop` now takes it out of the routes, waits for
+    its answers in flight, then stops it: long streams through the real `openai` client
+    all end whole."""
+    import threading
+
+    import openai
+
+    wait_gateway_ready(gateway_stack)
+    client = openai.OpenAI(
+        base_url=f"{gateway_url(gateway_stack)}/v1",
+        api_key=master_key(gateway_stack),
+        max_retries=0,
+        timeout=120,
+    )
+    outcomes: list[tuple[str, str | None, str | None]] = []  # (text, finish, error)
+    stop = threading.Event()
+
+    def stream() -> None:
+        while not stop.is_set():
+            text, finish, error = "", None, None
+            try:
+                for chunk in client.chat.completions.create(
+                    model="llama-cpp-default",
+                    messages=[{"role": "user", "content": "Tell me a long story."}],
+                    max_tokens=200,
+                    stream=True,
+                ):
+                    for choice in chunk.choices:
+                        text += choice.delta.content or ""
+                        finish = choice.finish_reason or finish
+            except openai.APIError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            outcomes.append((text, finish, error))
+
+    senders = [threading.Thread(target=stream) for _ in range(2)]
+    for sender in senders:
+        sender.start()
+    try:
+        time.sleep(1.5)
+        stopped = gateway_stack.ctl("stop", LLAMA_PYTHON, "--json", timeout=300)
+        time.sleep(2)  # the fallback (llama-cpp-native) answers meanwhile
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join(120)
+        gateway_stack.ctl("start", LLAMA_PYTHON, timeout=300)
+        wait_gateway_ready(gateway_stack)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    drain = json.loads(stopped.stdout)["drain"]
+    assert drain["routed_out"] is True
+    assert drain["left"] == 0, drain  # every answer in flight finished before the stop
+    broken = [o for o in outcomes if o[2] is not None or not o[0] or o[1] is None]
+    assert broken == [], broken[:3]
+    assert len(outcomes) >= 4
+    assert gateway_stack.journal_events("provider.drained", provider=LLAMA_PYTHON)
+
+
+def test_two_instances_both_take_the_routes_and_one_killed_leaves_the_other_serving(
+    gateway_stack: RunningStack,
+) -> None:
+    """Issue 17: `gateway.instances: 2` keeps a second LiteLLM on the socket, current
+    in-process like the first: a kill -9 of one leaves the other taking the requests,
+    where one instance alone makes them wait for a new LiteLLM (seconds)."""
+    manager = gateway_stack.manager
+    settings_file = gateway_stack.stack.config_dir / "diversityd.yaml"
+    original = settings_file.read_text()
+    settings = yaml.safe_load(original)
+    settings["gateway"]["instances"] = 2
+    vllm_unit = f"diversityd-{VLLM}.service"
+
+    def both_active(d: dict[str, Any]) -> bool:
+        return sum(i["state"] == "active" for i in d["gateway"]["instances"]) == 2
+
+    try:
+        settings_file.write_text(yaml.safe_dump(settings))
+        manager.systemctl("restart", "diversityd.service", timeout=120)
+        gateway_stack.wait_for(
+            lambda d: both_active(d) and d["gateway"]["in_sync"], timeout_s=240, poll_s=0.5
+        )
+        manager.systemctl("stop", vllm_unit)  # a routes change reaches both
+        document = gateway_stack.wait_for(
+            lambda d: (
+                both_active(d)
+                and "qwen-coder-vllm" in d["gateway"]["left_out"]
+                and d["gateway"]["in_sync"]
+                and len({i["routes_digest"] for i in d["gateway"]["instances"]}) == 1
+            ),
+            timeout_s=60,
+            poll_s=0.2,
+        )
+        digests = {i["routes_digest"] for i in document["gateway"]["instances"]}
+        assert None not in digests
+        killed = document["gateway"]["pid"]
+        with gateway_stream(gateway_stack, "llama-cpp-native") as stream:
+            time.sleep(1)
+            killed_at = time.monotonic()
+            os.kill(killed, signal.SIGKILL)
+            time.sleep(4)  # systemd's RestartSec and a new LiteLLM's start: longer than this
+        after = [a for a in stream.answers if a.started > killed_at + 0.5]
+        assert after, "nothing was answered while the killed instance restarted"
+        assert all(a.ok for a in after), [a for a in after if not a.ok][:3]
+        assert max(a.latency_ms for a in after) < 4000  # never waited for a new LiteLLM
+        assert len([a for a in stream.answers if not a.ok]) <= 1  # the one it held, if any
+    finally:
+        settings_file.write_text(original)
+        manager.systemctl("start", vllm_unit)
+        manager.systemctl("restart", "diversityd.service", timeout=120)
+        gateway_stack.wait_for(
+            lambda d: (
+                sum(i["state"] == "active" for i in d["gateway"]["instances"]) == 1
+                and d["gateway"]["in_sync"]
+                and "qwen-coder-vllm" not in d["gateway"]["left_out"]
+            ),
+            timeout_s=240,
+            poll_s=0.5,
+        )
+
+
+def test_an_old_process_answers_a_reused_idle_connection_then_closes_it(
+    gateway_stack: RunningStack,
+) -> None:
+    """Issue 18, the mechanism under a switch: a client's idle keep-alive connection to the
+    old process is not closed under it when the process starts to stop (uvicorn closed
+    idle connections at once; a request sent on one just then was lost). It stays open
+    past the clients' keep-alive expiry, and a request on it is answered, with
+    `Connection: close`."""
+    import socket
+
+    before = wait_gateway_ready(gateway_stack)["gateway"]
+    port = gateway_stack.stack.spec.ports["gateway"]
+    request = b"GET /health/liveliness HTTP/1.1\r\nHost: gateway\r\n\r\n"
+
+    def answer(sock: socket.socket) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data  # closed by the server
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        while len(body) < length:
+            body += sock.recv(65536)
+        return head
+
+    settings_file = gateway_stack.stack.config_dir / "diversityd.yaml"
+    original = settings_file.read_text()
+    settings = yaml.safe_load(original)
+    settings["gateway"]["litellm_settings"] = {"drop_params": True}
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        assert b" 200 " in answer(sock)  # a keep-alive connection to the serving process
+        try:
+            settings_file.write_text(yaml.safe_dump(settings))
+            assert gateway_stack.ctl("reload").returncode == 0
+            deadline = time.monotonic() + 120
+            while gateway_stack.unit_property(before["unit"], "ActiveState") == "active":
+                assert time.monotonic() < deadline, "the old process was never stopped"
+                time.sleep(0.05)
+            time.sleep(1)  # it is stopping: a client reuses its idle connection now
+            sock.sendall(request)
+            head = answer(sock)
+            assert b" 200 " in head, head
+            assert b"connection: close" in head.lower(), head
+            assert sock.recv(1) == b""  # then it closes it
+        finally:
+            settings_file.write_text(original)
+            gateway_stack.ctl("reload")
+            wait_gateway_ready(gateway_stack)

@@ -273,9 +273,11 @@ def rollback(entry_id: str, config_dir: Path | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--timeout", "timeout_s", default=900.0, show_default=True, help="Seconds to wait.")
 def stop(provider: str, config_dir: Path | None, as_json: bool, timeout_s: float) -> None:
-    """Stop PROVIDER on purpose (to free its VRAM, say). It stays stopped, across daemon
-    restarts too, and is never revived, until `diversityctl start PROVIDER`.
-    (`systemctl --user stop` of its unit counts the same while diversityd runs.)"""
+    """Stop PROVIDER on purpose (to free its VRAM, say). It leaves the gateway's routes
+    first and the answers it is sending finish (`supervision.drain_s`); then it stops, and
+    stays stopped, across daemon restarts too, never revived, until `diversityctl start
+    PROVIDER`. (`systemctl --user stop` of its unit counts the same while diversityd runs,
+    without the drain.)"""
     _start_or_stop("Stop", provider, config_dir, as_json, timeout_s)
 
 
@@ -299,6 +301,13 @@ def _start_or_stop(
     else:
         verdict = "ok" if result.get("ok") else "FAILED"
         click.echo(f"{result.get('provider', provider)}: {result.get('state')} ({verdict})")
+        drain = result.get("drain")
+        if drain and drain.get("bound_s"):
+            click.echo(
+                f"drained first: {drain['in_flight']} answers in flight, "
+                f"{drain['waited_s']:g} s (at most {drain['bound_s']:g} s)"
+                + (f"; {drain['left']} still in flight were cut" if drain.get("left") else "")
+            )
         if result.get("error"):
             click.echo(f"error: {result['error']}", err=True)
     sys.exit(EXIT_OK if result.get("ok") else EXIT_FAILURE)
