@@ -205,6 +205,25 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class FleetSettings:
+    """Several workstations, one fleet: daemons share what they serve through the user's
+    Redis, and each gateway fails over to the others' gateways."""
+
+    redis_url: str  # redis://HOST:PORT/DB (rediss:// for TLS)
+    key_file: str  # the fleet's shared key (0600, the same on every host): peers' requests
+    advertise_url: str  # where the peers reach this host's gateway
+    name: str  # this host in the fleet (default: `host`)
+    redis_password_env: str | None = None  # the variable in `environment_file` holding it
+    environment_file: str | None = None  # 0600, read by the daemon (the Redis password)
+    remote_models: tuple[str, ...] = ()  # names only peers serve: chains may name them
+    prefix: str = "diversityd"  # of every Redis key and channel
+    heartbeat_s: float = 1.0  # how often this host's record is refreshed
+    ttl_s: float = 5.0  # Redis drops a record not refreshed this long
+    probe_interval_s: float = 1.0  # each peer's gateway is probed this often...
+    probe_timeout_s: float = 1.0  # ...and is out after no answer this long (a frozen host)
+
+
+@dataclass(frozen=True)
 class Settings:
     host: str  # this machine's name in failure-domain reports
     gpus: int  # GPUs on this machine (domain report only; the planner reads NVML)
@@ -216,6 +235,7 @@ class Settings:
     gateway: GatewaySettings
     supervision: SupervisionSettings = field(default_factory=SupervisionSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    fleet: FleetSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -239,6 +259,11 @@ class Config:
         if doc is None:
             return Finding(severity, code, message, file=where.file, hint=hint)
         return doc.finding(severity, code, where.path, message, hint)
+
+    def remote_models(self) -> tuple[str, ...]:
+        """Names only the fleet's peers serve (`fleet.remote_models`)."""
+        fleet = self.settings.fleet
+        return fleet.remote_models if fleet is not None else ()
 
     def host_of(self, provider: Provider) -> str:
         """The machine a provider runs on; loopback addresses mean this machine."""
@@ -675,6 +700,7 @@ _SETTINGS_KEYS = (
     "http",
     "gateway",
     "providers",
+    "fleet",
 )
 _PROBE_KEYS = ("interval_s", "timeout_s")
 _MAY_BE_ZERO: tuple[str, ...] = ("drain_s",)  # 0: stopped at once, no drain
@@ -779,6 +805,7 @@ def _parse_settings(
     gateway = _parse_gateway(reader, top.get("gateway"))
     supervision = _parse_supervision(reader, top.get("supervision"))
     http = _parse_http(reader, top.get("http"))
+    fleet = _parse_fleet(reader, top.get("fleet"), host if isinstance(host, str) else hostname)
     owned: dict[str, OwnedServer] = {}
     if "providers" in top:
         raw_owned = reader.mapping(
@@ -799,7 +826,80 @@ def _parse_settings(
         gateway=gateway,
         supervision=supervision,
         http=http,
+        fleet=fleet,
     )
+
+
+_FLEET_KEYS = (
+    "redis_url", "key_file", "advertise_url", "name", "redis_password_env",
+    "environment_file", "remote_models", "prefix", "heartbeat_s", "ttl_s",
+    "probe_interval_s", "probe_timeout_s",
+)  # fmt: skip
+_FLEET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def _parse_fleet(reader: _Reader, raw: Any, host: str) -> FleetSettings | None:
+    if raw is None:
+        return None
+    hint = "write `fleet: {redis_url: redis://..., key_file: ..., advertise_url: http://...}`"
+    body = reader.mapping(("fleet",), raw, hint)
+    if body is None:
+        return None
+    reader.unknown_keys(("fleet",), body, _FLEET_KEYS)
+    values: dict[str, Any] = {}
+    for key in ("redis_url", "key_file", "advertise_url"):
+        if key not in body:
+            reader.error(("fleet",), "missing-key", f"fleet needs {key}", hint)
+            continue
+        values[key] = reader.string(("fleet", key), body[key], f"write {key} as a string")
+    for key in ("name", "redis_password_env", "environment_file", "prefix"):
+        if key in body:
+            values[key] = reader.string(("fleet", key), body[key], f"write {key} as a string")
+    for key, schemes in (("redis_url", ("redis", "rediss")), ("advertise_url", ("http", "https"))):
+        value = values.get(key)
+        if isinstance(value, str):
+            parts = urlsplit(value)
+            if parts.scheme not in schemes or not parts.hostname:
+                reader.error(
+                    ("fleet", key),
+                    "wrong-value",
+                    f"{key} is not a {'/'.join(schemes)} URL",
+                    f"e.g. {schemes[0]}://10.0.0.2:{6379 if key == 'redis_url' else 4000}",
+                )
+                values[key] = None
+    name = values.get("name") or host
+    if not _FLEET_NAME.match(str(name)):
+        reader.error(
+            ("fleet", "name"),
+            "wrong-value",
+            f"{name!r} cannot name a host in the fleet",
+            "letters, digits, '.', '_' and '-'",
+        )
+    values["name"] = str(name)
+    if "remote_models" in body:
+        models = reader.sequence(("fleet", "remote_models"), body["remote_models"], "a list")
+        values["remote_models"] = tuple(str(m) for m in models or () if isinstance(m, str))
+    for key in ("heartbeat_s", "ttl_s", "probe_interval_s", "probe_timeout_s"):
+        if key in body:
+            number = reader.number(("fleet", key), body[key], "seconds")
+            if number is not None and number <= 0:
+                reader.error(("fleet", key), "out-of-range", "must be above 0", "e.g. 1")
+            elif number is not None:
+                values[key] = number
+    required = ("redis_url", "key_file", "advertise_url")
+    if any(not values.get(key) for key in required) or any(
+        v is None for k, v in values.items() if k not in required
+    ):
+        return None
+    fleet = FleetSettings(**values)
+    if fleet.ttl_s < 2 * fleet.heartbeat_s:
+        reader.error(
+            ("fleet", "ttl_s"),
+            "out-of-range",
+            "ttl_s is under two heartbeats: a live host's record could expire",
+            f"use at least {2 * fleet.heartbeat_s:g}",
+        )
+    return fleet
 
 
 def _parse_http(reader: _Reader, raw: Any) -> HttpSettings:

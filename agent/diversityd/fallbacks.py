@@ -176,6 +176,8 @@ def _check_targets(config: Config, catalog: Catalog) -> Iterable[Finding]:
             where = chain.target_where(index)
             if target == chain.model:
                 continue  # reported as a cycle
+            if target in config.remote_models() and not catalog.is_known(target):
+                continue  # the fleet's peers serve it (`fleet.remote_models`)
             if not catalog.is_known(target):
                 yield config.finding(
                     Severity.ERROR,
@@ -183,7 +185,8 @@ def _check_targets(config: Config, catalog: Catalog) -> Iterable[Finding]:
                     where,
                     f"fallback target {target!r} of {chain.model!r} is served by no provider",
                     f"add {target!r} to a provider's `models:` in {PROVIDERS_FILE} or to "
-                    f"`exact_matches:` in {MAPPINGS_FILE}, or remove it from the chain",
+                    f"`exact_matches:` in {MAPPINGS_FILE}, list it in diversityd.yaml's "
+                    "`fleet.remote_models` if a peer serves it, or remove it from the chain",
                 )
             elif source_active and not catalog.is_served(target):
                 providers = sorted({d.provider.name for d in catalog.deployments[target]})
@@ -251,6 +254,8 @@ def domain_of(config: Config, deployment: Deployment, dimension: Dimension) -> _
 def _severity(config: Config, dimension: Dimension, catalog: Catalog) -> Severity:
     if dimension is Dimension.GPU:
         return Severity.INFO if config.settings.gpus <= 1 else Severity.WARNING
+    if dimension is Dimension.HOST and config.settings.fleet is not None:
+        return Severity.WARNING  # a fleet: a chain that never leaves this host is a choice
     if dimension is Dimension.HOST:
         hosts = {
             config.host_of(d.provider)
@@ -265,13 +270,19 @@ def _severity(config: Config, dimension: Dimension, catalog: Catalog) -> Severit
 def _domains(
     config: Config, catalog: Catalog, model: str, dimension: Dimension
 ) -> set[_Domain | None]:
+    if model in config.remote_models() and not catalog.is_known(model):
+        # served by the fleet's peers: another host, other units and GPUs, none known here
+        if dimension is Dimension.HOST:
+            return {_Domain("fleet-peers", "the fleet's other hosts")}
+        return {None}
     return {domain_of(config, d, dimension) for d in catalog.active(model)}
 
 
 def check_domains(config: Config, catalog: Catalog) -> list[Finding]:
     findings: list[Finding] = []
+    remote = set(config.remote_models())
     edges = {
-        name: tuple(t for t in targets if catalog.is_served(t))
+        name: tuple(t for t in targets if catalog.is_served(t) or t in remote)
         for name, targets in chain_edges(config).items()
     }
     # Where a shared domain cannot be avoided (one host, one GPU) it is information, said once.

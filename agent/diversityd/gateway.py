@@ -23,6 +23,7 @@ import yaml
 
 from diversityd.catalog import Catalog, Deployment
 from diversityd.config import CLOUD_TYPES, Config, Provider, Settings
+from diversityd.fleet import PeerRoute, peer_group
 from diversityd.secretpatterns import SECRET_SETTING, looks_like_secret
 
 MASTER_KEY_REFERENCE = "os.environ/LITELLM_MASTER_KEY"
@@ -62,6 +63,7 @@ PROVIDER_INFO = "diversityd_provider"  # the provider whose server a deployment 
 JUDGED_INFO = "diversityd_judged"  # the daemon probes it and alone decides if it is used
 UNAVAILABLE_INFO = "diversityd_unavailable"  # the launcher answers it: 503 and this text
 HOLD_INFO = "diversityd_hold_s"  # ... after holding the request this long for its server
+PEER_INFO = "diversityd_peer"  # the fleet's host whose gateway answers (never sent on)
 # Nothing may answer there: a name with no live server is answered inside the launcher, and
 # an unprivileged local user cannot bind port 1 (the daemon's own port could be taken).
 UNAVAILABLE_API_BASE = "http://127.0.0.1:1/v1"
@@ -253,31 +255,46 @@ def render_gateway(
     states: Mapping[str, str] | None = None,
     unavailable: bool = True,
     holding: Mapping[str, float] | None = None,
+    peers: Mapping[str, tuple[PeerRoute, ...]] | None = None,
 ) -> GatewayPlan:
     """The gateway's config. A name no live server and no live fallback can serve stays
     listed (unless `unavailable` is False): the launcher answers it with a 503 and
     Retry-After naming the providers and their `states`, a status clients retry, where an
     unknown name is a 400 they do not. A name whose every server is being restarted on
     purpose (`holding`: provider -> seconds) is held instead, that long at most: its
-    requests wait in the gateway and go to the server the moment it serves again."""
+    requests wait in the gateway and go to the server the moment it serves again.
+
+    `peers` (model -> usable peers serving it, fleet.peer_routes): each becomes a group of
+    its own, `model@host`, pointing at that host's gateway, last in the model's chain;
+    where nothing here serves the model, the first live one serves its name."""
+    peers = peers or {}
+    groups = {peer_group(model, r.host): (model, r) for model, rs in peers.items() for r in rs}
     chains = {name: chain.targets for name, chain in config.chains.items()}
+    for model, routes in peers.items():
+        chains[model] = (*chains.get(model, ()), *(peer_group(model, r.host) for r in routes))
     timeouts = config.settings.gateway.timeouts
     live_deployments: dict[str, tuple[Deployment, ...]] = {
         name: tuple(d for d in catalog.active(name) if availability.is_live(d))
         for name in catalog.deployments
     }
     is_live = {name: bool(deps) for name, deps in live_deployments.items()}
+    is_live.update(dict.fromkeys(groups, True))
+    remote_only = [m for m in (*config.remote_models(), *peers) if m not in catalog.deployments]
 
     model_list: list[dict[str, Any]] = []
     served_by: dict[str, tuple[str, ...]] = {}
     substituted: dict[str, str] = {}
     fallbacks: dict[str, tuple[str, ...]] = {}
     left_out: list[str] = []
-    for name, deployments in catalog.deployments.items():
-        if not any(d.provider.active for d in deployments):
-            continue  # a disabled provider's names stay out; walks still pass through them
+    names = [
+        name
+        for name, deployments in catalog.deployments.items()
+        if any(d.provider.active for d in deployments)  # a disabled provider's names stay out
+    ]
+    for name in dict.fromkeys([*names, *remote_only]):
         walk = list(_walk_live(name, chains, is_live, {name}))
-        serving = live_deployments[name]
+        serving = live_deployments.get(name, ())
+        substitute = name
         if not serving:
             if not walk:
                 left_out.append(name)
@@ -288,18 +305,26 @@ def render_gateway(
                 continue
             substitute, walk = walk[0], walk[1:]
             substituted[name] = substitute
-            serving = live_deployments[substitute]
+            serving = live_deployments.get(substitute, ())
             # the name is now served by the substitute's server: if that fails too, its
             # own fallbacks must still be tried after the name's (a config lives for a
             # while: a reload takes seconds, and another fault may land meanwhile)
             for target in _walk_live(substitute, chains, is_live, {name, substitute}):
                 if target not in walk:
                     walk.append(target)
-        for deployment in serving:
-            model_list.append(deployment_entry(name, deployment, timeouts))
-        served_by[name] = tuple(d.provider.name for d in serving)
+        if substitute in groups:
+            model, route = groups[substitute]
+            model_list.append(peer_entry(name, model, route, timeouts))
+            served_by[name] = (f"peer:{route.host}",)
+        else:
+            for deployment in serving:
+                model_list.append(deployment_entry(name, deployment, timeouts))
+            served_by[name] = tuple(d.provider.name for d in serving)
         if walk:
             fallbacks[name] = tuple(walk)
+    for group, (model, route) in groups.items():
+        model_list.append(peer_entry(group, model, route, timeouts))
+        served_by[group] = (f"peer:{route.host}",)
 
     router_settings: dict[str, Any] = dict(ROUTER_DEFAULTS)
     # From the configured chains, not the live ones: fixed at a process's start, it must
@@ -319,6 +344,34 @@ def render_gateway(
         left_out=tuple(left_out),
         fallbacks=fallbacks,
     )
+
+
+FLEET_KEY_REFERENCE = "os.environ/DIVERSITYD_FLEET_KEY"
+
+
+def peer_entry(
+    name: str, model: str, route: PeerRoute, timeouts: Mapping[str, Mapping[str, float]]
+) -> dict[str, Any]:
+    """`name` answered by a peer's gateway, which serves it as `model`, with the fleet key
+    (the peer serves it on its own servers only: a request never travels on)."""
+    timing = timing_for("cloud", timeouts)
+    return {
+        "model_name": name,
+        "litellm_params": {
+            "model": f"openai/{model}",
+            "api_base": f"{route.gateway_url.rstrip('/')}/v1",
+            "api_key": FLEET_KEY_REFERENCE,
+            "timeout": timing.timeout_s,
+            "stream_timeout": timing.stream_timeout_s,
+        },
+        "model_info": {
+            "id": f"{name}@peer:{route.host}",
+            "cooldown_time": 0,  # the daemon probes the peer's gateway and judges it
+            PROVIDER_INFO: f"peer:{route.host}",
+            JUDGED_INFO: False,  # not a local server: never warmed, never in a drill
+            PEER_INFO: route.host,
+        },
+    }
 
 
 def deployment_entry(

@@ -68,6 +68,12 @@ EVENT_TEXT: dict[str, str] = {
     "probe.changed": "probe result changed",
     "probe.failed": "a probe failed",
     "provider.hung_killed": "killed a hung server; systemd restarts it",
+    "fleet.peer_joined": "a peer joined the fleet",
+    "fleet.peer_expired": "a peer's record expired in Redis; routed to while its gateway answers",
+    "fleet.peer_probe": "a peer's gateway changed: it answers, or stopped answering",
+    "fleet.redis_down": "the fleet's Redis cannot be reached; peers as last probed",
+    "fleet.redis_back": "the fleet's Redis answers again",
+    "fleet.loop_failed": "a fleet loop failed; trying again",
     "provider.drained": "drained before a planned stop (out of the gateway's routes, "
     "its requests in flight finished)",
     "provider.state": "provider state changed",

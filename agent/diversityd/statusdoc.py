@@ -169,6 +169,8 @@ class StatusDocument(TypedDict):
     providers: list[ProviderStatus]
     gpus: GpuStatus
     gateway: GatewayStatus
+    # the fleet (fleet.FleetState.to_status): Redis, the peers, their heartbeats and probes
+    fleet: NotRequired[dict[str, Any] | None]
 
 
 NO_GPU_STATUS: GpuStatus = {
@@ -284,7 +286,34 @@ def format_status(document: StatusDocument) -> str:
         if p["models_extra"]:
             lines.append(f"  {p['name']}: served, not configured: {', '.join(p['models_extra'])}")
     lines += _gateway_lines(document["gateway"])
+    lines += fleet_lines(document.get("fleet"))
     return "\n".join(lines)
+
+
+def fleet_lines(fleet: dict[str, Any] | None) -> list[str]:
+    if not fleet:
+        return []
+    redis = fleet["redis"]
+    state = "ok" if redis["ok"] else f"DOWN {redis['down_s']} s ({redis['error']})"
+    if redis["ok"] is None:
+        state = "not reached yet"
+    lines = [f"fleet: {fleet['name']}; redis {redis['url']}: {state}"]
+    for peer in fleet["peers"]:
+        probe = peer["probe"]
+        seen = "answers" if probe["ok"] else f"NOT answering ({probe['error'] or 'no probe yet'})"
+        record = (
+            f"heartbeat {peer['heartbeat_age_s']} s ago"
+            if peer["in_redis"]
+            else "record expired (daemon gone or cut off)"
+        )
+        verdict = "routed to" if peer["usable"] else "not routed to"
+        lines.append(
+            f"  {peer['host']} {peer['gateway_url']}: {seen}; {record}; {verdict}; "
+            f"models {', '.join(peer['models']) or '-'}"
+        )
+    for chain in fleet.get("single_host_chains") or []:
+        lines.append(f"  chain never leaves this host: {chain}")
+    return lines
 
 
 def _gateway_lines(gateway: GatewayStatus) -> list[str]:

@@ -373,6 +373,7 @@ class GatewayPaths:
     key_is_environment: bool = True  # LITELLM_MASTER_KEY=... form: EnvironmentFile= reads it
     # the instances' control sockets, `{control_dir}/<color>.sock` (a private folder)
     control_dir: str = ""
+    fleet_key_file: str | None = None  # the fleet's shared key: peers' requests, and ours
 
     def control_socket(self, color: str) -> str:
         return f"{self.control_dir}/{color}.sock"
@@ -416,6 +417,7 @@ def render_gateway_units(
             "--key-file", paths.key_file,
             "--graceful-s", f"{graceful_s:g}",
             "--control", paths.control_socket(_INSTANCE),
+            *(["--fleet-key-file", paths.fleet_key_file] if paths.fleet_key_file else []),
         ]
     ).replace(_INSTANCE, "%i")  # fmt: skip
     # A bare adopted key is read by the launcher only: systemd would log part of it.

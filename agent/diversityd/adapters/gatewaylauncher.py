@@ -111,9 +111,18 @@ def key_file_is_environment(path: str) -> bool:
         return False
 
 
+FLEET_KEY_NAME = "DIVERSITYD_FLEET_KEY"
+
+
 def read_master_key(path: str) -> str:
-    """A key file holds `LITELLM_MASTER_KEY=sk-...` (what diversityd writes) or the bare key
-    (an adopted file); either way the value never leaves this process's environment."""
+    """A key file holds `LITELLM_MASTER_KEY=sk-...` or the bare key (what diversityd
+    writes, an adopted file); either way the value never leaves this process's
+    environment."""
+    return read_key(path, "LITELLM_MASTER_KEY")
+
+
+def read_key(path: str, variable: str) -> str:
+    """The key in a file: the bare key, or `VARIABLE=key`."""
     with open(path, encoding="utf-8") as handle:
         for raw in handle:
             line = raw.strip()
@@ -121,11 +130,11 @@ def read_master_key(path: str) -> str:
                 continue
             if "=" in line:
                 name, _, value = line.partition("=")
-                if name.strip().removeprefix("export ").strip() == "LITELLM_MASTER_KEY":
+                if name.strip().removeprefix("export ").strip() == variable:
                     return value.strip().strip("'\"")
                 continue
             return line
-    raise KeyFileError(f"{path}: no key in the file (write LITELLM_MASTER_KEY=sk-... in it)")
+    raise KeyFileError(f"{path}: no key in the file (write the key, or {variable}=..., in it)")
 
 
 def listening_fd() -> int:
@@ -307,6 +316,7 @@ def main() -> None:
     parser.add_argument("--key-file", help="file holding the master key")
     parser.add_argument("--graceful-s", type=float, default=120.0, help="drain time on SIGTERM")
     parser.add_argument("--control", help="unix socket for diversityd's control channel")
+    parser.add_argument("--fleet-key-file", help="the fleet's shared key (peers' requests)")
     args = parser.parse_args()
     sys.stdout = PlainText(sys.stdout)
     sys.stderr = PlainText(sys.stderr)
@@ -335,7 +345,17 @@ def main() -> None:
     runtime_module = load_runtime()
     runtime_module.guard_truncated_streams()
     runtime = runtime_module.Runtime(document, launcher_sha=launcher_sha(), config=args.config)
-    answered = runtime_module.UnavailableAnswer(app, runtime, os.environ["LITELLM_MASTER_KEY"])
+    master = os.environ["LITELLM_MASTER_KEY"]
+    answered = runtime_module.UnavailableAnswer(app, runtime, master)
+    if args.fleet_key_file:
+        # a peer's gateway asks with it; ours send it to the peers (os.environ/..., resolved)
+        try:
+            os.environ["DIVERSITYD_FLEET_KEY"] = read_key(args.fleet_key_file, FLEET_KEY_NAME)
+        except (KeyFileError, OSError) as exc:
+            raise SystemExit(str(exc)) from None
+        answered = runtime_module.PeerRequests(
+            answered, runtime, os.environ["DIVERSITYD_FLEET_KEY"], master
+        )
     counted = runtime_module.CountInFlight(answered, runtime.inflight)
     config = uvicorn.Config(
         runtime_module.CloseWhenStopping(counted, runtime),

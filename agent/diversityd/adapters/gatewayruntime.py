@@ -44,6 +44,7 @@ PROTOCOL = 1
 MAX_LINE = 32 * 1024 * 1024  # a whole model list, with room
 UNAVAILABLE_INFO = "diversityd_unavailable"  # as gateway.py writes it (the core)
 PROVIDER_INFO = "diversityd_provider"
+PEER_INFO = "diversityd_peer"  # a deployment answered by a peer's gateway (the fleet)
 RETRY_AFTER_INFO = "retry_after_s"
 HOLD_INFO = "diversityd_hold_s"  # hold the request this long for its server (a restart)
 # Bearer for OpenAI-style clients; the others as LiteLLM's auth accepts them
@@ -315,6 +316,7 @@ class Runtime:
         self.digest = routes_digest(routes)
         self.unavailable = unavailable_answers(routes["model_list"])
         self.providers = providers_of(routes["model_list"])
+        self.fleet = FleetRoutes.of(routes)
         self.changes = 0  # routes applied in-process since start
         self.server: asyncio.AbstractServer | None = None
         self.inflight = InFlight()
@@ -347,6 +349,7 @@ class Runtime:
         self.digest = digest
         self.unavailable = unavailable_answers(list(routes.get("model_list") or []))
         self.providers.update(providers_of(list(routes.get("model_list") or [])))
+        self.fleet = FleetRoutes.of(routes)
         self.changes += 1
         waiting, self.routes_changed = self.routes_changed, asyncio.Event()
         waiting.set()  # held requests look again
@@ -407,6 +410,27 @@ class Runtime:
         finally:
             os.umask(old_umask)
         os.chmod(path, 0o600)
+
+
+class FleetRoutes:
+    """What a request from a peer may use: this host's own deployments only."""
+
+    def __init__(self, peer_only: frozenset[str], local_chains: list[dict[str, list[str]]]):
+        self.peer_only = peer_only  # names every deployment of which is a peer's
+        self.local_chains = local_chains  # the chains without any peer's group
+
+    @classmethod
+    def of(cls, routes: Mapping[str, Any]) -> FleetRoutes:
+        own: set[str] = set()
+        peer: set[str] = set()
+        for entry in routes.get("model_list") or []:
+            info = entry.get("model_info") or {}
+            (peer if info.get(PEER_INFO) else own).add(str(entry.get("model_name")))
+        chains = []
+        for item in routes.get("fallbacks") or []:
+            for name, targets in item.items():
+                chains.append({name: [t for t in targets if t in own]})
+        return cls(frozenset(peer - own), chains)
 
 
 def providers_of(model_list: list[Any]) -> dict[str, str]:
@@ -502,6 +526,79 @@ class UnavailableAnswer:
 
 
 Answered = tuple[str, int, float, str]  # why, retry after s, hold s, the model
+
+
+class PeerRequests:
+    """ASGI wrapper: a request sent with the fleet's key comes from a peer's gateway. It is
+    let in as the master key's (which peers never hold) and served by this host's own
+    servers only: its chains lose every peer's group, and a name only peers serve here is
+    answered 503, so no request ever travels on to a third host or back."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime, fleet_key: str, master_key: str) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.fleet_key = fleet_key.encode()
+        self.master = master_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        peer = scope["type"] == "http" and any(
+            hmac.compare_digest(key, self.fleet_key) for key in presented_keys(scope)
+        )
+        if not peer:
+            await self.app(scope, receive, send)
+            return
+        headers = [(k, v) for k, v in scope.get("headers") or [] if k.lower() not in KEY_HEADERS]
+        scope = {**scope, "headers": [*headers, (b"authorization", b"Bearer " + self.master)]}
+        if scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        body = await _read_body(receive)
+        try:
+            request = json.loads(body) if body.lstrip().startswith(b"{") else None
+        except ValueError:
+            request = None
+        if isinstance(request, dict):
+            if request.get("model") in self.runtime.fleet.peer_only:
+                await _send_json(send, 503, "not served on this host (a peer asked for it)", 5)
+                return
+            request["fallbacks"] = self.runtime.fleet.local_chains
+            request.pop("disable_fallbacks", None)
+            body = json.dumps(request).encode()
+            scope["headers"] = [
+                (k, v) for k, v in scope["headers"] if k.lower() != b"content-length"
+            ] + [(b"content-length", str(len(body)).encode())]
+        replayed = {"type": "http.request", "body": body, "more_body": False}
+        await self.app(scope, _replay([replayed], receive), send)
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        more = bool(message.get("more_body"))
+    return b"".join(chunks)
+
+
+async def _send_json(send: Send, status: int, message: str, retry_after: int) -> None:
+    payload = json.dumps(
+        {"error": {"message": message, "type": "service_unavailable", "code": str(status)}}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"retry-after", str(retry_after).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
 
 
 def _replay(first: list[Message], receive: Receive) -> Receive:

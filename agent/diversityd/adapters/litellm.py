@@ -188,6 +188,7 @@ def gateway_places(settings: Settings) -> tuple[GatewayFiles, Path, GatewayPaths
         litellm_python=python,
         launcher=str(Path(gatewaylauncher.__file__).resolve()),
         control_dir=control_dir(state_dir),
+        fleet_key_file=os.path.expanduser(settings.fleet.key_file) if settings.fleet else None,
     )
     return files, key_file, paths
 

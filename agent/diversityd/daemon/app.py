@@ -28,6 +28,7 @@ from diversityd.adapters.unitfiles import machine_context, own_unit_staleness
 from diversityd.daemon.commands import Commands
 from diversityd.daemon.draining import Drainer
 from diversityd.daemon.drills import Drills
+from diversityd.daemon.fleet import Fleet
 from diversityd.daemon.gateway import GatewayManager
 from diversityd.daemon.gpus import GpuPlanner
 from diversityd.daemon.intent import Intent
@@ -66,6 +67,7 @@ class Daemon:
         # Set once owned units were started and watched ones probed: the gateway's first
         # render waits for it, so it does not serve a config that leaves everything out.
         self._startup_done = asyncio.Event()
+        self.fleet: Fleet | None = None
         self.gateway: GatewayManager | None = None
 
     def _unit_dir(self) -> Path:
@@ -87,6 +89,8 @@ class Daemon:
         ready = sum(is_serving(r.state) for r in records)
         self.notifier.status(f"{ready}/{len(records)} providers ready")
         self._gateway_may_change()
+        if self.fleet is not None:
+            self.fleet.announce()  # the peers hear what this host serves now
 
     def _gateway_may_change(self) -> None:
         if self.gateway is not None:
@@ -302,6 +306,11 @@ class Daemon:
         loop.spawn(self._start_then_mark_ready(), name="start-up")
         if self.gateway is not None:
             loop.spawn(self.gateway.supervise(self._startup_done), name="gateway")
+        fleet_settings = store.config.settings.fleet
+        if fleet_settings is not None:
+            self.fleet = Fleet(loop, store, fleet_settings, self.metrics,
+                               wake=self._gateway_may_change)  # fmt: skip
+            loop.spawn(self.fleet.run(), name="fleet")
         log.info("daemon.ready", path=str(store.config_dir), unit=str(unit_dir), pid=os.getpid())
         self.notifier.ready(f"watching {len(store.records)} providers")
         lost_bus = asyncio.ensure_future(systemd.bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
@@ -321,6 +330,8 @@ class Daemon:
         self.web.close()
         with contextlib.suppress(Exception):
             await loop.cancel_tasks()
+        if self.fleet is not None:
+            await self.fleet.close()
         with contextlib.suppress(Exception):
             systemd.disconnect()
         return code

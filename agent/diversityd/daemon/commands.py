@@ -22,6 +22,7 @@ from diversityd.daemon.starts import Starter
 from diversityd.daemon.store import Job, ProviderRecord, Store, sha256_text
 from diversityd.drill import DrillMode, unprotected_models
 from diversityd.errors import Severity, UsageError
+from diversityd.fleet import redacted
 from diversityd.log import get_logger
 from diversityd.statusdoc import GatewayStatus, ProviderStatus, ReloadOutcome, StatusDocument
 from diversityd.timefmt import iso_time
@@ -96,7 +97,24 @@ class Commands:
             "providers": await self._providers_status(),
             "gpus": store.gpu.to_status(),
             "gateway": gateway,
+            "fleet": self._fleet_status(),
         }
+
+    def _fleet_status(self) -> dict[str, Any] | None:
+        config = self.store.config
+        fleet = config.settings.fleet if config is not None else None
+        if fleet is None or config is None:
+            return None
+        status = self.store.fleet.to_status(
+            time.monotonic(), fleet.probe_interval_s, redacted(fleet.redis_url)
+        )
+        plan = self.gateway.record.plan if self.gateway is not None else None
+        if plan is not None:
+            leaving = {n for n, targets in plan.fallbacks.items() if any("@" in t for t in targets)}
+            status["single_host_chains"] = sorted(
+                name for name in config.chains if name in plan.served_by and name not in leaving
+            )
+        return status
 
     async def _providers_status(self) -> list[ProviderStatus]:
         """Each provider's record, with what the gateway is sending it now."""

@@ -144,12 +144,15 @@ class GatewayManager:
         config = self.store.config
         assert config is not None
         states = {name: r.state.value for name, r in self.store.records.items()}
+        fleet = config.settings.fleet
+        peers = self.store.fleet.routes(time.monotonic(), fleet.probe_interval_s) if fleet else None
         return render_gateway(
             config,
             self.store.catalog,
             self.store.availability(),
             states=states,
             holding=self.store.holding,
+            peers=peers,
         )
 
     async def in_flight(self) -> dict[str, int] | None:

@@ -9,6 +9,7 @@ readings) is read off the store when Prometheus scrapes. Labelled counters are c
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -172,6 +173,14 @@ class _StateCollector(Collector):
             if gateway.applied_text is not None:
                 sha = sha256_text(gateway.applied_text)
                 put("diversityd_gateway_config_info", (sha, gateway.history_id or ""), 1.0)
+        fleet = store.config.settings.fleet if store.config is not None else None
+        if fleet is not None:
+            now = time.monotonic()
+            put("diversityd_fleet_redis_up", (), float(bool(store.fleet.redis_ok)))
+            for host, view in store.fleet.peers.items():
+                usable = view.usable(now, fleet.probe_interval_s)
+                put("diversityd_fleet_peer_routed", (host,), float(usable))
+                put("diversityd_fleet_peer_heartbeat_age_seconds", (host,), now - view.seq_seen_at)
         for (provider, mode), seconds in self.settle.items():
             put("diversityd_drill_settle_seconds", (provider, mode), seconds)
         put("diversityd_daemon_info", (__version__,), 1.0)

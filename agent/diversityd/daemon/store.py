@@ -16,6 +16,7 @@ from typing import Any
 from diversityd.cardplan import GpuSnapshot
 from diversityd.catalog import Catalog
 from diversityd.config import Config, OwnedServer, Provider
+from diversityd.fleet import FleetState
 from diversityd.gateway import Availability, normalize_model_id
 from diversityd.gpuplan import GpuPlan, GpuSettings
 from diversityd.persisted import Persisted, revival_in_memory, revival_on_disk
@@ -237,6 +238,7 @@ class Store:
     pending_rolls: dict[str, str] = field(default_factory=dict)
     expected_stops: set[str] = field(default_factory=set)  # units diversityd itself stops
     draining: set[str] = field(default_factory=set)  # providers out of the routes to stop
+    fleet: FleetState = field(default_factory=FleetState)  # peers, as this host sees them
     port_taken: set[str] = field(default_factory=set)  # providers whose port another holds
     # providers restarted on purpose: their names' requests are held this long (seconds)
     # when no other server can take them, until they serve again
