@@ -85,6 +85,11 @@ class FleetSpec:
     providers: tuple[str, ...] = PROVIDERS
     clock_offsets_s: Mapping[str, float] = field(default_factory=dict)  # host -> skew
     ready_timeout_s: float = 300.0
+    # the fleet itself (diversityd.yaml's `fleet:`): Redis, the shared key, each host's
+    # gateway as its peers reach it; False: the hosts know nothing of each other
+    fleet: bool = False
+    fleet_settings: Mapping[str, Any] = field(default_factory=dict)  # more of `fleet:`
+    extra_settings: Mapping[str, Any] = field(default_factory=dict)  # more of diversityd.yaml
 
 
 @dataclass
@@ -259,14 +264,38 @@ class Fleet:
 
     def _install(self, host: Host) -> None:
         manager = self._manager(host.name)
+        settings: dict[str, Any] = {"host": host.name, **self.spec.extra_settings}
+        if self.spec.fleet:
+            settings["fleet"] = self.fleet_settings(host)
         spec = StackSpec(
             ports=HOST_PORTS,
             providers=self.spec.providers,
             unit_dir=manager.unit_dir,
             gateway_host="0.0.0.0",  # noqa: S104  peers reach it on their link addresses
-            extra_settings={"host": host.name},
+            extra_settings=settings,
         )
         host.running = start_stack(manager, host.root / "stack", spec)
+
+    @property
+    def fleet_key_file(self) -> Path:
+        """The fleet's shared key (one file here; a real fleet copies it to every host)."""
+        return self.root / "fleet.key"
+
+    def fleet_settings(self, host: Host) -> dict[str, Any]:
+        """`fleet:` for one host: its Redis link, and its gateway as the others reach it
+        (two hosts: each reaches the other on their one link)."""
+        if not self.fleet_key_file.exists():
+            self.fleet_key_file.write_text(f"{secrets.token_urlsafe(32)}\n")
+            self.fleet_key_file.chmod(0o600)
+        others = [name for name in self.hosts if name != host.name]
+        seen_from = others[0] if others else host.name
+        return {
+            "redis_url": f"redis://{self.redis_address(host.name)}:{REDIS_PORT}/0",
+            "key_file": str(self.fleet_key_file),
+            "advertise_url": self.gateway_url(host.name, seen_from=seen_from),
+            "name": host.name,
+            **self.spec.fleet_settings,
+        }
 
     def _wait_serving(self, host: Host) -> None:
         running = self.running(host.name)

@@ -194,10 +194,10 @@ class Fleet:
             view = self.store.fleet.peers.get(host)
             if view is None:
                 continue
-            if view.probe_ok is not None and view.probe_ok != ok:
-                (log.info if ok else log.warning)(
-                    "fleet.peer_probe", state=host, error=error, elapsed_ms=elapsed_ms
-                )
+            if view.probe_ok is not None and view.probe_ok != ok and ok:
+                log.info("fleet.peer_probe", state=host, elapsed_ms=elapsed_ms)
+            elif view.probe_ok is not None and view.probe_ok != ok:
+                log.warning("fleet.peer_probe", state=host, error=error)
             view.probe_ok, view.probe_error, view.probe_ms, view.probe_at = (
                 ok,
                 error,
