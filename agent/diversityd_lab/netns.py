@@ -228,3 +228,16 @@ def _text(data: bytes | str | None) -> str:
     if data is None:
         return ""
     return data if isinstance(data, str) else data.decode(errors="replace")
+
+
+def spawn_in(namespace: str, args: list[str]) -> subprocess.Popen[str]:
+    """`args` started inside `namespace`, its stdout a pipe of text lines (a client that
+    runs while a test or benchmark watches)."""
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=enter_preexec(namespace),  # noqa: PLW1509 - setns between fork and exec
+    )
