@@ -212,6 +212,7 @@ def _check_unit_values(config: Config) -> Iterable[Finding]:
             (gateway.litellm_venv, ("gateway", "litellm_venv")),
             (config.settings.state_dir, ("state_dir",)),
             (config.settings.unit_dir, ("unit_dir",)),
+            *_fleet_paths(config),
         )
         if value is not None
     ]
@@ -252,6 +253,17 @@ def _check_unit_values(config: Config) -> Iterable[Finding]:
             f"{quoted(gateway.host)} is not an IP address: the gateway's socket listens on one",
             _IP_HINT,
         )
+
+
+def _fleet_paths(config: Config) -> list[tuple[str | None, tuple[str, ...]]]:
+    """The fleet's files: the key reaches the gateway's ExecStart=."""
+    fleet = config.settings.fleet
+    if fleet is None:
+        return []
+    return [
+        (fleet.key_file, ("fleet", "key_file")),
+        (fleet.environment_file, ("fleet", "environment_file")),
+    ]
 
 
 def _is_ip_address(text: str) -> bool:
