@@ -5,7 +5,8 @@ private systemd manager, the real llama servers, the Ollama and vLLM stand-ins, 
 LiteLLM gateway and diversityd) and a Redis in a namespace of its own; tears it all down.
 On h0 vLLM is stopped: its model's chain crosses to h1, whose gateway serves it. Clients
 (the `openai` package, `max_retries=0`, plain and streamed in turn) run inside h0 and h1,
-each asking its own gateway for `qwen-coder-vllm` (h0: through h1) and `llama-cpp-native`.
+each asking its own gateway for `qwen-coder-vllm` (h0: through h1) and `llama-cpp-native`
+(one client per model, so a request held up holds no other).
 
 Faults, each undone by the lab, one after the other: h1 frozen (then thawed), the h0-h1
 link cut (then mended), h1's daemon killed (systemd restarts it), Redis killed (then
@@ -51,14 +52,13 @@ TAIL_S = 5.0
 # A client inside a host: one JSON line per request (started/ended on CLOCK_MONOTONIC,
 # which every namespace shares).
 CLIENT = r"""
-import json, sys, time, openai
+import json, sys, threading, time, openai
 key = open(sys.argv[1]).read().strip().split("=", 1)[-1]
 client = openai.OpenAI(base_url="http://127.0.0.1:4000/v1", api_key=key, max_retries=0,
                        timeout=60)
-models, turn = sys.argv[2].split(","), 0
-while True:
-    model, stream = models[turn % len(models)], turn % 2 == 1
-    turn += 1
+model, lock = sys.argv[2], threading.Lock()
+
+def ask(stream):
     started, ok, by, error = time.monotonic(), False, None, None
     try:
         raw = client.chat.completions.with_raw_response.create(
@@ -71,9 +71,16 @@ while True:
         ok = bool(text)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"[:200]
-    print(json.dumps({"model": model, "started": started, "ended": time.monotonic(),
-                      "ok": ok, "by": by, "error": error}), flush=True)
-    time.sleep(0.1)
+    with lock:
+        print(json.dumps({"model": model, "started": started, "ended": time.monotonic(),
+                          "ok": ok, "by": by, "error": error}), flush=True)
+
+turn = 0
+while True:  # a request every 0.25 s, each on its own thread: one held up holds no other
+    turn += 1
+    if threading.active_count() < 64:
+        threading.Thread(target=ask, args=(turn % 2 == 1,), daemon=True).start()
+    time.sleep(0.25)
 """
 
 
@@ -101,10 +108,11 @@ class Clients:
 
         for host in self.fleet.hosts:
             key_file = self.fleet.running(host).status()["gateway"]["key_file"]
-            args = [sys.executable, "-c", CLIENT, key_file, ",".join(MODELS)]
-            process = netns.spawn_in(self.fleet.netns(host), args)
-            self._procs.append(process)
-            threading.Thread(target=self._read, args=(host, process), daemon=True).start()
+            for model in MODELS:  # one client per model: a request held up holds no other
+                args = [sys.executable, "-c", CLIENT, key_file, model]
+                process = netns.spawn_in(self.fleet.netns(host), args)
+                self._procs.append(process)
+                threading.Thread(target=self._read, args=(host, process), daemon=True).start()
         return self
 
     def _read(self, host: str, process: Any) -> None:
@@ -150,7 +158,7 @@ def judge(
         "in_flight_cut": sum(not r.ok for r in in_flight),
         "routing_s": round(max(during) - began, 2) if host_fault and during else 0.0,
         "recovery_s": round(min(back) - undone, 2) if back else None,
-        "errors": sorted({r.error or "" for r in failed})[:3],
+        "errors": sorted({f"+{r.started - began:.1f}s {r.host}: {r.error}" for r in failed})[:4],
     }
 
 

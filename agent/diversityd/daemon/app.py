@@ -310,7 +310,7 @@ class Daemon:
         if fleet_settings is not None:
             self.fleet = Fleet(loop, store, fleet_settings, self.metrics,
                                wake=self._gateway_may_change)  # fmt: skip
-            loop.spawn(self.fleet.run(), name="fleet")
+            loop.spawn(self.fleet.run(self._startup_done), name="fleet")
         log.info("daemon.ready", path=str(store.config_dir), unit=str(unit_dir), pid=os.getpid())
         self.notifier.ready(f"watching {len(store.records)} providers")
         lost_bus = asyncio.ensure_future(systemd.bus.wait_for_disconnect())  # type: ignore[no-untyped-call]

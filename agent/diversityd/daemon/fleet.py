@@ -236,11 +236,20 @@ class Fleet:
 
         await self.loop.call(mark)
 
-    async def run(self) -> None:
-        """Every loop, each restarted after a failure it did not expect."""
+    async def run(self, startup_done: asyncio.Event) -> None:
+        """Every loop, each restarted after a failure it did not expect. This host's record
+        is first written once its servers have answered their first probes: a restarted
+        daemon would otherwise tell its peers it serves nothing (the record it left in
+        Redis is right meanwhile)."""
         await self.loop.call(lambda: setattr(self.store.fleet, "name", self.settings.name))
-        loops = (self.publish_loop, self.read_loop, self.listen_loop, self.probe_loop)
-        await asyncio.gather(*(self._supervised(make) for make in loops))
+        readers = (self.read_loop, self.listen_loop, self.probe_loop)
+        await asyncio.gather(
+            *(self._supervised(make) for make in readers), self._publish_after(startup_done)
+        )
+
+    async def _publish_after(self, startup_done: asyncio.Event) -> None:
+        await startup_done.wait()
+        await self._supervised(self.publish_loop)
 
     async def _supervised(self, make: Callable[[], Awaitable[None]]) -> None:
         while True:
