@@ -74,6 +74,7 @@ EVENT_TEXT: dict[str, str] = {
     "fleet.redis_down": "the fleet's Redis cannot be reached; peers as last probed",
     "fleet.redis_back": "the fleet's Redis answers again",
     "fleet.loop_failed": "a fleet loop failed; trying again",
+    "fleet.key_unsafe": "the fleet's key file is missing or readable by others",
     "provider.drained": "drained before a planned stop (out of the gateway's routes, "
     "its requests in flight finished)",
     "provider.state": "provider state changed",

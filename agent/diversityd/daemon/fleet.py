@@ -236,12 +236,26 @@ class Fleet:
 
         await self.loop.call(mark)
 
+    def check_key_file(self) -> str | None:
+        """The fleet key must be the user's alone (it admits a peer's requests)."""
+        path = Path(os.path.expanduser(self.settings.key_file))
+        try:
+            mode = path.stat().st_mode
+        except OSError as exc:
+            return f"{path}: {exc.strerror}; peers' requests are refused, ours are too"
+        if mode & 0o077:
+            return f"{path} is readable by others (mode {mode & 0o777:o}); run chmod 600 {path}"
+        return None
+
     async def run(self, startup_done: asyncio.Event) -> None:
         """Every loop, each restarted after a failure it did not expect. This host's record
         is first written once its servers have answered their first probes: a restarted
         daemon would otherwise tell its peers it serves nothing (the record it left in
         Redis is right meanwhile)."""
         await self.loop.call(lambda: setattr(self.store.fleet, "name", self.settings.name))
+        problem = self.check_key_file()
+        if problem:
+            log.warning("fleet.key_unsafe", path=self.settings.key_file, error=problem)
         readers = (self.read_loop, self.listen_loop, self.probe_loop)
         await asyncio.gather(
             *(self._supervised(make) for make in readers), self._publish_after(startup_done)
