@@ -21,6 +21,7 @@ import httpx
 
 from diversityd.adapters.files import read_text_or_none
 from diversityd.adapters.fleetredis import FleetRedis, FleetRedisError
+from diversityd.adapters.litellm import key_file_problem
 from diversityd.config import FleetSettings
 from diversityd.daemon.loop import StateLoop
 from diversityd.daemon.metrics import Metrics
@@ -238,14 +239,7 @@ class Fleet:
 
     def check_key_file(self) -> str | None:
         """The fleet key must be the user's alone (it admits a peer's requests)."""
-        path = Path(os.path.expanduser(self.settings.key_file))
-        try:
-            mode = path.stat().st_mode
-        except OSError as exc:
-            return f"{path}: {exc.strerror}; peers' requests are refused, ours are too"
-        if mode & 0o077:
-            return f"{path} is readable by others (mode {mode & 0o777:o}); run chmod 600 {path}"
-        return None
+        return key_file_problem(Path(os.path.expanduser(self.settings.key_file)))
 
     async def run(self, startup_done: asyncio.Event) -> None:
         """Every loop, each restarted after a failure it did not expect. This host's record
