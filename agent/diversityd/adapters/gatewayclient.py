@@ -3,11 +3,13 @@ who answered (LiteLLM's `x-litellm-model-api-base`) and how many fallbacks it tr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 import httpx
 
+from diversityd.adapters.gatewayruntime import TRUNCATED
 from diversityd.drill import Answer
 
 HEADER_API_BASE = "x-litellm-model-api-base"
@@ -68,6 +70,12 @@ async def ask(
             cut=not ok and bool(content),
         )
 
+    def ended_by_its_server(text: str) -> Answer:
+        """The server accepted the stream and ended it early (the gateway says so): a
+        stream cut, counted apart, as a kill's is (nothing can move it)."""
+        cut = answer(False, None, None, text[:300])
+        return dataclasses.replace(cut, cut=True)
+
     url = f"{base_url}/v1/chat/completions"
     try:
         if not stream:
@@ -80,6 +88,8 @@ async def ask(
         async with client.stream("POST", url, json=body, headers=headers) as response:
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
+                if TRUNCATED in text:
+                    return ended_by_its_server(text)
                 return answer(False, response.status_code, response, text[:300])
             done = False
             async for line in response.aiter_lines():
@@ -91,6 +101,8 @@ async def ask(
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
+                    if TRUNCATED in str(chunk["error"]):
+                        return ended_by_its_server(str(chunk["error"]))
                     return answer(False, 200, response, str(chunk["error"])[:300])
                 for choice in chunk.get("choices") or []:
                     content += (choice.get("delta") or {}).get("content") or ""

@@ -41,6 +41,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 PROTOCOL = 1
+# what a client reads when the server under its stream ended it early (guard_truncated_streams)
+TRUNCATED = "the server's stream ended before the answer did (no finish reason)"
 MAX_LINE = 32 * 1024 * 1024  # a whole model list, with room
 UNAVAILABLE_INFO = "diversityd_unavailable"  # as gateway.py writes it (the core)
 PROVIDER_INFO = "diversityd_provider"
@@ -283,7 +285,7 @@ def guard_truncated_streams() -> None:
     def finish_reason_handler(self: Any) -> Any:
         if self.received_finish_reason is None and self.intermittent_finish_reason is None:
             raise litellm.APIConnectionError(
-                message="the server's stream ended before the answer did (no finish reason)",
+                message=TRUNCATED,
                 llm_provider=self.custom_llm_provider or "",
                 model=self.model or "",
             )
