@@ -268,6 +268,20 @@ def make_faults(running: RunningStack, shim_config: Path, prometheus: Prometheus
     finally:
         vllm_exe.write_text(good)
     running.wait_for(lambda d: running.provider(VLLM, d)["state"] == "ready", 60)
+    # the gateway crashes: one instance, so it is down until systemd's Restart= brings it
+    # back (a switch or a route change never takes it down: no other fault here moves it)
+    gateway_pid = running.status()["gateway"]["pid"]
+    os.kill(gateway_pid, signal.SIGKILL)
+    running.wait_for(lambda d: d["gateway"]["state"] != "ready", 30, poll_s=0.1)
+    time.sleep(2)  # two scrapes of the gateway down
+    running.wait_for(
+        lambda d: (
+            d["gateway"]["state"] == "ready"
+            and d["gateway"]["pid"] not in (None, gateway_pid)
+            and d["gateway"]["in_sync"]
+        ),
+        120,
+    )
     # a restart by diversityd, and a drill through the gateway
     assert running.ctl("restart", LLAMA_PYTHON).returncode == 0
     drill = running.ctl("failover-test", LLAMA_PYTHON, "--mode", "kill", timeout=600)
@@ -285,6 +299,8 @@ def make_faults(running: RunningStack, shim_config: Path, prometheus: Prometheus
     history = json.loads(running.ctl("history", "--json").stdout)["history"]
     older = next(e for e in history if not e["current"])
     assert running.ctl("rollback", older["id"], timeout=300).returncode == 0
+    assert running.status()["gateway"]["pinned"]
+    time.sleep(3)  # two scrapes of the pin: a reload right after lifts it within a second
     assert running.ctl("reload").returncode == 0
     # others take VRAM (the plan shrinks onto the CPU), then NVML fails once
     shim_config.write_text("device Test_GPU total_mib=16384 used_mib=16300\n")
