@@ -352,6 +352,11 @@ assert "disable_fallbacks" in inspect.getsource(Router.async_function_with_fallb
 from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
 made_up = inspect.getsource(CustomStreamWrapper.finish_reason_handler)
 assert "received_finish_reason" in made_up and "intermittent_finish_reason" in made_up
+# ... which fails through the wrapper's own path, to the router's mid-stream fallback
+assert "_handle_stream_fallback_error" in inspect.getsource(
+    CustomStreamWrapper._log_stream_failure_and_raise
+)
+assert "is_pre_first_chunk" in inspect.getsource(Router._acompletion_streaming_iterator)
 assert '"stop"' in made_up
 # the count of requests in flight (gatewayruntime.in_flight_hook)
 from litellm.integrations.custom_logger import CustomLogger
@@ -406,17 +411,17 @@ def test_a_stream_cut_mid_answer_is_never_passed_off_as_whole(proxy: Proxy) -> N
     assert "ended before the answer" in error
 
 
-def test_a_stream_cut_before_any_content_is_no_empty_answer(proxy: Proxy) -> None:
-    """Cut before the first word: LiteLLM made that an empty, finished answer. Now either
-    the client gets an error (LiteLLM 1.106 counts the role chunk as sent, so it does not
-    fall back) or, should it fall back, the fallback's whole answer; never an empty one."""
+def test_a_stream_cut_before_any_content_is_answered_by_the_chain(proxy: Proxy) -> None:
+    """Cut before the first word (the server sent its role chunk, then closed: an outside
+    stop of llama-cpp-python does this): LiteLLM made that an empty, finished answer, and
+    with the guard raising plainly the client got an error (CI, issue 18). The router's
+    mid-stream fallback takes it now: the chain's next server answers the same stream."""
     content, finish, error, _ = read_stream(proxy, "mute-model")
-    if error is None:
-        assert content
-        assert finish in ("stop", "length")
-    else:
-        assert "ended before the answer" in error
-        assert finish is None
+    assert error is None, error
+    assert finish in ("stop", "length")
+    assert content
+    # the whole answer is the fallback's: nothing of the mute server's came before it
+    assert content == read_stream(proxy, "local-model")[0]
 
 
 def in_flight(proxy: Proxy) -> dict[str, Any]:

@@ -26,8 +26,8 @@ def sse(*events: object) -> bytes:
 
 
 def test_a_stream_ended_by_its_server_before_it_began_is_a_cut() -> None:
-    """Found in CI: an unannounced stop of llama-cpp-python; LiteLLM answers 500 with the
-    launcher's message (it does not fall back once the stream is open)."""
+    """Found in CI: an unannounced stop of llama-cpp-python before its first word; LiteLLM
+    answers 500 with the launcher's message when the chain has nothing left to try."""
     body = json.dumps({"error": {"message": f"litellm.APIConnectionError: {TRUNCATED}"}})
     answer = answered(httpx.MockTransport(lambda _: httpx.Response(500, text=body)))
     assert answer.cut is True

@@ -272,9 +272,12 @@ def in_flight_hook(inflight: InFlight) -> Any:
 def guard_truncated_streams() -> None:
     """No half answer passed off as a whole one. LiteLLM 1.106 ends a stream whose upstream
     closed without a finish reason (a server stopped mid-answer: llama-cpp-python's closes
-    its streams at SIGTERM) with a made-up `finish_reason: "stop"`. Here that end raises
-    instead: before any content, the router falls back to the next deployment; after some,
-    the client gets an error event and no finish reason."""
+    its streams at SIGTERM) with a made-up `finish_reason: "stop"`. Here that end fails as
+    a broken stream does, through the wrapper's own failure path, so it reaches the router
+    as its mid-stream fallback error: before any content (the role chunk alone is none), the
+    router answers from the model's chain; after some, the client gets an error event and
+    no finish reason. (A plain raise here escapes from inside the wrapper's end-of-stream
+    handler, past that path: the router then never falls back.)"""
     import litellm
     from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
 
@@ -284,10 +287,12 @@ def guard_truncated_streams() -> None:
 
     def finish_reason_handler(self: Any) -> Any:
         if self.received_finish_reason is None and self.intermittent_finish_reason is None:
-            raise litellm.APIConnectionError(
-                message=TRUNCATED,
-                llm_provider=self.custom_llm_provider or "",
-                model=self.model or "",
+            self._log_stream_failure_and_raise(
+                litellm.APIConnectionError(
+                    message=TRUNCATED,
+                    llm_provider=self.custom_llm_provider or "",
+                    model=self.model or "",
+                )
             )
         return made_up_stop(self)
 
