@@ -42,6 +42,7 @@ import openai
 import yaml
 
 from diversityd.adapters.litellm import read_master_key
+from diversityd_lab.clients import read_whole_stream
 from diversityd_lab.embedded import LLAMA_NATIVE, LLAMA_PYTHON, OLLAMA, VLLM, StackSpec, point_link
 from diversityd_lab.measure import emit
 from diversityd_lab.privatemanager import PrivateManager
@@ -95,20 +96,10 @@ class Load:
             model = MODELS[turn % len(MODELS)]
             turn += 1
             started = time.monotonic()
-            text, finish, error = "", None, None
-            try:
-                for chunk in client.chat.completions.create(
-                    model=model,
-                    messages=[{"role": "user", "content": "Tell me a long story."}],
-                    max_tokens=MAX_TOKENS,
-                    temperature=0,
-                    stream=True,
-                ):
-                    for choice in chunk.choices:
-                        text += choice.delta.content or ""
-                        finish = choice.finish_reason or finish
-            except openai.APIError as exc:
-                error = f"{type(exc).__name__}: {exc}"[:300]
+            text, finish, error = read_whole_stream(
+                client, model, "Tell me a long story.", max_tokens=MAX_TOKENS, temperature=0
+            )
+            error = error[:300] if error else None
             self.results.append(Streamed(model, started, time.monotonic(), text, finish, error))
 
 

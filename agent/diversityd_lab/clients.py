@@ -27,6 +27,33 @@ PROMPT = [{"role": "user", "content": "Say something."}]
 CLOSE = {"Connection": "close"}  # a connection per request: never reused
 
 
+def read_whole_stream(
+    client: openai.OpenAI,
+    model: str,
+    prompt: str,
+    *,
+    max_tokens: int,
+    temperature: float | None = None,
+) -> tuple[str, str | None, str | None]:
+    """One streamed chat read to its end: (the text, its finish reason, the error that
+    ended it if any). A stream cut short has no finish reason, or an error."""
+    text, finish, error = "", None, None
+    try:
+        for chunk in client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=max_tokens,
+            temperature=openai.omit if temperature is None else temperature,
+            stream=True,
+        ):
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+    except openai.APIError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    return text, finish, error
+
+
 class OpenAIStream:
     """`with OpenAIStream(url, key, models) as stream:` sends until the block ends, then
     waits for the requests in flight (each ends within `timeout_s`); `answers` holds one

@@ -21,6 +21,7 @@ from diversityd.adapters.gatewayclient import ask, new_client
 from diversityd.adapters.litellm import read_master_key
 from diversityd.drill import Answer
 from diversityd.gateway import process_settings_of
+from diversityd_lab.clients import read_whole_stream
 from diversityd_lab.embedded import (
     LLAMA_NATIVE,
     LLAMA_PYTHON,
@@ -781,20 +782,11 @@ def test_a_planned_stop_cuts_no_stream(gateway_stack: RunningStack) -> None:
 
     def stream() -> None:
         while not stop.is_set():
-            text, finish, error = "", None, None
-            try:
-                for chunk in client.chat.completions.create(
-                    model="llama-cpp-default",
-                    messages=[{"role": "user", "content": "Tell me a long story."}],
-                    max_tokens=200,
-                    stream=True,
-                ):
-                    for choice in chunk.choices:
-                        text += choice.delta.content or ""
-                        finish = choice.finish_reason or finish
-            except openai.APIError as exc:
-                error = f"{type(exc).__name__}: {exc}"
-            outcomes.append((text, finish, error))
+            outcomes.append(
+                read_whole_stream(
+                    client, "llama-cpp-default", "Tell me a long story.", max_tokens=200
+                )
+            )
 
     senders = [threading.Thread(target=stream) for _ in range(2)]
     for sender in senders:

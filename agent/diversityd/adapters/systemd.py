@@ -245,17 +245,7 @@ class Systemd:
         props: dict[str, Any] = {}
         interfaces = (UNIT_IFACE, SERVICE_IFACE) if name.endswith(".service") else (UNIT_IFACE,)
         for iface in interfaces:
-            reply = await self._call(
-                Message(
-                    destination=SYSTEMD,
-                    path=path,
-                    interface=PROPERTIES,
-                    member="GetAll",
-                    signature="s",
-                    body=[iface],
-                )
-            )
-            props.update({key: unpack(value) for key, value in reply.body[0].items()})
+            props.update(await self._get_all(path, iface))
         return UnitSnapshot.from_properties(name, props)
 
     async def start(self, name: str, wait: bool = True, timeout_s: float = 120) -> str:
